@@ -1,0 +1,74 @@
+"""The run-folder contract: ``<root>/<profile>/<stage>/``, with ``summary.json`` written last, atomically.
+
+A stage is done when its summary exists; the Makefile and downstream stages rely on exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rssqa.errors import RSSQAError
+
+SUMMARY = "summary.json"
+
+
+def stage_dir(root: str | os.PathLike, profile: str, stage: str) -> Path:
+    """Return ``root/profile/stage`` (not created)."""
+    return Path(root) / profile / stage
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented, key-sorted JSON, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n"
+    return atomic_write_bytes(path, text.encode())
+
+
+def write_summary(folder: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    """Write ``folder/summary.json``: call this last, it marks the stage as done."""
+    return atomic_write_json(Path(folder) / SUMMARY, summary)
+
+
+def read_summary(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read ``folder/summary.json``, with a one-line error when the stage has not finished."""
+    path = Path(folder) / SUMMARY
+    if not path.is_file():
+        raise RSSQAError(f"{path}: not found; run the stage that writes {Path(folder).name} first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RSSQAError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def is_done(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds a summary, i.e. its stage finished."""
+    return (Path(folder) / SUMMARY).is_file()
+
+
+def _jsonable(x: Any) -> Any:
+    # numpy and torch scalars / arrays, Paths
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

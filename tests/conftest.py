@@ -1,0 +1,35 @@
+"""Shared fixtures: the real configs, shrunk; a tiny world generated once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from rssqa.world import CorpusConfig, SourcesConfig, WorldConfig, generate_world  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_world_config(seed: int = 0) -> WorldConfig:
+    """The smoke world, shrunk further: 256 pairs at 32 px, 16 tiles per source."""
+    return WorldConfig(
+        seed=seed,
+        corpus=CorpusConfig(n_samples=256, image_size=32, shard_size=64),
+        sources=SourcesConfig(image_size=32, n_images=16),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """A tiny world on disk (corpus shards + four sources in their real layouts), made once."""
+    out = tmp_path_factory.mktemp("world")
+    generate_world(tiny_world_config(), out, workers=1)
+    return out
