@@ -114,36 +114,30 @@ def sample_sensor(rng: np.random.Generator, style: SensorStyle) -> Sensor:
 
 def render(rng: np.random.Generator, scene: Scene, sensor: Sensor, style: SensorStyle) -> np.ndarray:
     """Render ``scene`` as seen by ``sensor``: an ``H×W×3`` uint8 image in the style's bands."""
-    surface = _surface(rng, scene, style.color_drift)
-    surface = _shade(scene, surface, sensor)
-    return _acquire(rng, surface, sensor, style.bands)
+    return _acquire(rng, _surface(rng, scene, sensor, style.color_drift), sensor, style.bands)
 
 
-def _surface(rng: np.random.Generator, scene: Scene, drift: float) -> np.ndarray:
+def _surface(rng: np.random.Generator, scene: Scene, sensor: Sensor, drift: float) -> np.ndarray:
+    """Reflectance ``H×W×4``: class colours (roofs, cars, fields per object) × shading + texture."""
     label, inst = scene.label, scene.instance
     table = REFLECTANCE * (1 + drift * rng.standard_normal(REFLECTANCE.shape, dtype=np.float32))
-    img = table[label]
-    objects = inst >= 0
-    ids = inst[objects]
-    lab = label[objects]
-    obj = img[objects]
-    obj[lab == BUILDING] = ROOFS[ids[lab == BUILDING] % len(ROOFS)]
-    obj[lab == CAR] = PAINTS[ids[lab == CAR] % len(PAINTS)]
-    field = (lab == LOW_VEGETATION) | (lab == BARE_SOIL)
-    tint = 1 + 0.18 * (((ids[field] * 2654435761) % 1000) / 1000.0 - 0.5).astype(np.float32)
-    obj[field] *= tint[:, None]
-    img[objects] = obj
+    colours = np.concatenate([table, ROOFS, PAINTS])  # one lookup for classes and object paints
+    index = label.astype(np.int64)
+    gain = 1 + 0.12 * scene.roof_side.astype(np.float32)  # pitched roofs: the half facing the sun is brighter
+    for cls, offset, n in ((BUILDING, len(table), len(ROOFS)), (CAR, len(table) + len(ROOFS), len(PAINTS))):
+        m = (label == cls) & (inst >= 0)
+        index[m] = offset + inst[m] % n
+    field = ((label == LOW_VEGETATION) | (label == BARE_SOIL)) & (inst >= 0)
+    gain[field] *= 1 + 0.18 * (((inst[field] * 2654435761) % 1000) / 1000.0 - 0.5)
+    gain[_shadow(scene, sensor)] *= 0.45
     size = label.shape[0]
     texture = fractal_noise(rng, size, max(4, size // 6), octaves=3) - 0.5
     texture += 0.5 * (rng.random((size, size), dtype=np.float32) - 0.5)
-    img += (TEXTURE[label] * texture)[..., None]
-    return img
+    return colours[index] * gain[..., None] + (TEXTURE[label] * texture)[..., None]
 
 
-def _shade(scene: Scene, img: np.ndarray, sensor: Sensor) -> np.ndarray:
-    # pitched roofs: the half facing the sun is brighter
-    img *= (1 + 0.12 * scene.roof_side.astype(np.float32))[..., None]
-    # cast shadows: buildings (~9 m) and trees (~7 m) shift their footprint away from the sun
+def _shadow(scene: Scene, sensor: Sensor) -> np.ndarray:
+    """Cast shadows: buildings (~9 m) and trees (~7 m) shift their footprint away from the sun."""
     az = np.deg2rad(sensor.sun_azimuth)
     run = 1.0 / np.tan(np.deg2rad(sensor.sun_elevation)) / scene.gsd_m
     shadow = np.zeros(scene.label.shape, bool)
@@ -152,9 +146,7 @@ def _shade(scene: Scene, img: np.ndarray, sensor: Sensor) -> np.ndarray:
         if mask.any():
             shadow |= _shift(mask, int(round(-np.cos(az) * height * run)), int(round(np.sin(az) * height * run)))
     casters = (scene.label == BUILDING) | (scene.label == TREE)
-    shadow &= ~casters & (scene.label != WATER)
-    img[shadow] *= 0.45
-    return img
+    return shadow & ~casters & (scene.label != WATER)
 
 
 def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -173,13 +165,14 @@ def _acquire(rng: np.random.Generator, img: np.ndarray, s: Sensor, bands: str) -
     haze = HAZE[list(BANDS[bands])]
     img = img * s.illumination
     img = img * (1 - s.haze) + haze * s.haze
-    img = np.clip(img, 0, 1) ** s.gamma
     if s.blur_sigma > 0.3:
         img = ndimage.gaussian_filter(img, sigma=(s.blur_sigma, s.blur_sigma, 0), truncate=2.5)
     if s.resolution > 1.15:
         img = _resample(img, s.resolution)
     img = img + s.noise_sigma * rng.standard_normal(img.shape, dtype=np.float32)
-    out = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    # the camera's tone curve, after sensor noise, as a lookup table on the quantised signal
+    tone = (np.linspace(0, 1, 256) ** s.gamma * 255 + 0.5).astype(np.uint8)
+    out = tone[(np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)]
     if s.jpeg_quality is not None:
         buf = io.BytesIO()
         Image.fromarray(out).save(buf, format="JPEG", quality=s.jpeg_quality)

@@ -9,6 +9,7 @@ cell coordinates (:func:`rssqa.world.noise.cell_hash`), which keeps generation v
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,11 +64,19 @@ _GRIDS = {
 }
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    y.flags.writeable = x.flags.writeable = False
+    return y, x
+
+
 class _Frame:
     """Pixel coordinates in metres, rotated by the scene's grid angle and shifted by a random origin."""
 
     def __init__(self, rng: np.random.Generator, size: int, gsd: float, angle: float):
-        y, x = np.mgrid[0:size, 0:size].astype(np.float32) * gsd
+        y, x = (g * gsd for g in _pixel_grid(size))
+        self.x, self.y = x, y
         ox, oy = rng.uniform(0, 2000, 2)
         c, s = np.cos(angle), np.sin(angle)
         self.u = (x + ox) * c + (y + oy) * s
@@ -144,16 +153,17 @@ def _street_grid(rng, seed, f: _Frame, kind: str, label, instance, roof) -> None
 
 
 def _street_cars(seed, road_u, road_v, lu, lv, f: _Frame, road_w, density, label, instance) -> None:
-    # cars parked/driving in two lanes of each street: 6 m slots along the street
+    # cars parked/driving in two lanes of each street: 6 m slots along the street (road pixels only)
     lane_w = road_w / 2
     for band, across, along, tag in ((road_u & ~road_v, lu, f.v, 11), (road_v & ~road_u, lv, f.u, 13)):
-        lane, pos = np.divmod(across, lane_w)
-        slot, along_pos = np.divmod(along, 6.0)
-        h = cell_hash(seed + tag, cell_key(slot, lane, np.floor(f.u / 500), np.floor(f.v / 500)))
-        car = band & (h < density) & (along_pos > 0.7) & (along_pos < 5.2)
-        car &= (pos > lane_w / 2 - 0.95) & (pos < lane_w / 2 + 0.95)
-        label[car] = CAR
-        instance[car] = (h[car] * 2**40).astype(np.int64) + tag
+        idx = np.flatnonzero(band)
+        lane, pos = np.divmod(across.ravel()[idx], lane_w)
+        slot, along_pos = np.divmod(along.ravel()[idx], 6.0)
+        block = cell_key(np.floor(f.u.ravel()[idx] / 500), np.floor(f.v.ravel()[idx] / 500))
+        h = cell_hash(seed + tag, cell_key(slot, lane, block))
+        car = (h < density) & (along_pos > 0.7) & (along_pos < 5.2) & (np.abs(pos - lane_w / 2) < 0.95)
+        label.ravel()[idx[car]] = CAR
+        instance.ravel()[idx[car]] = (h[car] * 2**40).astype(np.int64) + tag
 
 
 def _parking(seed, f: _Frame, label, instance, density: float) -> None:
@@ -180,7 +190,7 @@ def _rural(rng, seed, f: _Frame, label, instance, roof) -> None:
     k = int(rng.integers(3, 9))
     extent = f.size * f.gsd
     seeds = rng.uniform(-0.2 * extent, 1.2 * extent, (k, 2)).astype(np.float32)
-    y, x = np.mgrid[0 : f.size, 0 : f.size].astype(np.float32) * f.gsd
+    y, x = f.y, f.x
     d = (x[None] - seeds[:, 0, None, None]) ** 2 + (y[None] - seeds[:, 1, None, None]) ** 2
     cell = d.argmin(0)
     ploughed = rng.random(k) < 0.35
@@ -220,7 +230,7 @@ def _forest(rng, f: _Frame, label) -> None:
 def _coast(rng, f: _Frame, label, instance, roof) -> None:
     # the sea covers one side; a beach of bare soil along a wavy shoreline
     phi = rng.uniform(0, 2 * np.pi)
-    y, x = np.mgrid[0 : f.size, 0 : f.size].astype(np.float32) * f.gsd
+    y, x = f.y, f.x
     extent = f.size * f.gsd
     d = (x - extent / 2) * np.cos(phi) + (y - extent / 2) * np.sin(phi)
     d += (smooth_noise(rng, f.size, 3) - 0.5) * 0.3 * extent
@@ -241,7 +251,7 @@ def _pond(rng, f: _Frame, label, instance) -> None:
 
 
 def _line(rng, f: _Frame, width: float) -> np.ndarray:
-    y, x = np.mgrid[0 : f.size, 0 : f.size].astype(np.float32) * f.gsd
+    y, x = f.y, f.x
     extent = f.size * f.gsd
     phi = rng.uniform(0, np.pi)
     px, py = rng.uniform(0.2, 0.8, 2) * extent

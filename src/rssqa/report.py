@@ -1,0 +1,184 @@
+"""The pipeline report: ``runs/<profile>/report.md`` + ``report.json`` + plots, every number read from
+the stage summaries (and the benchmark JSONs), none typed by hand.
+
+Usage: ``python -m rssqa.report --runs runs --profile demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rssqa.runs import atomic_write_bytes, atomic_write_json, is_done, read_summary
+
+STAGES = ("world", "purify", "pretrain", "pretrain_raw", "sqed", "sqa")
+METRICS = ("srcc", "plcc", "krcc", "rmse")
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return "" if x is None else str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def load_summaries(profile_dir: Path) -> dict[str, dict[str, Any]]:
+    """Summaries of the finished stages under ``profile_dir`` (missing stages are left out)."""
+    return {s: read_summary(profile_dir / s) for s in STAGES if is_done(profile_dir / s)}
+
+
+def _bar(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> Path:
+    """Grouped bar chart: groups = {series: {category: value}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cats = list(dict.fromkeys(c for g in groups.values() for c in g))
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(cats) + 2), 3.6))
+    width = 0.8 / max(len(groups), 1)
+    for i, (name, vals) in enumerate(groups.items()):
+        x = np.arange(len(cats)) + i * width
+        ax.bar(x, [vals.get(c, np.nan) for c in cats], width, label=name)
+    ax.set_xticks(np.arange(len(cats)) + width * (len(groups) - 1) / 2, cats, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(groups) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _copy_plots(stage_dir: Path, out_dir: Path, stage: str) -> list[Path]:
+    copied = []
+    for png in sorted(stage_dir.glob("*.png")):
+        dst = out_dir / f"{stage}_{png.name}"
+        shutil.copyfile(png, dst)
+        copied.append(dst)
+    return copied
+
+
+def _examples(purify_dir: Path, limit: int = 8) -> list[dict[str, str]]:
+    for name in ("examples.csv",):
+        path = purify_dir / name
+        if path.is_file():
+            with path.open(newline="") as f:
+                return list(csv.DictReader(f))[:limit]
+    return []
+
+
+def _benchmarks(bench_dir: Path) -> list[list[Any]]:
+    rows = []
+    for path in sorted(bench_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        headline = {k: v for k, v in data.items() if isinstance(v, int | float | bool) and k != "target"}
+        rows.append([path.stem, data.get("benchmark", ""), ", ".join(f"{k}={_fmt(v)}" for k, v in headline.items())])
+    return rows
+
+
+def build_report(runs: str | Path, profile: str) -> Path:
+    """Write ``runs/<profile>/report.md``, ``report.json`` and ``report_plots/``; return the markdown path."""
+    root = Path(runs) / profile
+    s = load_summaries(root)
+    plots = root / "report_plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    md: list[str] = [f"# rssqa report: profile `{profile}`\n", f"Stages finished: {', '.join(s) or 'none'}.\n"]
+    data: dict[str, Any] = {"profile": profile, "stages": list(s)}
+
+    def img(path: Path, alt: str) -> str:
+        return f"![{alt}]({path.relative_to(root).as_posix()})\n"
+
+    if "world" in s:
+        w = s["world"]
+        md.append("## The embedded world\n")
+        rows = [[tier, v["n"], v.get("noise/clean", 0), v["n"] - v.get("noise/clean", 0)] for tier, v in w["corpus"].items()]
+        md.append(_table(["tier", "pairs", "clean captions", "noisy captions"], rows))
+        md.append(_table(["source", "layout", "tiles"], [[k, v["layout"], v["n_images"]] for k, v in w["sources"].items()]))
+        data["world"] = {"corpus": w["corpus"], "sources": {k: v["n_images"] for k, v in w["sources"].items()}}
+
+    if "purify" in s:
+        p = s["purify"]
+        md.append("## Purification\n")
+        keys = ["n_in", "n_kept", "n_rewritten", "n_dropped", "n_bad", "samples_per_s"]
+        md.append(_table(keys, [[p.get(k) for k in keys]]))
+        if "noise_f1" in p:
+            md.append(_table(["noise precision", "noise recall", "noise F1"],
+                             [[p["noise_precision"], p["noise_recall"], p["noise_f1"]]]))  # fmt: skip
+        counts = {k: float(p[k]) for k in ("n_kept", "n_rewritten", "n_dropped", "n_bad") if k in p}
+        md.append(img(_bar(plots / "purify_counts.png", "purification decisions", {"pairs": counts}, "pairs"), "decisions"))
+        ex = _examples(root / "purify")
+        if ex:
+            cols = [c for c in ("caption", "original", "before", "after", "chosen", "score", "decision") if c in ex[0]]
+            cols = cols or list(ex[0])[:4]
+            md.append("Examples (before, after, score):\n\n")
+            md.append(_table(cols, [[str(e.get(c, ""))[:80] for c in cols] for e in ex]))
+        data["purify"] = {k: p.get(k) for k in (*keys, "noise_precision", "noise_recall", "noise_f1")}
+
+    if "pretrain" in s:
+        md.append("## CLIP-RS: purified against raw corpus\n")
+        runs_ = {name: s[name] for name in ("pretrain", "pretrain_raw") if name in s}
+        keys = ["zeroshot_top1", "retrieval_mean_recall", "samples_seen", "samples_per_s", "world_size"]
+        md.append(_table(["model", *keys], [[n, *[v.get(k) for k in keys]] for n, v in runs_.items()]))
+        groups = {n: {k: float(v[k]) for k in keys[:2] if k in v} for n, v in runs_.items()}
+        md.append(img(_bar(plots / "clip_purified_vs_raw.png", "CLIP-RS evaluation", groups, "score"), "clip"))
+        data["pretrain"] = {n: {k: v.get(k) for k in keys} for n, v in runs_.items()}
+
+    if "sqed" in s:
+        q = s["sqed"]
+        md.append("## RS-SQED: overall accuracy of eight methods\n")
+        keys = ["n_images", "n_methods", "n_rows", "oa_mean", "oa_std", "best_method_share"]
+        md.append(_table(keys, [[q.get(k) for k in keys]]))
+        md.append(_table(["method", "mean OA"], [[m, v] for m, v in q.get("per_method_oa", {}).items()]))
+        for pth in _copy_plots(root / "sqed", plots, "sqed"):
+            md.append(img(pth, pth.stem))
+        data["sqed"] = {k: q.get(k) for k in (*keys, "per_method_oa")}
+
+    if "sqa" in s:
+        a = s["sqa"]
+        md.append("## RS-SQA against label-free baselines and ablations (test split)\n")
+        rows = [["RS-SQA", *[a["test"].get(m) for m in METRICS]]]
+        rows += [[n, *[v.get(m) for m in METRICS]] for n, v in a.get("baselines", {}).items()]
+        md.append(_table(["model", *METRICS], rows))
+        srcc = {r[0]: float(r[1]) for r in rows if r[1] is not None}
+        md.append(img(_bar(plots / "sqa_srcc.png", "SRCC with true OA (test)", {"SRCC": srcc}, "SRCC"), "srcc"))
+        md.append("## Method recommendation\n")
+        rk = ["top1", "chosen_oa", "best_fixed_oa", "oracle_oa", "regret"]
+        md.append(_table(rk, [[a.get("recommend", {}).get(k) for k in rk]]))
+        for pth in _copy_plots(root / "sqa", plots, "sqa"):
+            md.append(img(pth, pth.stem))
+        data["sqa"] = {"test": a["test"], "baselines": a.get("baselines", {}), "recommend": a.get("recommend", {})}
+
+    bench = _benchmarks(Path(runs) / "bench")
+    if bench:
+        md.append("## Benchmarks\n")
+        md.append(_table(["benchmark", "what", "figures"], bench))
+        data["bench"] = bench
+    out = root / "report.md"
+    atomic_write_bytes(out, "\n".join(md).encode())
+    atomic_write_json(root / "report.json", data)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Write runs/<profile>/report.md from the stage summaries.")
+    ap.add_argument("--runs", default="runs")
+    ap.add_argument("--profile", default="demo")
+    args = ap.parse_args()
+    print(build_report(args.runs, args.profile))
+
+
+if __name__ == "__main__":
+    main()
