@@ -1,0 +1,124 @@
+"""Render (and submit) the cluster launch of a stage: SLURM ``sbatch`` + ``srun``, or ``torchrun``.
+
+The launched command is the stage's own entry point with the profile's config and the trainer told
+the nodes and devices, the same code path as a local run. ``--dry-run`` prints the script instead of
+submitting it.
+
+Usage: ``python -m rssqa.launch pretrain --profile paper --nodes 4 --gpus 8 --dry-run``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from string import Template
+
+from rssqa.errors import RSSQAError
+
+STAGES = ("purify", "pretrain", "pretrain_raw", "sqed", "sqa")
+LAUNCHERS = {"slurm": "slurm.sbatch", "torchrun": "torchrun.sh"}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def stage_command(stage: str, profile: str, nodes: int, gpus: int, runs: str) -> list[str]:
+    """The stage's entry point and arguments for a run on ``nodes × gpus`` devices."""
+    script, conf = (("pretrain", "pretrain_raw") if stage == "pretrain_raw" else (stage, stage))
+    return [
+        f"stages/{script}.py",
+        "--config", f"conf/{profile}/{conf}.yaml",
+        "--runs", runs,
+        "--trainer.accelerator", "gpu",
+        "--trainer.num_nodes", str(nodes),
+        "--trainer.devices", str(gpus),
+        "--trainer.strategy", "ddp",
+    ]  # fmt: skip
+
+
+def render(
+    stage: str,
+    profile: str,
+    nodes: int,
+    gpus: int,
+    launcher: str = "slurm",
+    runs: str = "runs",
+    time: str = "24:00:00",
+    partition: str | None = None,
+    cpus_per_task: int = 8,
+    python: str = ".venv/bin/python",
+) -> str:
+    """The launch script for ``stage`` as text.
+
+    Raises:
+        RSSQAError: unknown stage or launcher, missing config, or a non-positive node or GPU count.
+    """
+    if stage not in STAGES:
+        raise RSSQAError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+    if launcher not in LAUNCHERS:
+        raise RSSQAError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
+    if nodes < 1 or gpus < 1:
+        raise RSSQAError(f"nodes and gpus must be >= 1 (got nodes={nodes}, gpus={gpus})")
+    command = stage_command(stage, profile, nodes, gpus, runs)
+    config = ROOT / command[2]
+    if not config.is_file():
+        raise RSSQAError(f"{config}: no such config for stage {stage!r} and profile {profile!r}")
+    template = Template((ROOT / "conf" / "cluster" / LAUNCHERS[launcher]).read_text())
+    return template.substitute(
+        STAGE=stage,
+        PROFILE=profile,
+        NODES=nodes,
+        NODES_MINUS_ONE=nodes - 1,
+        GPUS=gpus,
+        WORLD_SIZE=nodes * gpus,
+        CPUS_PER_TASK=cpus_per_task,
+        TIME=time,
+        PARTITION_LINE=f"#SBATCH --partition={partition}" if partition else "",
+        RUN_DIR=f"{runs}/{profile}/{stage}",
+        PROJECT_DIR=shlex.quote(str(ROOT)),
+        PYTHON=python,
+        WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
+        RUN_GROUP=os.environ.get("RSSQA_RUN_GROUP", f"{profile}-cluster"),
+        COMMAND=" ".join(shlex.quote(c) for c in command),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("--profile", default="paper")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    ap.add_argument("--launcher", choices=list(LAUNCHERS), default="slurm")
+    ap.add_argument("--runs", default="runs")
+    ap.add_argument("--time", default="24:00:00")
+    ap.add_argument("--partition")
+    ap.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    args = ap.parse_args(argv)
+    try:
+        text = render(args.stage, args.profile, args.nodes, args.gpus, args.launcher, args.runs, args.time,
+                      args.partition)  # fmt: skip
+    except RSSQAError as e:
+        print(f"rssqa launch: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.runs) / args.profile / args.stage / "launch" / LAUNCHERS[args.launcher]
+    if args.dry_run:
+        print(text)
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.chmod(0o755)
+    if args.launcher == "slurm":
+        if shutil.which("sbatch") is None:
+            print(f"rssqa launch: sbatch not found; the script is at {out}", file=sys.stderr)
+            return 2
+        return subprocess.call(["sbatch", str(out)])
+    print(f"run {out} on each of the {args.nodes} node(s) with NODE_RANK and MASTER_ADDR set")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
