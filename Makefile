@@ -43,13 +43,57 @@ world: $(OUT)/world/summary.json ## the embedded synthetic world (corpus shards 
 $(OUT)/world/summary.json: conf/$(PROFILE)/world.yaml | $(STAMP)
 	$(PY) stages/world.py --config conf/$(PROFILE)/world.yaml --out $(OUT)/world
 
-demo: setup ## the whole pipeline on the embedded world (PROFILE=demo unless given)
-	$(MAKE) --no-print-directory world PROFILE=$(DEMO_PROFILE)
+# ---------------------------------------------------------------------------------------------- stages
+# Each stage's local command line; on a cluster (NODES=) the same line is launched on every rank.
+CMD_purify = stages/purify.py --config conf/$(PROFILE)/purify.yaml --out $(OUT)/purify
+CMD_pretrain = stages/pretrain.py --config conf/$(PROFILE)/pretrain.yaml --out $(OUT)/pretrain
+CMD_pretrain_raw = stages/pretrain.py --config conf/$(PROFILE)/pretrain_raw.yaml --out $(OUT)/pretrain_raw
+CMD_sqed = stages/sqed.py --config conf/$(PROFILE)/sqed.yaml --out $(OUT)/sqed
+CMD_sqa = stages/sqa.py --config conf/$(PROFILE)/sqa.yaml --out $(OUT)/sqa
+STAGES := purify pretrain pretrain-raw sqed sqa
+# the paper profile reads real data, not the embedded world
+WORLD := $(if $(filter paper,$(PROFILE)),,$(OUT)/world/summary.json)
+GPUS ?= 8
+LAUNCHER ?= slurm
 
-bench: setup ## every benchmark; JSON + tables under runs/bench/
+.PHONY: $(STAGES) report
+ifdef NODES
+$(STAGES): | $(STAMP)
+	$(PY) -m rssqa.launch $(subst -,_,$@) --profile $(PROFILE) --nodes $(NODES) --gpus $(GPUS) --launcher $(LAUNCHER) \
+	  --runs $(RUNS) $(if $(DRY_RUN),--dry-run) -- $(CMD_$(subst -,_,$@))
+else
+purify: $(OUT)/purify/summary.json ## captioner-filter purification of the corpus (NODES=, GPUS=, DRY_RUN=1 on a cluster)
+pretrain: $(OUT)/pretrain/summary.json ## CLIP-RS on the purified corpus
+pretrain-raw: $(OUT)/pretrain_raw/summary.json ## the same CLIP on the raw corpus (the generic_clip ablation)
+sqed: $(OUT)/sqed/summary.json ## RS-SQED: eight methods x four sources, per-image OA
+sqa: $(OUT)/sqa/summary.json ## RS-SQA: train, compare with baselines, recommend methods
+endif
+
+$(OUT)/purify/summary.json: conf/$(PROFILE)/purify.yaml $(WORLD) | $(STAMP)
+	$(PY) $(CMD_purify)
+$(OUT)/pretrain_raw/summary.json: conf/$(PROFILE)/pretrain_raw.yaml $(WORLD) | $(STAMP)
+	$(PY) $(CMD_pretrain_raw)
+# the raw model first (order only), so that the purified run's summary compares the two
+$(OUT)/pretrain/summary.json: conf/$(PROFILE)/pretrain.yaml $(OUT)/purify/summary.json $(WORLD) | $(STAMP) $(OUT)/pretrain_raw/summary.json
+	$(PY) $(CMD_pretrain)
+$(OUT)/sqed/summary.json: conf/$(PROFILE)/sqed.yaml $(WORLD) | $(STAMP)
+	$(PY) $(CMD_sqed)
+$(OUT)/sqa/summary.json: conf/$(PROFILE)/sqa.yaml $(OUT)/sqed/summary.json $(OUT)/pretrain/summary.json $(OUT)/pretrain_raw/summary.json | $(STAMP)
+	$(PY) $(CMD_sqa)
+
+report: | $(STAMP) ## runs/<profile>/report.md from whatever stages have finished
+	$(PY) -m rssqa.report --runs $(RUNS) --profile $(PROFILE)
+
+demo: setup ## the whole pipeline on the embedded world, then the report (PROFILE=demo unless given)
+	@export RSSQA_RUN_GROUP=$${RSSQA_RUN_GROUP:-$(DEMO_PROFILE)-$$(date +%Y%m%d-%H%M%S)}; \
+	$(MAKE) --no-print-directory sqa PROFILE=$(DEMO_PROFILE) && \
+	$(MAKE) --no-print-directory report PROFILE=$(DEMO_PROFILE)
+
+BENCHES := world shards purify pretrain sqed score
+bench: setup ## every benchmark, each against its reference in the same run; JSON + tables under runs/bench/
 	@mkdir -p $(RUNS)/bench
-	$(PY) bench/world.py --out $(RUNS)/bench/world.json
-	$(PY) bench/shards.py --out $(RUNS)/bench/shards.json
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) -m bench.$$b --out $(RUNS)/bench/$$b.json || exit 1; done
+	$(PY) -m bench.table $(RUNS)/bench
 
-clean: ## remove run folders of PROFILE
+clean: ## remove the run folders of PROFILE
 	rm -rf $(OUT)

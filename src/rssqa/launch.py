@@ -1,10 +1,11 @@
 """Render (and submit) the cluster launch of a stage: SLURM ``sbatch`` + ``srun``, or ``torchrun``.
 
-The launched command is the stage's own entry point with the profile's config and the trainer told
-the nodes and devices, the same code path as a local run. ``--dry-run`` prints the script instead of
+The launched command is the stage's own local command line with the trainer told the nodes and
+devices: the same code path as a local run. ``--dry-run`` prints the script instead of
 submitting it.
 
-Usage: ``python -m rssqa.launch pretrain --profile paper --nodes 4 --gpus 8 --dry-run``
+Usage: ``python -m rssqa.launch pretrain --profile paper --nodes 4 --gpus 8 --dry-run -- stages/pretrain.py
+--config conf/paper/pretrain.yaml --out runs/paper/pretrain`` (the Makefile does this for ``NODES=``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,9 @@ LAUNCHERS = {"slurm": "slurm.sbatch", "torchrun": "torchrun.sh"}
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def stage_command(stage: str, profile: str, nodes: int, gpus: int, runs: str) -> list[str]:
-    """The stage's entry point and arguments for a run on ``nodes × gpus`` devices."""
-    script, conf = (("pretrain", "pretrain_raw") if stage == "pretrain_raw" else (stage, stage))
+def distributed_args(nodes: int, gpus: int) -> list[str]:
+    """Trainer arguments that every stage's CLI takes, telling Lightning the nodes and devices."""
     return [
-        f"stages/{script}.py",
-        "--config", f"conf/{profile}/{conf}.yaml",
-        "--runs", runs,
         "--trainer.accelerator", "gpu",
         "--trainer.num_nodes", str(nodes),
         "--trainer.devices", str(gpus),
@@ -41,6 +38,7 @@ def stage_command(stage: str, profile: str, nodes: int, gpus: int, runs: str) ->
 
 def render(
     stage: str,
+    command: list[str],
     profile: str,
     nodes: int,
     gpus: int,
@@ -53,6 +51,11 @@ def render(
 ) -> str:
     """The launch script for ``stage`` as text.
 
+    Args:
+        stage: the stage's name.
+        command: the stage's local command line (entry point and arguments), as the Makefile runs it;
+            the nodes and devices are appended.
+
     Raises:
         RSSQAError: unknown stage or launcher, missing config, or a non-positive node or GPU count.
     """
@@ -62,10 +65,12 @@ def render(
         raise RSSQAError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
     if nodes < 1 or gpus < 1:
         raise RSSQAError(f"nodes and gpus must be >= 1 (got nodes={nodes}, gpus={gpus})")
-    command = stage_command(stage, profile, nodes, gpus, runs)
-    config = ROOT / command[2]
-    if not config.is_file():
-        raise RSSQAError(f"{config}: no such config for stage {stage!r} and profile {profile!r}")
+    if not command or not command[0].endswith(".py"):
+        raise RSSQAError(f"launch {stage}: give the stage's command after '--' (got {' '.join(command)!r})")
+    for flag, value in zip(command, command[1:], strict=False):
+        if flag == "--config" and not (ROOT / value).is_file():
+            raise RSSQAError(f"{value}: no such config for stage {stage!r} and profile {profile!r}")
+    command = [*command, *distributed_args(nodes, gpus)]
     template = Template((ROOT / "conf" / "cluster" / LAUNCHERS[launcher]).read_text())
     return template.substitute(
         STAGE=stage,
@@ -87,7 +92,10 @@ def render(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="python -m rssqa.launch STAGE [options] -- STAGE_COMMAND ...",
+    )  # fmt: skip
     ap.add_argument("stage", choices=STAGES)
     ap.add_argument("--profile", default="paper")
     ap.add_argument("--nodes", type=int, default=1)
@@ -97,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time", default="24:00:00")
     ap.add_argument("--partition")
     ap.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    command = argv[cut + 1 :]
     try:
-        text = render(args.stage, args.profile, args.nodes, args.gpus, args.launcher, args.runs, args.time,
-                      args.partition)  # fmt: skip
+        text = render(args.stage, command, args.profile, args.nodes, args.gpus, args.launcher, args.runs,
+                      args.time, args.partition)  # fmt: skip
     except RSSQAError as e:
         print(f"rssqa launch: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,235 @@
+"""The ``rssqa`` console script.
+
+Subcommands:
+    rssqa score IMAGE_OR_FOLDER... --method unet [--source vaihingen] [--json]
+    rssqa score IMAGE_OR_FOLDER... --segmenter path/to/final.ckpt
+    rssqa recommend IMAGE_OR_FOLDER... [--methods unet fpn ...] [--source vaihingen] [--json]
+
+A bad input (unreadable file, wrong channel count, an image smaller than the model takes, a scorer that
+does not match its CLIP, an unknown method) ends with one line ``error: <file>: <problem>`` on stderr
+and exit status 2; ``--debug`` shows the traceback instead.
+
+Adding a subcommand: write ``_add_<name>(subparsers)`` that registers a parser with
+``set_defaults(func=<handler>)`` and append it to :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from rssqa.errors import RSSQAError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+DEFAULT_SCORER = os.environ.get("RSSQA_SCORER", "runs/demo/sqa/scorer")
+# images read per step: a multiple of any sensible chunk, so folders run in full chunks
+BLOCK = 64
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def collect_images(paths: Sequence[str]) -> tuple[list[Path], bool]:
+    """Expand files and folders (recursively, sorted) into image files.
+
+    Returns:
+        ``(files, any_folder)``.
+    """
+    files: list[Path] = []
+    folder = False
+    for p in map(Path, paths):
+        if p.is_dir():
+            folder = True
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise RSSQAError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise RSSQAError(f"{p}: no such file or folder")
+    if not files:
+        raise RSSQAError("no images given")
+    return files, folder
+
+
+def read_images(files: Sequence[Path]) -> list[Any]:
+    """Read ``H×W×3`` uint8 images (one-line errors name the file)."""
+    from rssqa.data.segsets import read_image
+
+    return [read_image(f) for f in files]
+
+
+def _blocks(files: list[Path], progress: bool) -> Iterator[list[Path]]:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for start in range(0, len(files), BLOCK):
+            block = files[start : start + BLOCK]
+            yield block
+            if bar is not None:
+                bar.update(len(block))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _load_scorer(args: argparse.Namespace):
+    import torch
+
+    from rssqa.scorer import Scorer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Scorer.load(args.scorer, clip=args.clip, chunk=args.chunk)
+
+
+# -------------------------------------------------------------------------------------- commands
+def cmd_score(args: argparse.Namespace) -> int:
+    """``rssqa score``: predicted OA of a method's segmentation of each image."""
+    files, folder = collect_images(args.inputs)
+    scorer = _load_scorer(args)
+    if not args.method and not args.segmenter:
+        raise RSSQAError("score: name a --method (see --list) or a --segmenter checkpoint")
+    methods = args.method or None
+    names = scorer.method_names(methods, args.source, args.segmenter)
+    results = []
+    for block in _blocks(files, folder and not args.quiet):
+        scores = scorer.score(read_images(block), methods, args.source, args.segmenter, names=[str(f) for f in block])
+        for f, row in zip(block, scores, strict=True):
+            results += [{"image": str(f), "method": m, "score": float(s)} for m, s in zip(names, row, strict=True)]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _table(["image", "method", "score"], [[r["image"], r["method"], f"{r['score']:.4f}"] for r in results])
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    """``rssqa recommend``: the methods ranked by predicted OA for each image."""
+    files, folder = collect_images(args.inputs)
+    scorer = _load_scorer(args)
+    methods = args.methods or None
+    results = []
+    for block in _blocks(files, folder and not args.quiet):
+        ranked = scorer.recommend(read_images(block), methods, args.source, names=[str(f) for f in block])
+        for f, ranking in zip(block, ranked, strict=True):
+            results.append(
+                {"image": str(f), "recommended": ranking[0][0], "ranking": [{"method": m, "score": s} for m, s in ranking]}
+            )
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        top = args.top or None
+        _table(
+            ["image", "recommended", "ranking (predicted OA)"],
+            [
+                [r["image"], r["recommended"], "  ".join(f"{x['method']} {x['score']:.3f}" for x in r["ranking"][:top])]
+                for r in results
+            ],
+        )
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """``rssqa methods``: sources and methods a scorer knows."""
+    from rssqa.scorer import CONFIG
+
+    path = Path(args.scorer) / CONFIG
+    if not path.is_file():
+        raise RSSQAError(f"{path}: scorer config not found")
+    config = json.loads(path.read_text())
+    for source, methods in sorted(config.get("checkpoints", {}).items()):
+        print(f"{source}: {' '.join(sorted(methods))}")
+    return 0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    for line in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
+
+
+# ---------------------------------------------------------------------------------------- parsers
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--scorer", default=DEFAULT_SCORER, help="scorer folder written by the sqa stage (default: %(default)s)")
+    p.add_argument("--clip", default=None, help="CLIP-RS folder, if not where the scorer recorded it")
+    p.add_argument("--source", default=None, help="which source's method checkpoints to use")
+    p.add_argument("--chunk", type=int, default=None, help="forward batch size (default: the scorer's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    _debug(p)
+
+
+def _debug(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's default must not undo ``rssqa --debug <command>``
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="predicted OA of a method's segmentation of each image")
+    _common(p)
+    p.add_argument("--method", action="append", default=[], help="registered method name (repeatable)")
+    p.add_argument("--segmenter", action="append", default=[], help="segmenter checkpoint (repeatable)")
+    p.set_defaults(func=cmd_score)
+
+
+def _add_recommend(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="rank the methods by predicted OA for each image")
+    _common(p)
+    p.add_argument("--methods", nargs="+", default=None, help="methods to rank (default: all of the source)")
+    p.add_argument("--top", type=int, default=0, help="show only the best K in the table")
+    p.set_defaults(func=cmd_recommend)
+
+
+def _add_methods(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="list the sources and methods a scorer knows")
+    p.add_argument("--scorer", default=DEFAULT_SCORER, help="scorer folder (default: %(default)s)")
+    _debug(p)
+    p.set_defaults(func=cmd_methods)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_score, _add_recommend, _add_methods]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rssqa`` argument parser with every subcommand of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="rssqa", description="Remote-sensing segmentation quality without ground truth.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rssqa`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return int(args.func(args) or 0)
+    except RSSQAError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the user gets one line; --debug gives the traceback
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

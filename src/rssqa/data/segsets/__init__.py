@@ -1,0 +1,48 @@
+"""Segmentation sources: real data set layouts, a generic folder layout, mask codecs, DataModules.
+
+>>> src = build_source("vaihingen", "runs/smoke/world/sources/vaihingen")  # doctest: +SKIP
+>>> sample = src[0]  # {"image_id", "image": H×W×3 uint8, "mask": H×W uint8 (255 = ignore)}
+"""
+
+from rssqa.data.segsets.datamodule import SegArrays, SegDataModule, SegSubset, to_tensors
+from rssqa.data.segsets.layouts import (
+    DEEPGLOBE_CLASSES,
+    DEEPGLOBE_PALETTE,
+    ISPRS_CLASSES,
+    ISPRS_PALETTE,
+    LOVEDA_CLASSES,
+    OPENEARTHMAP_CLASSES,
+    UAVID_CLASSES,
+    UAVID_PALETTE,
+    build_source,
+    list_layouts,
+    register_layout,
+)
+from rssqa.data.segsets.masks import IGNORE_INDEX, MaskCodec
+from rssqa.data.segsets.source import FilePair, SegSample, SegSource, patch_windows, read_image, read_mask
+
+__all__ = [
+    "DEEPGLOBE_CLASSES",
+    "DEEPGLOBE_PALETTE",
+    "IGNORE_INDEX",
+    "ISPRS_CLASSES",
+    "ISPRS_PALETTE",
+    "LOVEDA_CLASSES",
+    "OPENEARTHMAP_CLASSES",
+    "UAVID_CLASSES",
+    "UAVID_PALETTE",
+    "FilePair",
+    "MaskCodec",
+    "SegArrays",
+    "SegDataModule",
+    "SegSample",
+    "SegSource",
+    "SegSubset",
+    "build_source",
+    "list_layouts",
+    "patch_windows",
+    "read_image",
+    "read_mask",
+    "register_layout",
+    "to_tensors",
+]

@@ -1,0 +1,113 @@
+"""Training objective of RS-SQA: regression to OA, a PLCC term and a pairwise ranking term.
+
+Each term has a weight in config and is switched off by a weight of 0 (the paper ablates its loss
+terms). The ranking term looks at every pair of rows in the batch whose OA differs by more than
+``rank_min_gap``; ``rank_same_image`` restricts it to pairs of methods on the same image, which is
+what recommendation needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rssqa.errors import RSSQAError
+
+
+def plcc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(1 - Pearson(pred, target)) / 2`` over a batch, in [0, 1]; 0 for a batch that cannot correlate.
+
+    Args:
+        pred: ``N`` predicted scores.
+        target: ``N`` true OA.
+    """
+    if pred.numel() < 2:
+        return pred.sum() * 0.0
+    p = pred - pred.mean()
+    t = target - target.mean()
+    denom = p.norm() * t.norm()
+    if float(denom.detach()) < 1e-8:
+        return pred.sum() * 0.0
+    return (1.0 - (p * t).sum() / denom) / 2.0
+
+
+def pairwise_rank_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    min_gap: float = 0.0,
+    scale: float = 20.0,
+) -> torch.Tensor:
+    """Logistic loss on ordered pairs: for OA_i > OA_j + min_gap, ``softplus(-scale * (s_i - s_j))``.
+
+    Args:
+        pred: ``N`` predicted scores.
+        target: ``N`` true OA.
+        groups: ``N`` integer group ids; pairs only within a group (same image) when given.
+        min_gap: OA difference below which a pair is not ordered (label noise).
+        scale: sharpness, in inverse score units.
+
+    Returns:
+        Mean loss over ordered pairs (0 when there are none).
+    """
+    better = (target.unsqueeze(1) - target.unsqueeze(0)) > min_gap  # [i, j]: i should score above j
+    if groups is not None:
+        better &= groups.unsqueeze(1) == groups.unsqueeze(0)
+    if not bool(better.any()):
+        return pred.sum() * 0.0
+    diff = pred.unsqueeze(1) - pred.unsqueeze(0)
+    return F.softplus(-scale * diff[better]).mean()
+
+
+class SQALoss(nn.Module):
+    """Weighted sum of MSE to OA, PLCC and pairwise ranking terms.
+
+    Args:
+        w_mse: weight of the mean squared error to OA.
+        w_plcc: weight of :func:`plcc_loss`.
+        w_rank: weight of :func:`pairwise_rank_loss`.
+        rank_same_image: rank only methods of the same image against each other.
+        rank_min_gap: OA gap below which a pair is not used for ranking.
+        rank_scale: sharpness of the ranking term.
+    """
+
+    def __init__(
+        self,
+        w_mse: float = 1.0,
+        w_plcc: float = 0.5,
+        w_rank: float = 0.5,
+        rank_same_image: bool = False,
+        rank_min_gap: float = 0.0,
+        rank_scale: float = 20.0,
+    ):
+        super().__init__()
+        if min(w_mse, w_plcc, w_rank) < 0 or w_mse + w_plcc + w_rank == 0:
+            raise RSSQAError("sqa.loss: weights must be >= 0 and not all 0")
+        self.w_mse, self.w_plcc, self.w_rank = w_mse, w_plcc, w_rank
+        self.rank_same_image, self.rank_min_gap, self.rank_scale = rank_same_image, rank_min_gap, rank_scale
+
+    def forward(
+        self, pred: torch.Tensor, target: torch.Tensor, image_idx: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms for ``N`` predictions and targets; ``image_idx`` ``N`` for same-image ranking.
+
+        Returns:
+            ``{"loss", "mse", "plcc", "rank"}`` (terms unweighted, ``loss`` weighted).
+        """
+        zero = pred.sum() * 0.0
+        terms = {
+            "mse": F.mse_loss(pred, target) if self.w_mse else zero,
+            "plcc": plcc_loss(pred, target) if self.w_plcc else zero,
+            "rank": pairwise_rank_loss(
+                pred,
+                target,
+                image_idx if self.rank_same_image else None,
+                self.rank_min_gap,
+                self.rank_scale,
+            )
+            if self.w_rank
+            else zero,
+        }
+        terms["loss"] = self.w_mse * terms["mse"] + self.w_plcc * terms["plcc"] + self.w_rank * terms["rank"]
+        return terms

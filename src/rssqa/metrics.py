@@ -1,0 +1,134 @@
+"""Agreement between predicted quality scores and true per-image OA.
+
+Pure functions on 1-D vectors (torch tensors, numpy arrays or lists). The correlations come from
+torchmetrics, computed in float64; the logistic fit behind ``plcc_logistic`` is the 4-parameter
+monotonic logistic of the image-quality literature (VQEG), fitted with scipy. Every function returns
+a Python float; a correlation that is undefined (constant input, fewer than two points) is ``nan``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import OptimizeWarning, curve_fit
+from torchmetrics.functional import kendall_rank_corrcoef, pearson_corrcoef, spearman_corrcoef
+
+from rssqa.errors import RSSQAError
+
+METRICS = ("srcc", "plcc", "plcc_logistic", "krcc", "rmse")
+
+
+def _pair(pred: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.as_tensor(np.asarray(pred, dtype=np.float64)).reshape(-1)
+    t = torch.as_tensor(np.asarray(target, dtype=np.float64)).reshape(-1)
+    if p.shape != t.shape:
+        raise RSSQAError(f"metrics: {p.numel()} predictions for {t.numel()} targets")
+    return p, t
+
+
+def _undefined(p: torch.Tensor, t: torch.Tensor) -> bool:
+    # A correlation with a constant vector has a zero denominator; say so with nan, not a warning.
+    return p.numel() < 2 or bool(p.min() == p.max()) or bool(t.min() == t.max())
+
+
+def srcc(pred: Any, target: Any) -> float:
+    """Spearman rank correlation (ties get their average rank).
+
+    Args:
+        pred: predicted scores, shape ``N``.
+        target: true OA in [0, 1], shape ``N``.
+    """
+    p, t = _pair(pred, target)
+    return math.nan if _undefined(p, t) else float(spearman_corrcoef(p, t))
+
+
+def plcc(pred: Any, target: Any) -> float:
+    """Pearson linear correlation of the raw scores, shape ``N`` each."""
+    p, t = _pair(pred, target)
+    return math.nan if _undefined(p, t) else float(pearson_corrcoef(p, t))
+
+
+def krcc(pred: Any, target: Any) -> float:
+    """Kendall rank correlation, tau-b (corrected for ties), shape ``N`` each."""
+    p, t = _pair(pred, target)
+    return math.nan if _undefined(p, t) else float(kendall_rank_corrcoef(p, t, variant="b"))
+
+
+def rmse(pred: Any, target: Any) -> float:
+    """Root mean squared error ``sqrt(mean((pred - target)^2))``, in OA units."""
+    p, t = _pair(pred, target)
+    return math.nan if p.numel() == 0 else float(torch.sqrt(torch.mean((p - t) ** 2)))
+
+
+def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    """The monotonic 4-parameter logistic ``(b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2``."""
+    z = np.clip(-(x - b3) / (abs(b4) + 1e-12), -60.0, 60.0)
+    return (b1 - b2) / (1.0 + np.exp(z)) + b2
+
+
+def fit_logistic4(pred: Any, target: Any) -> np.ndarray | None:
+    """Least-squares fit of :func:`logistic4` mapping ``pred`` onto ``target``.
+
+    Returns:
+        The parameters ``(b1, b2, b3, b4)``, or ``None`` when the fit does not converge.
+    """
+    x = np.asarray(pred, dtype=np.float64).reshape(-1)
+    y = np.asarray(target, dtype=np.float64).reshape(-1)
+    p0 = [y.max(), y.min(), float(np.median(x)), float(x.std()) or 1.0]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)
+            params, _ = curve_fit(logistic4, x, y, p0=p0, maxfev=20000)
+    except (RuntimeError, ValueError):
+        return None
+    return params if np.all(np.isfinite(params)) else None
+
+
+def plcc_logistic(pred: Any, target: Any) -> float:
+    """Pearson correlation after mapping the scores through a fitted 4-parameter logistic.
+
+    Falls back to the linear PLCC when the fit does not converge (the linear map is the limit a
+    logistic can always approach, so this never flatters a score).
+    """
+    p, t = _pair(pred, target)
+    if _undefined(p, t):
+        return math.nan
+    params = fit_logistic4(p.numpy(), t.numpy())
+    if params is None:
+        return plcc(p, t)
+    return plcc(logistic4(p.numpy(), *params), t)
+
+
+def quality_metrics(pred: Any, target: Any) -> dict[str, float]:
+    """All of :data:`METRICS` at once: ``{srcc, plcc, plcc_logistic, krcc, rmse}``."""
+    return {
+        "srcc": srcc(pred, target),
+        "plcc": plcc(pred, target),
+        "plcc_logistic": plcc_logistic(pred, target),
+        "krcc": krcc(pred, target),
+        "rmse": rmse(pred, target),
+    }
+
+
+def grouped_metrics(pred: Any, target: Any, groups: Sequence[str]) -> dict[str, dict[str, float]]:
+    """:func:`quality_metrics` within each group (per source, per method).
+
+    Args:
+        pred: predicted scores, shape ``N``.
+        target: true OA, shape ``N``.
+        groups: a group name per row, length ``N``.
+
+    Returns:
+        ``{group: {metric: value}}``, groups in sorted order.
+    """
+    p = np.asarray(pred, dtype=np.float64).reshape(-1)
+    t = np.asarray(target, dtype=np.float64).reshape(-1)
+    g = np.asarray(groups)
+    if len(g) != len(p):
+        raise RSSQAError(f"metrics: {len(g)} group labels for {len(p)} predictions")
+    return {str(k): quality_metrics(p[g == k], t[g == k]) for k in sorted(set(g.tolist()))}

@@ -1,0 +1,392 @@
+"""RS-SQA: semantic features of a frozen CLIP-RS gate the segmentation method's own features.
+
+Two branches meet on a ``g×g`` grid of cells (``L = g*g`` tokens of width ``w``):
+
+- semantic branch: the CLIP-RS pooled image embedding (``B×E``) and its last-layer patch tokens
+  (``B×T×h×w``, resampled to ``g×g``), projected to ``w``. The CLIP encoder itself is frozen and lives
+  outside this module (see :func:`clip_image_features`), so its features can be cached once per image.
+- segmentation branch: method-agnostic inputs through one shared adapter (per-cell descriptors
+  ``B×S×g×g`` such as confidence, margin and entropy maps and channel-count-free statistics of the
+  method's intermediate features, plus per-image statistics ``B×G`` such as the confidence histogram),
+  so that a method never seen in training can still be scored; optionally, per-method adapters on the
+  method's raw pooled features (``B×F×g×g``, zero-padded to the widest method).
+
+They meet in a Simple Cross-Gating Block (the simplified cross-gating of COVER): project both,
+``gate = GELU(projected semantics)``, ``out = seg + proj(proj(seg) * gate)``; then mean pooling over cells,
+a two-layer MLP and a sigmoid give a score in (0, 1) that predicts OA. Ablation variants replace the
+block by plain concatenation (``no_gating``) or drop a branch (``image_only``, ``seg_only``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rssqa.errors import RSSQAError
+
+Variant = Literal["full", "no_gating", "image_only", "seg_only"]
+VARIANTS: tuple[str, ...] = ("full", "no_gating", "image_only", "seg_only")
+
+
+class CrossGating(nn.Module):
+    """Simple Cross-Gating Block: semantics gate segmentation features, with a residual.
+
+    Args:
+        width: token width ``w`` of both inputs.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj_sem = nn.Linear(width, width)
+        self.proj_seg = nn.Linear(width, width)
+        self.proj_out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, seg: torch.Tensor, sem: torch.Tensor) -> torch.Tensor:
+        """Gate ``seg`` (``B×L×w``) by ``sem`` (``B×L×w``); returns ``B×L×w``."""
+        gate = F.gelu(self.proj_sem(sem))
+        return self.norm(seg + self.proj_out(self.proj_seg(seg) * gate))
+
+
+class Concat(nn.Module):
+    """The no-gating ablation: concatenate both branches per cell and mix with one layer."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.mix = nn.Linear(2 * width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, seg: torch.Tensor, sem: torch.Tensor) -> torch.Tensor:
+        """``B×L×w`` twice -> ``B×L×w``."""
+        return self.norm(seg + F.gelu(self.mix(torch.cat([seg, sem], dim=-1))))
+
+
+class Standardize(nn.Module):
+    """Fixed per-channel standardisation with statistics measured on the training split.
+
+    The statistics are buffers, so they travel with the checkpoint and scoring never depends on the
+    batch (unlike batch norm in training mode).
+    """
+
+    def __init__(self, channels: int, channel_dim: int = 1):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set the per-channel mean and std (std floored so constant channels stay finite)."""
+        self.mean.copy_(mean.detach().reshape(-1).to(self.mean))
+        self.std.copy_(std.detach().reshape(-1).to(self.std).clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.ndim
+        shape[self.channel_dim] = -1
+        return (x - self.mean.view(shape)) / self.std.view(shape)
+
+
+class RSSQA(nn.Module):
+    """The RS-SQA quality head (everything after the frozen encoders).
+
+    Args:
+        embed_dim: CLIP pooled embedding width ``E``.
+        token_dim: CLIP patch token width ``T``.
+        cell_dim: method-agnostic per-cell descriptor channels ``S``.
+        global_dim: method-agnostic per-image statistics ``G``.
+        grid: cells per side ``g`` of the segmentation branch (semantic tokens are resampled to it).
+        width: common token width ``w``.
+        hidden: hidden units of the two-layer MLP.
+        variant: ``full`` (cross-gating), ``no_gating``, ``image_only`` or ``seg_only``.
+        methods: method names with their own adapter (empty: shared adapter only).
+        feat_dim: channels ``F`` of the zero-padded raw method features the per-method adapters read.
+        dropout: dropout before the last layer.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        token_dim: int,
+        cell_dim: int,
+        global_dim: int,
+        grid: int = 4,
+        width: int = 64,
+        hidden: int = 64,
+        variant: Variant = "full",
+        methods: tuple[str, ...] | list[str] = (),
+        feat_dim: int = 0,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise RSSQAError(f"sqa.variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        if methods and feat_dim <= 0:
+            raise RSSQAError("sqa.feat_dim: per-method adapters need the raw feature width (> 0)")
+        self.variant, self.grid, self.width = variant, grid, width
+        self.methods = list(methods)
+        self.uses_sem = variant != "seg_only"
+        self.uses_seg = variant != "image_only"
+
+        self.norm_embed = Standardize(embed_dim, channel_dim=1)
+        self.norm_tokens = Standardize(token_dim, channel_dim=1)
+        self.norm_cells = Standardize(cell_dim, channel_dim=1)
+        self.norm_global = Standardize(global_dim, channel_dim=1)
+
+        self.sem_tokens = nn.Linear(token_dim, width)
+        self.sem_embed = nn.Linear(embed_dim, width)
+        self.sem_norm = nn.LayerNorm(width)
+        self.seg_cells = nn.Linear(cell_dim, width)
+        self.seg_global = nn.Linear(global_dim, width)
+        self.seg_norm = nn.LayerNorm(width)
+        # per-method adapters as one batched weight: row m maps method m's padded features to w, plus a
+        # per-method offset (what is typical of the method); both start at zero = the shared adapter alone
+        self.method_weight = nn.Parameter(torch.zeros(len(self.methods), feat_dim, width)) if self.methods else None
+        self.method_bias = nn.Parameter(torch.zeros(len(self.methods), width)) if self.methods else None
+        # raw features are standardised per method: channel k of one method means nothing to another
+        self.register_buffer("feat_mean", torch.zeros(len(self.methods), feat_dim))
+        self.register_buffer("feat_std", torch.ones(len(self.methods), feat_dim))
+        self.pos = nn.Parameter(torch.zeros(grid * grid, width))
+        nn.init.normal_(self.pos, std=0.02)
+
+        self.fuse: nn.Module | None = None
+        if variant == "full":
+            self.fuse = CrossGating(width)
+        elif variant == "no_gating":
+            self.fuse = Concat(width)
+        self.head = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        )
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-method standardisation of the raw features: ``M×F`` mean and std (measured on train)."""
+        self.feat_mean.copy_(mean.to(self.feat_mean))
+        self.feat_std.copy_(std.to(self.feat_std).clamp_min(1e-6))
+
+    def method_index(self, names: list[str]) -> torch.Tensor:
+        """Adapter index per method name, ``-1`` for a method without its own adapter."""
+        lookup = {m: i for i, m in enumerate(self.methods)}
+        return torch.tensor([lookup.get(n, -1) for n in names], dtype=torch.long)
+
+    def encode_semantics(self, sem_embed: torch.Tensor, sem_tokens: torch.Tensor) -> torch.Tensor:
+        """Semantic tokens of each image; compute once per image, reuse for every method.
+
+        Args:
+            sem_embed: ``B×E`` CLIP pooled embedding.
+            sem_tokens: ``B×T×h×w`` CLIP patch tokens.
+
+        Returns:
+            ``B×L×w`` with ``L = g*g``.
+        """
+        tokens = F.adaptive_avg_pool2d(self.norm_tokens(sem_tokens), self.grid).flatten(2).transpose(1, 2)
+        x = self.sem_tokens(tokens) + self.sem_embed(self.norm_embed(sem_embed)).unsqueeze(1)
+        return self.sem_norm(x + self.pos)
+
+    def encode_segmentation(
+        self,
+        seg_cells: torch.Tensor,
+        seg_global: torch.Tensor,
+        seg_feats: torch.Tensor | None = None,
+        method_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Segmentation tokens of each (image, method).
+
+        Args:
+            seg_cells: ``B×S×g×g`` method-agnostic per-cell descriptors.
+            seg_global: ``B×G`` method-agnostic per-image statistics.
+            seg_feats: ``B×F×g×g`` raw method features (zero-padded), for the per-method adapters.
+            method_idx: ``B`` adapter index per row (:meth:`method_index`), ``-1`` for none.
+
+        Returns:
+            ``B×L×w``.
+        """
+        if seg_cells.shape[-1] != self.grid or seg_cells.shape[-2] != self.grid:
+            raise RSSQAError(f"sqa: segmentation grid {tuple(seg_cells.shape[-2:])} != model grid {self.grid}")
+        cells = self.norm_cells(seg_cells).flatten(2).transpose(1, 2)
+        x = self.seg_cells(cells) + self.seg_global(self.norm_global(seg_global)).unsqueeze(1)
+        if self.method_weight is not None and seg_feats is not None and method_idx is not None:
+            known = method_idx >= 0
+            m = method_idx.clamp_min(0)
+            feats = (seg_feats.flatten(2) - self.feat_mean[m].unsqueeze(-1)) / self.feat_std[m].unsqueeze(-1)
+            w = self.method_weight[m] * known.view(-1, 1, 1).to(x)
+            x = x + torch.bmm(feats.transpose(1, 2), w)
+            x = x + (self.method_bias[m] * known.view(-1, 1).to(x)).unsqueeze(1)
+        return self.seg_norm(x + self.pos)
+
+    def score(self, sem: torch.Tensor | None, seg: torch.Tensor | None) -> torch.Tensor:
+        """Quality in (0, 1) from encoded tokens, ``B×L×w`` each (one may be ``None`` for an ablation)."""
+        if self.variant == "image_only":
+            h = sem
+        elif self.variant == "seg_only":
+            h = seg
+        else:
+            h = self.fuse(seg, sem)
+        return torch.sigmoid(self.head(h.mean(dim=1)).squeeze(-1))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Score a batch of (image, method) rows.
+
+        Args:
+            batch: ``sem_embed`` ``B×E``, ``sem_tokens`` ``B×T×h×w``, ``seg_cells`` ``B×S×g×g``,
+                ``seg_global`` ``B×G``, optionally ``seg_feats`` ``B×F×g×g`` and ``method_idx`` ``B``.
+
+        Returns:
+            ``B`` predicted OA in (0, 1).
+        """
+        sem = self.encode_semantics(batch["sem_embed"], batch["sem_tokens"]) if self.uses_sem else None
+        seg = (
+            self.encode_segmentation(
+                batch["seg_cells"], batch["seg_global"], batch.get("seg_feats"), batch.get("method_idx")
+            )
+            if self.uses_seg
+            else None
+        )
+        return self.score(sem, seg)
+
+
+@torch.no_grad()
+def clip_image_features(clip: nn.Module, images: torch.Tensor, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled embedding and last-layer patch tokens of an open_clip model, batch-invariant.
+
+    Images run in chunks of exactly ``chunk`` (the last one zero-padded), so an image's features are
+    bit-identical whether it is encoded alone or among others.
+
+    Args:
+        clip: an open_clip ``CLIP`` (any visual tower with ``forward_intermediates``).
+        images: ``B×3×S×S`` images, normalised the way the model's preprocessing does
+            (``rssqa.models.clip.to_model_input``).
+        chunk: forward batch size; part of the numerics.
+
+    Returns:
+        ``(embed B×E L2-normalised, tokens B×T×h×w)``, float32 on the CPU.
+    """
+    was_training = clip.training
+    clip.eval()
+    embeds, tokens = [], []
+    try:
+        for start in range(0, len(images), chunk):
+            x = images[start : start + chunk]
+            n = len(x)
+            if n < chunk:
+                x = torch.cat([x, x.new_zeros((chunk - n, *x.shape[1:]))])
+            out = clip.forward_intermediates(
+                image=x, image_indices=1, normalize=True, normalize_intermediates=True, image_output_fmt="NCHW"
+            )
+            embeds.append(out["image_features"][:n].float().cpu())
+            tokens.append(out["image_intermediates"][-1][:n].float().cpu())
+    finally:
+        clip.train(was_training)
+    if not embeds:
+        raise RSSQAError("clip features: no images")
+    return torch.cat(embeds), torch.cat(tokens)
+
+
+# ------------------------------------------------------------------------------ segmentation inputs
+MAP_NAMES = ("max_prob", "certainty", "margin")
+DESCRIPTOR_NAMES = ("energy", "to_mean", "coherence")
+HIST_NAMES = ("hist_conf", "hist_certainty", "hist_margin")
+SCALAR_NAMES = ("msp", "entropy", "margin")
+
+
+def feature_descriptors(feat: torch.Tensor) -> torch.Tensor:
+    """Channel-count-free descriptors of pooled features, so one adapter reads every method.
+
+    Args:
+        feat: ``B×C×g×g`` pooled intermediate features (any ``C``).
+
+    Returns:
+        ``B×3×g×g``: ``energy`` (cell feature norm over the image's mean norm), ``to_mean`` (cosine of
+        the cell's feature with the image's mean feature) and ``coherence`` (mean cosine with the
+        4-neighbour cells): how strong, how typical and how locally consistent the representation is.
+    """
+    f = feat.float()
+    norm = f.norm(dim=1)
+    energy = norm / (norm.mean(dim=(1, 2), keepdim=True) + 1e-6)
+    unit = f / (norm.unsqueeze(1) + 1e-6)
+    mean_dir = F.normalize(f.mean(dim=(2, 3)), dim=1)
+    to_mean = (unit * mean_dir[:, :, None, None]).sum(1)
+    horiz = (unit[..., :, 1:] * unit[..., :, :-1]).sum(1)  # B×g×(g-1)
+    vert = (unit[..., 1:, :] * unit[..., :-1, :]).sum(1)  # B×(g-1)×g
+    total = torch.zeros_like(norm)
+    count = torch.zeros_like(norm)
+    total[..., :, 1:] += horiz
+    total[..., :, :-1] += horiz
+    total[..., 1:, :] += vert
+    total[..., :-1, :] += vert
+    count[..., :, 1:] += 1
+    count[..., :, :-1] += 1
+    count[..., 1:, :] += 1
+    count[..., :-1, :] += 1
+    coherence = total / count.clamp_min(1)
+    return torch.stack([energy, to_mean, coherence], dim=1)
+
+
+def _f32(x: Any) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float32)
+
+
+def _as_cached(x: Any) -> torch.Tensor:
+    # RS-SQED stores maps and features in float16; round fresh ones the same way, so a scored image
+    # sees exactly the numbers the model was trained on.
+    return _f32(x).to(torch.float16).to(torch.float32)
+
+
+def _sorted_padded(x: torch.Tensor, width: int) -> torch.Tensor:
+    # class identities differ between sources; the sorted profile does not
+    x = x.sort(dim=1, descending=True).values[:, :width]
+    return F.pad(x, (0, width - x.shape[1]))
+
+
+def segmentation_input_dims(layers: Sequence[str], hist_bins: int, max_classes: int) -> tuple[int, int]:
+    """``(S, G)``: channels of ``seg_cells`` and ``seg_global`` from :func:`segmentation_inputs`."""
+    return len(MAP_NAMES) + len(DESCRIPTOR_NAMES) * len(layers), len(SCALAR_NAMES) + 3 * hist_bins + 2 * max_classes + 1
+
+
+def segmentation_inputs(
+    stats: Mapping[str, Any],
+    layers: Sequence[str] = ("encoder", "decoder"),
+    max_classes: int = 8,
+    feat_dim: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Turn what a segmenter reports (``Segmenter.describe`` or an RS-SQED label shard) into model inputs.
+
+    Args:
+        stats: ``maps`` ``B×3×g×g``; ``feat/<layer>`` ``B×C_l×g×g``; ``msp``, ``entropy``, ``margin`` ``B``;
+            ``hist_conf``, ``hist_certainty``, ``hist_margin`` ``B×K``; ``class_share``, ``mean_prob`` ``B×C``
+            (tensors or arrays).
+        layers: feature layers to read, in order.
+        max_classes: length the sorted class profiles are padded or cut to.
+        feat_dim: when > 0, also return the raw features of ``layers`` stacked and zero-padded to this
+            many channels (for the per-method adapters).
+
+    Returns:
+        ``seg_cells`` ``B×S×g×g``, ``seg_global`` ``B×G`` (float32) and optionally ``seg_feats`` ``B×F×g×g``.
+    """
+    need = ["maps", *SCALAR_NAMES, *HIST_NAMES, "class_share", "mean_prob", *(f"feat/{k}" for k in layers)]
+    missing = [k for k in need if k not in stats]
+    if missing:
+        raise RSSQAError(f"segmentation statistics: missing {missing}")
+    feats = [_as_cached(stats[f"feat/{k}"]) for k in layers]
+    cells = torch.cat([_as_cached(stats["maps"]), *(feature_descriptors(f) for f in feats)], dim=1)
+    share = _f32(stats["class_share"])
+    share_entropy = -(share * torch.log(share.clamp_min(1e-12))).sum(1, keepdim=True) / np.log(max(share.shape[1], 2))
+    glob = torch.cat(
+        [
+            *(_f32(stats[k]).reshape(-1, 1) for k in SCALAR_NAMES),
+            *(_f32(stats[k]) for k in HIST_NAMES),
+            _sorted_padded(share, max_classes),
+            _sorted_padded(_f32(stats["mean_prob"]), max_classes),
+            share_entropy,
+        ],
+        dim=1,
+    )
+    out = {"seg_cells": cells, "seg_global": glob}
+    if feat_dim > 0:
+        raw = torch.cat(feats, dim=1)
+        if raw.shape[1] > feat_dim:
+            raise RSSQAError(f"sqa.feat_dim: {feat_dim} is narrower than the {raw.shape[1]} feature channels of {list(layers)}")
+        out["seg_feats"] = F.pad(raw, (0, 0, 0, 0, 0, feat_dim - raw.shape[1]))
+    return out

@@ -1,0 +1,113 @@
+"""Stage sqa: train RS-SQA, compare it with the baselines and ablations, export the scorer.
+
+    python stages/sqa.py --config conf/smoke/sqa.yaml --out runs/smoke/sqa
+
+Writes ``<out>/checkpoints/<run>/`` (best validation SRCC per run), ``<out>/logs/<run>/`` (CSV),
+``<out>/wandb/`` (offline unless WANDB_MODE says otherwise), ``<out>/figures/*.png``, the scorer in
+``<out>/scorer/``, ``<out>/predictions.json`` and, last, ``<out>/summary.json``.
+``--print_config`` shows the resolved config.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from rssqa.errors import RSSQAError
+from rssqa.runs import is_done
+from rssqa.tasks.sqa import ABLATIONS, SQADataModule, SQATask, run_sqa
+
+
+class SQACLI(LightningCLI):
+    """LightningCLI plus the run-folder contract and one fresh Trainer per trained model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--out", required=True, help="run folder, e.g. runs/smoke/sqa")
+        parser.add_argument("--ablations", type=list[str], default=list(ABLATIONS), help="ablations to train")
+        parser.add_argument("--wandb", type=bool, default=True, help="log to Weights & Biases too (offline by default)")
+        parser.add_argument("--force", type=bool, default=False, help="run again even when out holds a summary")
+        parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+        parser.link_arguments("out", "data.cache_dir", compute_fn=lambda out: str(Path(out) / "cache"))
+        parser.link_arguments("out", "trainer.default_root_dir")
+        parser.link_arguments("seed_everything", "data.seed")
+
+    def make_trainer(self, run: str) -> Trainer:
+        """A fresh Trainer for ``run``: CSV (+ W&B) logs and a checkpoint of the best validation SRCC."""
+        out = Path(self.config.out)
+        loggers = [CSVLogger(out, name="logs", version=run)]
+        if self.config.wandb:
+            offline = os.environ.get("WANDB_MODE", "offline") != "online"
+            loggers.append(WandbLogger(save_dir=str(out), project="rssqa", name=f"sqa-{run}", offline=offline))
+        ckpt = ModelCheckpoint(
+            dirpath=out / "checkpoints" / run, filename="best", monitor="val_srcc", mode="max", save_top_k=1,
+            enable_version_counter=False,
+        )
+        return self.instantiate_trainer(logger=loggers, callbacks=[ckpt])
+
+
+def main(args: list[str] | None = None) -> dict | None:
+    cli = SQACLI(
+        SQATask, SQADataModule, run=False, args=args, seed_everything_default=0, save_config_kwargs={"overwrite": True}
+    )
+    out = Path(cli.config.out)
+    if is_done(out) and not cli.config.force:
+        print(f"{out}: already done (summary.json present); pass --force true to run again")
+        return None
+    if cli.config.threads:
+        torch.set_num_threads(cli.config.threads)
+    trainers = OneRunAtATime(cli.make_trainer)
+    try:
+        summary = run_sqa(cli.model, cli.datamodule, trainers, out, cli.config.ablations, cli.config.seed_everything)
+    finally:
+        trainers.close()
+    print_summary(summary)
+    return summary
+
+
+class OneRunAtATime:
+    """Trainer factory that closes the previous run's W&B experiment before the next one starts."""
+
+    def __init__(self, make):
+        self.make = make
+        self.current: Trainer | None = None
+
+    def __call__(self, run: str) -> Trainer:
+        self.close()
+        self.current = self.make(run)
+        return self.current
+
+    def close(self) -> None:
+        if self.current is not None:
+            for lg in self.current.loggers:
+                if isinstance(lg, WandbLogger) and lg._experiment is not None:
+                    lg.experiment.finish()
+        self.current = None
+
+
+def print_summary(s: dict) -> None:
+    """The comparison table and recommendation figures, for the terminal."""
+    rows = [("rs_sqa", s["test"])] + [(k, v) for k, v in s["baselines"].items() if v]
+    print(f"{'':>14} {'SRCC':>7} {'PLCC':>7} {'KRCC':>7} {'RMSE':>7}")
+    for name, m in rows:
+        print(f"{name:>14} " + " ".join(f"{m[k]:7.3f}" if m[k] is not None else f"{'-':>7}" for k in ("srcc", "plcc", "krcc", "rmse")))
+    r = s["recommend"]
+    print(
+        f"recommend: top1 {r['top1']:.3f}, chosen OA {r['chosen_oa']:.3f}, best fixed ({r['best_fixed_method']}) "
+        f"{r['best_fixed_oa']:.3f}, oracle {r['oracle_oa']:.3f}, regret {r['regret']:.3f}; {s['seconds']} s"
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RSSQAError as e:
+        if os.environ.get("RSSQA_DEBUG"):
+            raise
+        sys.exit(f"error: {e}")

@@ -1,0 +1,63 @@
+"""Build RS-SQED: ``python stages/sqed.py --config conf/smoke/sqed.yaml --out runs/smoke/sqed``.
+
+Relative source roots in the config resolve against ``--data_root`` (default: the parent of
+``--out``, i.e. ``runs/<profile>``), so ``RUNS=`` moves the world and RS-SQED together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from jsonargparse import CLI
+
+from rssqa.errors import RSSQAError
+from rssqa.runs import is_done, read_summary
+from rssqa.tasks.sqed import SQEDConfig, build_sqed, plan_sqed, quiet_lightning
+
+
+def main(
+    sqed: SQEDConfig,
+    out: str = "runs/smoke/sqed",
+    data_root: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> None:
+    """Train the methods, label the pool, write the table, the label shards and the summary.
+
+    Args:
+        sqed: the stage configuration.
+        out: the run folder; summary.json is written last.
+        data_root: base of relative source roots (default: the parent of out).
+        force: build again even when out holds a summary of the same configuration (checkpoints
+            and label shards that still match are reused either way).
+        dry_run: check the configuration and print the plan; read no data, train nothing.
+    """
+    if dry_run:
+        print(json.dumps(plan_sqed(sqed, data_root or os.path.dirname(os.path.abspath(out))), indent=2))
+        return
+    if is_done(out) and not force:
+        if read_summary(out).get("config") == json.loads(json.dumps(asdict(sqed))):
+            print(f"{out}: already built with this configuration; pass --force to build again")
+            return
+        print(f"{out}: built with another configuration; building again (matching parts are reused)")
+    quiet_lightning()
+    s = build_sqed(sqed, out, data_root)
+    print(
+        f"sqed -> {out}: {s['n_images']} images x {s['n_methods']} methods = {s['n_rows']} rows, "
+        f"OA {s['oa_mean']:.3f} +- {s['oa_std']:.3f}, best method {s['best_method']} on "
+        f"{s['best_method_share']:.0%} of images, {s['seconds']} s"
+    )
+    for method, oa in sorted(s["per_method_oa"].items(), key=lambda kv: -kv[1]):
+        print(f"  {method:<14} OA {oa:.3f}  best on {s['wins'].get(method, 0)} images")
+
+
+if __name__ == "__main__":
+    try:
+        CLI(main, as_positional=False)
+    except RSSQAError as e:
+        if os.environ.get("RSSQA_DEBUG"):
+            raise
+        sys.exit(f"error: {e}")

@@ -1,0 +1,235 @@
+"""Stage sqa end to end on a tiny RS-SQED written in the real on-disk format.
+
+The fixture writes what the sqed stage writes (table, pool images, label shards from real
+``Segmenter.describe`` outputs, Lightning checkpoints of the methods) and two tiny CLIP exports; the
+test then runs the real ``stages/sqa.py`` main on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from rssqa.data.sqed import TABLE, write_label_shard, write_table
+from rssqa.errors import RSSQAError
+from rssqa.runs import is_done, read_summary
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = {"alpha": 5, "beta": 4}  # source -> classes
+METHODS = ("pspnet", "fpn", "upernet")
+N_IMAGES = 12
+SIZE = 64  # rs-tiny takes 64 px
+GRID, BINS = 4, 10
+
+
+def _images(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Blocky two-colour scenes with noise: enough structure for features to differ."""
+    base = rng.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8).repeat(16, 1).repeat(16, 2)
+    noise = rng.integers(0, 40, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    return np.clip(base.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def make_fake_sqed(root: Path, seed: int = 0) -> Path:
+    """A tiny RS-SQED under ``root/sqed`` plus ``root/clip_rs`` and ``root/clip_raw``."""
+    from rssqa.models.clip import create_clip, export_clip
+    from rssqa.models.segmenters import resolve_method
+    from rssqa.tasks.sqed import SegmentationTask, per_image_oa
+
+    out = root / "sqed"
+    rng = np.random.default_rng(seed)
+    rows = []
+    splits = ["train"] * 6 + ["val"] * 3 + ["test"] * 3
+    for source, n_classes in SOURCES.items():
+        images = _images(rng, N_IMAGES)
+        (out / "pool" / source).mkdir(parents=True)
+        np.save(out / "pool" / source / "images.npy", images)
+        ids = [f"{source}_{i:03d}" for i in range(N_IMAGES)]
+        corruption = rng.uniform(0.05, 0.6, N_IMAGES)  # how wrong the "truth" makes each image
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        for m, method in enumerate(METHODS):
+            L.seed_everything(seed + m)
+            task = SegmentationTask(resolve_method(method).as_dict(), n_classes, grid=GRID, hist_bins=BINS).eval()
+            ckpt = out / "methods" / source / method / "final.ckpt"
+            ckpt.parent.mkdir(parents=True)
+            torch.save(
+                {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams), "pytorch-lightning_version": L.__version__},
+                ckpt,
+            )
+            stats = task.segmenter.describe(x)
+            pred = stats.pop("logits").argmax(1)
+            flip = torch.from_numpy(rng.uniform(size=pred.shape) < corruption[:, None, None] * (1 + 0.3 * m))
+            mask = torch.where(flip, torch.from_numpy(rng.integers(0, n_classes, pred.shape)), pred)
+            oa, n = per_image_oa(pred, mask, n_classes)
+            arrays = {"oa": oa.numpy(), "n_labelled": n.numpy(), **{k: v.float().numpy() for k, v in stats.items()}}
+            rel = f"features/{source}/{method}.safetensors"
+            meta = {"source": source, "method": method, "image_ids": ids, "grid": GRID, "hist_bins": BINS,
+                    "feature_shapes": {k: list(v.shape[1:]) for k, v in arrays.items()}}
+            write_label_shard(out / rel, arrays, meta)
+            for i, image_id in enumerate(ids):
+                rows.append({
+                    "key": f"{source}/{image_id}", "image_id": image_id, "source": source, "method": method,
+                    "oa": float(oa[i]), "split": splits[i], "group": image_id, "n_labelled": int(n[i]),
+                    "msp": float(stats["msp"][i]), "entropy": float(stats["entropy"][i]),
+                    "margin": float(stats["margin"][i]), "feature_file": rel, "feature_row": i,
+                    "image_file": f"pool/{source}/images.npy", "image_row": i,
+                })  # fmt: skip
+    write_table(out / TABLE, rows)
+    for name, s in (("clip_rs", 1), ("clip_raw", 2)):
+        torch.manual_seed(s)
+        model, *_ = create_clip("rs-tiny")
+        export_clip(model, "rs-tiny", root / name)
+    return out
+
+
+def _stage_main():
+    spec = importlib.util.spec_from_file_location("sqa_stage", ROOT / "stages" / "sqa.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def stage_args(root: Path, out: Path, epochs: int = 2) -> list[str]:
+    return [
+        "--config", str(ROOT / "conf" / "smoke" / "sqa.yaml"),
+        "--out", str(out),
+        "--data.sqed", str(root / "sqed"),
+        "--data.clip", str(root / "clip_rs"),
+        "--data.generic_clip", str(root / "clip_raw"),
+        "--trainer.max_epochs", str(epochs),
+        "--wandb", "false",
+    ]  # fmt: skip
+
+
+def trained_run(tmp_path_factory) -> Path:
+    """Fixture data + one stage run, built once per test session (shared with tests/test_cli.py)."""
+    root = tmp_path_factory.getbasetemp() / "sqa_e2e"
+    out = root / "sqa"
+    if not is_done(out):
+        if not (root / "sqed" / TABLE).is_file():
+            root.mkdir(exist_ok=True)
+            make_fake_sqed(root)
+        torch.set_num_threads(1)
+        _stage_main()(stage_args(root, out))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory)
+
+
+def test_stage_writes_the_whole_comparison(run_root):
+    out = run_root / "sqa"
+    s = read_summary(out)
+    assert set(s["test"]) >= {"srcc", "plcc", "krcc", "rmse"}
+    assert set(s["baselines"]) == {"msp", "entropy", "margin", "atc", "image_only", "seg_only", "generic_clip", "no_gating"}
+    for name, m in s["baselines"].items():
+        assert set(m) >= {"srcc", "plcc", "krcc", "rmse"}, name
+        assert m["rmse"] is not None and 0 <= m["rmse"] <= 1, name
+    assert set(s["recommend"]) >= {"top1", "regret", "chosen_oa", "best_fixed_oa", "oracle_oa"}
+    r = s["recommend"]
+    assert r["regret"] == pytest.approx(r["oracle_oa"] - r["chosen_oa"])
+    assert r["chosen_oa"] <= r["oracle_oa"] + 1e-12 and r["best_fixed_oa"] <= r["oracle_oa"] + 1e-12
+    assert r["n_images"] == 2 * 3  # 3 test images per source
+    assert set(s["test_per_source"]) == set(SOURCES) and set(s["test_per_method"]) == set(METHODS)
+    assert s["n_rows"] == {"train": 2 * 6 * 3, "val": 2 * 3 * 3, "test": 2 * 3 * 3}
+    for fig in ("scatter_test.png", "clip_embedding.png", "comparison.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000
+    assert (out / "logs" / "rs_sqa" / "metrics.csv").is_file()
+    assert (out / "scorer" / "scorer.json").is_file()
+
+
+def test_baselines_in_summary_are_recomputable(run_root):
+    """The msp row of the table equals metrics recomputed from predictions.json."""
+    from rssqa import metrics
+
+    out = run_root / "sqa"
+    preds = json.loads((out / "predictions.json").read_text())
+    oa = [r["oa"] for r in preds["rows"]]
+    s = read_summary(out)
+    for name in ("msp", "rs_sqa"):
+        got = s["test"] if name == "rs_sqa" else s["baselines"][name]
+        assert got["srcc"] == pytest.approx(metrics.srcc(preds["scores"][name], oa), abs=1e-4)
+        assert got["rmse"] == pytest.approx(metrics.rmse(preds["scores"][name], oa), abs=1e-4)
+
+
+def test_rerun_is_a_no_op(run_root, capsys):
+    out = run_root / "sqa"
+    before = (out / "summary.json").stat().st_mtime_ns
+    assert _stage_main()(stage_args(run_root, out)) is None
+    assert (out / "summary.json").stat().st_mtime_ns == before
+
+
+def test_same_seed_same_numbers(run_root, tmp_path):
+    """A second run from scratch (no cache) reproduces the first run's test figures exactly."""
+    torch.set_num_threads(1)
+    args = [*stage_args(run_root, tmp_path / "again"), "--ablations", "[]"]
+    summary = _stage_main()(args)
+    first = read_summary(run_root / "sqa")
+    assert summary["test"]["srcc"] == first["test"]["srcc"]
+    assert summary["recommend"]["top1"] == first["recommend"]["top1"]
+
+
+def test_datamodule_batches_whole_images(run_root):
+    from rssqa.tasks.sqa import SQADataModule
+
+    dm = SQADataModule(str(run_root / "sqed"), str(run_root / "clip_rs"), images_per_batch=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    for b in batches:
+        imgs, counts = torch.unique(b["image_idx"], return_counts=True)
+        assert len(imgs) <= 2 and torch.all(counts == len(METHODS))
+    assert sum(len(b["oa"]) for b in batches) == len(dm.rows("train"))
+    again = [b["row"] for b in loader]
+    assert not all(torch.equal(a, b["row"]) for a, b in zip(again, batches, strict=True))  # reshuffled per epoch
+    assert dm.dims["embed_dim"] == 128 and dm.dims["grid"] == GRID
+    # each image's CLIP features are its own (sources are encoded in groups, then put back in order)
+    from rssqa.tasks.sqa import clip_features_for
+
+    for row in (0, len(dm.sqed.rows) - 1):
+        alone = clip_features_for(run_root / "clip_rs", [dm.sqed.image(row)[None]], dm.hparams.clip_chunk)
+        assert torch.equal(alone["embed"][0], dm.sem["clip_rs"]["embed"][dm.image_idx[row]])
+
+
+def test_missing_inputs_are_one_line_errors(run_root, tmp_path):
+    from rssqa.tasks.sqa import SQADataModule
+
+    with pytest.raises(RSSQAError, match="table.csv: RS-SQED table not found"):
+        SQADataModule(str(tmp_path), str(run_root / "clip_rs")).setup("fit")
+    with pytest.raises(RSSQAError, match="CLIP model folder not found"):
+        SQADataModule(str(run_root / "sqed"), str(tmp_path / "nope")).setup("fit")
+    with pytest.raises(RSSQAError, match="ablations"):
+        _stage_main()([*stage_args(run_root, tmp_path / "x"), "--ablations", "[bogus]"])
+
+
+def test_stage_on_a_real_sqed_build(tiny_world, tmp_path):
+    """Upstream for real: the sqed stage on the tiny world, then this stage and the CLI on a source file."""
+    from rssqa.cli import main as cli
+    from rssqa.models.clip import create_clip, export_clip
+    from rssqa.tasks.sqed import LabelConfig, SourceConfig, SQEDConfig, TrainConfig, build_sqed
+
+    torch.set_num_threads(1)
+    cfg = SQEDConfig(
+        sources=[SourceConfig("vaihingen", str(tiny_world / "sources" / "vaihingen")),
+                 SourceConfig("loveda", str(tiny_world / "sources" / "loveda"))],
+        methods=["pspnet", "fpn"],
+        splits={"seg": 0.25, "train": 0.25, "val": 0.25, "test": 0.25},
+        on_bad="skip", train=TrainConfig(epochs=1, batch_size=8), label=LabelConfig(grid=4, hist_bins=10), wandb="disabled",
+    )  # fmt: skip
+    build_sqed(cfg, tmp_path / "sqed")
+    torch.manual_seed(0)
+    model, *_ = create_clip("rs-tiny", force_image_size=32)  # the tiny world's tiles are 32 px
+    export_clip(model, "rs-tiny", tmp_path / "clip_rs")
+    args = [*stage_args(tmp_path, tmp_path / "sqa"), "--data.generic_clip", "null", "--ablations", "[seg_only]"]
+    summary = _stage_main()(args)
+    assert summary["baselines"]["generic_clip"] is None and summary["baselines"]["seg_only"] is not None
+    assert summary["recommend"]["n_images"] == summary["n_rows"]["test"] // 2
+    tile = sorted((tiny_world / "sources" / "vaihingen" / "top").glob("*.tif"))[0]
+    assert cli(["recommend", str(tile), "--scorer", str(tmp_path / "sqa" / "scorer"), "--source", "vaihingen"]) == 0

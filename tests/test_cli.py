@@ -1,0 +1,160 @@
+"""The deployable scorer and the ``rssqa`` console script, on the scorer a tiny stage run exports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rssqa.cli import main
+from rssqa.errors import RSSQAError
+from tests.tasks.test_sqa import METHODS, trained_run
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def scorer(run_root):
+    from rssqa.scorer import Scorer
+
+    return Scorer.load(run_root / "sqa" / "scorer")
+
+
+def _image(seed: int, size: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("images")
+    for i in range(3):
+        Image.fromarray(_image(i)).save(d / f"tile_{i}.png")
+    Image.fromarray(_image(9, 80)).save(d / "sub_big.png")  # another size in the same folder
+    return d
+
+
+def test_score_is_bit_identical_alone_and_in_any_batch(scorer):
+    a, others = _image(0), [_image(s) for s in range(1, 20)]
+    alone = scorer.score([a], source="alpha")
+    assert alone.shape == (1, len(METHODS))
+    assert np.all((alone > 0) & (alone < 1))
+    for batch, pos in (([a, *others[:3]], 0), ([*others[:5], a, *others[5:]], 5), ([*others, a], 19)):
+        together = scorer.score(batch, source="alpha")
+        assert np.array_equal(together[pos], alone[0]), pos
+    again = scorer.score([a], source="alpha")
+    assert np.array_equal(again, alone)
+
+
+def test_methods_differ_and_recommend_ranks_them(scorer):
+    imgs = [_image(0), _image(1)]
+    scores = scorer.score(imgs, list(METHODS), source="beta")
+    ranked = scorer.recommend(imgs, source="beta")
+    for row, ranking in zip(scores, ranked, strict=True):
+        assert [m for m, _ in ranking] == [METHODS[j] for j in np.argsort(-row, kind="stable")]
+        assert sorted(s for _, s in ranking) == sorted(row.tolist())
+
+
+def test_scorer_refuses_bad_images_and_sources(scorer):
+    with pytest.raises(RSSQAError, match=r"x.png: 32x32 px is smaller than the 64x64 px"):
+        scorer.score([_image(0, 32)], source="alpha", names=["x.png"])
+    with pytest.raises(RSSQAError, match="three channels"):
+        scorer.score([np.zeros((64, 64, 4), np.uint8)], source="alpha")
+    with pytest.raises(RSSQAError, match="several sources"):
+        scorer.score([_image(0)])
+    with pytest.raises(RSSQAError, match="'nope' has no checkpoint"):
+        scorer.score([_image(0)], ["nope"], source="alpha")
+
+
+def test_scorer_refuses_a_clip_it_was_not_trained_with(run_root):
+    from rssqa.scorer import Scorer
+
+    with pytest.raises(RSSQAError, match="not the CLIP this scorer was trained with"):
+        Scorer.load(run_root / "sqa" / "scorer", clip=run_root / "clip_raw")
+
+
+def test_user_checkpoint_goes_through_the_shared_adapter(scorer, run_root):
+    ckpt = run_root / "sqed" / "methods" / "alpha" / "fpn" / "final.ckpt"
+    by_ckpt = scorer.score([_image(3)], [], source="alpha", checkpoints=[str(ckpt)])
+    assert by_ckpt.shape == (1, 1) and 0 < by_ckpt[0, 0] < 1
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_score_json_on_a_folder(run_root, folder, capsys):
+    code = main(["score", str(folder), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha",
+                 "--method", "fpn", "--method", "pspnet", "--json"])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0
+    rows = json.loads(out.out)
+    assert len(rows) == 4 * 2 and {r["method"] for r in rows} == {"fpn", "pspnet"}
+    assert "img" in out.err  # the progress bar goes to stderr on folders
+
+
+def test_cli_recommend_table(run_root, folder, capsys):
+    img = str(folder / "tile_0.png")
+    code = main(["recommend", img, "--scorer", str(run_root / "sqa" / "scorer"), "--source", "beta"])
+    out = capsys.readouterr()
+    assert code == 0
+    lines = out.out.strip().splitlines()
+    assert lines[0].split()[:2] == ["image", "recommended"] and len(lines) == 2
+    assert all(m in lines[1] for m in METHODS)
+    assert out.err == ""  # no progress bar for single files
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp / "garbage.png").write_bytes(b"not an image at all")
+    Image.fromarray(_image(0)[..., 0]).save(tmp / "gray.png")
+    Image.fromarray(_image(0, 32)).save(tmp / "small.png")
+    (tmp / "empty").mkdir()
+    return {
+        "unreadable": ([str(tmp / "garbage.png")], "garbage.png: unreadable image"),
+        "channels": ([str(tmp / "gray.png")], "gray.png: 1 bands; expected 3"),
+        "too small": ([str(tmp / "small.png")], "small.png: 32x32 px is smaller than the 64x64 px"),
+        "missing": ([str(tmp / "nope.png")], "nope.png: no such file or folder"),
+        "empty folder": ([str(tmp / "empty")], "empty: no images"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unreadable", "channels", "too small", "missing", "empty folder"])
+def test_cli_bad_input_is_one_line(run_root, tmp_path, capsys, case):
+    args, message = _bad_inputs(tmp_path)[case]
+    code = main(["score", *args, "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--method", "fpn"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_wrong_clip_and_missing_scorer(run_root, tmp_path, capsys):
+    img = tmp_path / "ok.png"
+    Image.fromarray(_image(0)).save(img)
+    scorer = str(run_root / "sqa" / "scorer")
+    assert main(["score", str(img), "--scorer", scorer, "--clip", str(run_root / "clip_raw"), "--method", "fpn"]) == 2
+    assert "not the CLIP this scorer was trained with" in capsys.readouterr().err
+    assert main(["recommend", str(img), "--scorer", str(tmp_path / "none")]) == 2
+    assert "scorer config not found" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(scorer, broken)
+    (broken / "scorer.json").write_text("{")
+    assert main(["recommend", str(img), "--scorer", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "broken/scorer.json: not a scorer config" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "garbage.png").write_bytes(b"junk")
+    with pytest.raises(RSSQAError):
+        main(["score", str(tmp_path / "garbage.png"), "--scorer", str(tmp_path), "--method", "x", "--debug"])
+    # as a script: exit status 2 and one line, no traceback
+    cmd = [sys.executable, "-m", "rssqa.cli", "score", str(tmp_path / "garbage.png"), "--scorer", str(tmp_path), "--method", "x"]
+    plain = subprocess.run(cmd, capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 1
