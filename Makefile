@@ -49,7 +49,8 @@ CMD_purify = stages/purify.py --config conf/$(PROFILE)/purify.yaml --out $(OUT)/
 CMD_pretrain = stages/pretrain.py --config conf/$(PROFILE)/pretrain.yaml --out $(OUT)/pretrain
 CMD_pretrain_raw = stages/pretrain.py --config conf/$(PROFILE)/pretrain_raw.yaml --out $(OUT)/pretrain_raw
 CMD_sqed = stages/sqed.py --config conf/$(PROFILE)/sqed.yaml --out $(OUT)/sqed
-CMD_sqa = stages/sqa.py --config conf/$(PROFILE)/sqa.yaml --out $(OUT)/sqa
+CMD_sqa = stages/sqa.py --config conf/$(PROFILE)/sqa.yaml --out $(OUT)/sqa \
+  --data.sqed $(OUT)/sqed --data.clip $(OUT)/pretrain/clip_rs --data.generic_clip $(OUT)/pretrain_raw/clip_rs
 STAGES := purify pretrain pretrain-raw sqed sqa
 # the paper profile reads real data, not the embedded world
 WORLD := $(if $(filter paper,$(PROFILE)),,$(OUT)/world/summary.json)

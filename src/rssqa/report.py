@@ -64,7 +64,7 @@ def _bar(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: st
 
 def _copy_plots(stage_dir: Path, out_dir: Path, stage: str) -> list[Path]:
     copied = []
-    for png in sorted(stage_dir.glob("*.png")):
+    for png in sorted([*stage_dir.glob("*.png"), *stage_dir.glob("figures/*.png")]):
         dst = out_dir / f"{stage}_{png.name}"
         shutil.copyfile(png, dst)
         copied.append(dst)

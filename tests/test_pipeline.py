@@ -1,0 +1,36 @@
+"""The whole pipeline: ``make demo PROFILE=smoke`` into a scratch run root, then its report and summaries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_make_demo_smoke_end_to_end(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "RSSQA_RUN_GROUP": "pipeline-test"}
+    r = subprocess.run(
+        ["make", "--no-print-directory", "demo", "PROFILE=smoke", f"RUNS={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    root = tmp_path / "smoke"
+    summaries = {s: json.loads((root / s / "summary.json").read_text()) for s in
+                 ("world", "purify", "pretrain", "pretrain_raw", "sqed", "sqa")}  # fmt: skip
+    p = summaries["purify"]
+    assert p["n_in"] == p["n_kept"] + p["n_rewritten"] + p["n_dropped"] + p["n_bad"]
+    assert summaries["sqed"]["n_rows"] == summaries["sqed"]["n_images"] * 8
+    assert set(summaries["sqa"]["baselines"]) == {
+        "msp", "entropy", "margin", "atc", "image_only", "seg_only", "generic_clip", "no_gating"
+    }  # fmt: skip
+    report = (root / "report.md").read_text()
+    for section in ("Purification", "CLIP-RS", "RS-SQED", "RS-SQA against", "Method recommendation"):
+        assert section in report
+    # numbers come from the summaries, not typed by hand
+    assert f"{summaries['sqa']['test']['srcc']:.3f}" in report
+    assert json.loads((root / "report.json").read_text())["stages"] == list(summaries)
