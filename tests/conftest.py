@@ -12,10 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from rssqa.world import CorpusConfig, SourcesConfig, WorldConfig, generate_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# tests use tiny tensors: one thread avoids oversubscribing a small, shared CPU
+torch.set_num_threads(1)
 
 
 def tiny_world_config(seed: int = 0) -> WorldConfig:
