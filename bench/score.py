@@ -1,118 +1,116 @@
-"""Benchmark: ``rssqa recommend`` over the eight methods against running the eight segmenters alone.
+"""The price of quality assessment: ``rssqa recommend`` over eight methods against the eight segmenters alone.
 
-    python bench/score.py --scorer runs/smoke/sqa/scorer --source vaihingen --images 64
+Both contenders run in one process, interleaved, on the same images with the same batch size. The
+reference segments every image with every method (forward, softmax, argmax: what a user runs
+anyway); ``recommend`` does that through :meth:`Segmenter.describe` (statistics and pooled
+features), plus CLIP-RS once per image and the quality head per method, then ranks. The ratio of
+their times is the overhead (aim: at most 1.3x).
 
-Both sides run in one process on the same images with the same batch size: the baseline segments
-every image with every method (forward, softmax, argmax: what a user does anyway); the scorer does
-that too, plus CLIP-RS once per image, the per-method statistics and the quality head. The ratio is
-the price of quality assessment on top of segmentation (aim: at most 1.3x). Writes
-``runs/bench/score.json`` and ``runs/bench/score.md``.
+By default the models are untrained stand-ins of the demo profile's sizes (the eight methods at tiny
+size, ``rs-tiny`` CLIP, the demo head): a trained model costs the same. ``--scorer`` times a trained
+scorer folder on its own RS-SQED pool images instead.
+
+Usage: ``python -m bench.score --out runs/bench/score.json [--scorer runs/demo/sqa/scorer]``
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.common import median, time_runs, write_report
+from rssqa.scorer import Scorer
 
-def _images(scorer, source: str, n: int) -> np.ndarray:
-    """``n`` pool images of ``source`` from the RS-SQED the scorer was trained on (cycled if fewer)."""
-    ckpt = Path(scorer.folder) / scorer.config["checkpoints"][source][scorer.methods(source)[0]]
-    sqed = ckpt.parents[3]  # .../sqed/methods/<source>/<method>/final.ckpt
-    pool = np.load(sqed / "pool" / source / "images.npy", mmap_mode="r")
-    idx = np.arange(n) % len(pool)
-    return np.ascontiguousarray(pool[idx])
+TARGET = 1.3
+
+
+def stand_in(size: int, chunk: int) -> tuple[Scorer, str]:
+    """An untrained scorer with the demo profile's shapes (weights do not change the cost)."""
+    from rssqa.models.clip import create_clip
+    from rssqa.models.segmenters import build_segmenter, list_methods
+    from rssqa.models.sqa import RSSQA, segmentation_input_dims
+
+    torch.manual_seed(0)
+    segmenters = {m: build_segmenter(m, num_classes=6, grid=4, hist_bins=20).eval() for m in list_methods()}
+    clip, *_ = create_clip("rs-tiny")
+    layers = ("encoder", "decoder")
+    shapes = {m: s.feature_shapes(size) for m, s in segmenters.items()}
+    feat_dim = max(sum(sh[f"feat/{k}"][0] for k in layers) for sh in shapes.values())
+    cells, glob = segmentation_input_dims(layers, 20, 8)
+    head = RSSQA(128, 128, cells, glob, grid=4, width=64, hidden=64, methods=list(segmenters), feat_dim=feat_dim)
+    return Scorer.from_parts(head, clip, segmenters, layers, chunk=chunk, source="world"), "world"
+
+
+def pool_images(scorer: Scorer, source: str, n: int) -> np.ndarray:
+    """``n`` pool images of ``source`` from the RS-SQED a trained scorer was made from (cycled if fewer)."""
+    ckpt = scorer.folder / scorer.config["checkpoints"][source][scorer.methods(source)[0]]
+    pool = np.load(ckpt.parents[3] / "pool" / source / "images.npy", mmap_mode="r")  # sqed/methods/<s>/<m>/final.ckpt
+    return np.ascontiguousarray(pool[np.arange(n) % len(pool)])
 
 
 @torch.no_grad()
-def segment_alone(segmenters: list, images: np.ndarray, chunk: int) -> None:
-    """Every method segments every image (forward + softmax + argmax), in batches of ``chunk``."""
+def segment_alone(segmenters: list, images: np.ndarray, chunk: int) -> int:
+    """Every method segments every image (forward, softmax, argmax), ``chunk`` images at a time."""
     for start in range(0, len(images), chunk):
         x = torch.from_numpy(images[start : start + chunk]).permute(0, 3, 1, 2).float().div_(255.0)
         for seg in segmenters:
             seg(x).softmax(1).argmax(1)
+    return len(images)
 
 
-def _time(fn, repeats: int) -> list[float]:
-    fn()  # warm-up: lazy init, allocator, first-call dispatch
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="runs/bench/score.json")
+    ap.add_argument("--scorer", default=None, help="a trained scorer folder (default: untrained stand-ins)")
+    ap.add_argument("--source", default=None, help="with --scorer: whose methods (default: the first)")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--size", type=int, default=96, help="stand-in tile side in pixels (the demo profile's)")
+    ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.scorer:
+        scorer = Scorer.load(args.scorer, chunk=args.chunk)
+        source = args.source or scorer.sources[0]
+        images = pool_images(scorer, source, args.images)
+    else:
+        from rssqa.world import sample_scenes
 
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scorer", default="runs/smoke/sqa/scorer")
-    p.add_argument("--source", default=None, help="default: the scorer's first source")
-    p.add_argument("--images", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="runs/bench")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from rssqa.scorer import Scorer
-
-    scorer = Scorer.load(args.scorer)
-    source = args.source or scorer.sources[0]
+        scorer, source = stand_in(args.size, args.chunk)
+        images = sample_scenes(args.images, args.size, seed=0)[0]
     methods = scorer.methods(source)
-    images = _images(scorer, source, args.images)
     segmenters = [scorer.method(m, source).segmenter for m in methods]
-    chunk = scorer.chunk
-
-    seg_times = _time(lambda: segment_alone(segmenters, images, chunk), args.repeats)
-    rec_times = _time(lambda: scorer.recommend(list(images), methods, source), args.repeats)
-    t_seg, t_rec = statistics.median(seg_times), statistics.median(rec_times)
-    result = {
-        "scorer": str(args.scorer),
-        "source": source,
-        "methods": methods,
+    recommend = lambda: len(scorer.recommend(list(images), methods, source))  # noqa: E731
+    alone = lambda: segment_alone(segmenters, images, scorer.chunk)  # noqa: E731
+    recommend(), alone()  # warm-up: lazy initialisation, allocator
+    rates = time_runs({"segmenters_alone": alone, "recommend": recommend}, args.repeats)
+    med = {k: median(v) for k, v in rates.items()}
+    ratio = round(med["segmenters_alone"] / med["recommend"], 3)
+    results = {
+        "images_per_s": med,
+        "ratio": ratio,
+        "target": TARGET,
+        "meets_target": ratio <= TARGET,
         "n_images": len(images),
         "image_size": list(images.shape[1:3]),
-        "chunk": chunk,
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "segmenters_alone_s": t_seg,
-        "recommend_s": t_rec,
-        "ratio": t_rec / t_seg,
-        "segmenters_alone_images_per_s": len(images) / t_seg,
-        "recommend_images_per_s": len(images) / t_rec,
-        "all_times": {"segmenters_alone": seg_times, "recommend": rec_times},
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+        "methods": methods,
+        "chunk": scorer.chunk,
+        "scorer": args.scorer or "untrained stand-ins (demo shapes)",
+        "runs": rates,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "score.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = (
-        f"| what | seconds (median of {args.repeats}) | images/s |\n|---|---|---|\n"
-        + f"| 8 segmenters alone | {t_seg:.3f} | {len(images) / t_seg:.1f} |\n"
-        + f"| rssqa recommend (8 methods) | {t_rec:.3f} | {len(images) / t_rec:.1f} |\n"
-        + f"\nratio recommend / segmenters alone: **{t_rec / t_seg:.2f}x** "
-        + f"({len(images)} images of {images.shape[1]}x{images.shape[2]} px, {source}, chunk {chunk}, {args.threads} thread(s))\n"
+    write_report(
+        args.out,
+        f"rssqa recommend vs the {len(methods)} segmenters alone, {images.shape[1]} px, one core (median of {args.repeats})",
+        results,
+        [
+            ("segmenters alone", f"{med['segmenters_alone']:.1f} img/s", f"{len(methods)} methods: forward, softmax, argmax"),
+            ("rssqa recommend", f"{med['recommend']:.1f} img/s", "the same + statistics, CLIP-RS once per image, head, ranking"),
+            ("ratio", f"{ratio:.2f}x", f"time of recommend / segmenters alone (target <= {TARGET}x)"),
+        ],
     )
-    (out / "score.md").write_text(table)
-    print(table)
-    return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # noqa: BLE001 - one line for a benchmark run by make
-        from rssqa.errors import RSSQAError
-
-        if isinstance(e, RSSQAError):
-            sys.exit(f"error: {e}")
-        raise
+    main()

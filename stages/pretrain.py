@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from rssqa.data.corpus import CorpusDataModule
 from rssqa.errors import RSSQAError
+from rssqa.runs import resolve_under
 from rssqa.tasks.pretrain import PretrainTask, finish
 
 
@@ -78,7 +79,7 @@ class PretrainCLI(LightningCLI):
         if self.config.threads > 0:
             torch.set_num_threads(self.config.threads)
         root = self.config.data_root or str(Path(self.config.out).parent)
-        self.config.data.shards = resolve_shards(self.config.data.shards, root)
+        self.config.data.shards = resolve_under(self.config.data.shards, root)
         if self.config.dry_run:
             print(describe_plan(self.config))
             sys.exit(0)
@@ -101,17 +102,6 @@ class PretrainCLI(LightningCLI):
             kwargs["logger"] = loggers
         return super().instantiate_trainer(**kwargs)
 
-
-def resolve_shards(shards: str | list[str], root: str) -> str | list[str]:
-    """Relative shard paths are relative to ``root`` (``runs/<profile>``), so ``RUNS=`` moves all stages."""
-
-    def one(path: str) -> str:
-        path = str(path)
-        if os.path.isabs(path) or "://" in path or path.startswith("pipe:"):
-            return path
-        return str(Path(root) / path)
-
-    return [one(p) for p in shards] if isinstance(shards, list) else one(shards)
 
 
 def describe_plan(config) -> str:

@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from webdataset.shardlists import expand_urls
 
 from rssqa.errors import RSSQAError
-from rssqa.runs import is_done
+from rssqa.runs import is_done, resolve_under
 from rssqa.tasks.purify import Purify, PurifyTask
 
 # the fit Trainers share these settings with the prediction Trainer
@@ -46,22 +46,11 @@ class PurifyCLI(LightningCLI):
         if model.threads:
             torch.set_num_threads(model.threads)
         root = self.config.data_root or str(Path(self.config.out).parent)
-        model.input, model.trusted = resolve(model.input, root), resolve(model.trusted, root)
+        model.input, model.trusted = resolve_under(model.input, root), resolve_under(model.trusted, root)
         if self.config.dry_run:
             print(describe_plan(self.config))
             sys.exit(0)
 
-
-def resolve(spec: str | list[str], root: str) -> str | list[str]:
-    """Relative shard paths are relative to ``root`` (``runs/<profile>``), so ``RUNS=`` moves all stages."""
-
-    def one(path: str) -> str:
-        path = str(path)
-        if os.path.isabs(path) or "://" in path or path.startswith("pipe:"):
-            return path
-        return str(Path(root) / path)
-
-    return [one(p) for p in spec] if isinstance(spec, list) else one(spec)
 
 
 def describe_plan(config) -> str:

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from rssqa.errors import RSSQAError
-from rssqa.launch import STAGES, main, render
+from rssqa.launch import SINGLE_PROCESS, STAGES, main, render
 from tests.conftest import ROOT
 
 COMMANDS = {
@@ -21,7 +21,7 @@ COMMANDS = {
 
 
 @pytest.mark.parametrize("launcher", ["slurm", "torchrun"])
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", [s for s in STAGES if s not in SINGLE_PROCESS])
 def test_every_template_renders(stage, launcher):
     text = render(stage, COMMANDS[stage].split(), "paper", nodes=4, gpus=8, launcher=launcher)
     assert "world size 32" in text
@@ -32,6 +32,14 @@ def test_every_template_renders(stage, launcher):
     else:
         assert "--nnodes=4 --nproc-per-node=8" in text
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0  # valid shell
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "torchrun"])
+def test_single_process_stage_renders_for_one_device_and_refuses_more(launcher):
+    text = render("sqed", COMMANDS["sqed"].split(), "paper", nodes=1, gpus=1, launcher=launcher)
+    assert "world size 1" in text and COMMANDS["sqed"] in text and "--trainer." not in text
+    with pytest.raises(RSSQAError, match="runs as one process"):
+        render("sqed", COMMANDS["sqed"].split(), "paper", nodes=2, gpus=8, launcher=launcher)
 
 
 def test_bad_launches_are_one_line_errors(capsys):

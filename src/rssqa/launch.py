@@ -22,6 +22,8 @@ from string import Template
 from rssqa.errors import RSSQAError
 
 STAGES = ("purify", "pretrain", "pretrain_raw", "sqed", "sqa")
+# sqed trains its methods one after another in one process; it takes no trainer arguments yet
+SINGLE_PROCESS = ("sqed",)
 LAUNCHERS = {"slurm": "slurm.sbatch", "torchrun": "torchrun.sh"}
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,12 +67,15 @@ def render(
         raise RSSQAError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
     if nodes < 1 or gpus < 1:
         raise RSSQAError(f"nodes and gpus must be >= 1 (got nodes={nodes}, gpus={gpus})")
+    if stage in SINGLE_PROCESS and nodes * gpus > 1:
+        raise RSSQAError(f"stage {stage!r} runs as one process; launch it with NODES=1 GPUS=1")
     if not command or not command[0].endswith(".py"):
         raise RSSQAError(f"launch {stage}: give the stage's command after '--' (got {' '.join(command)!r})")
     for flag, value in zip(command, command[1:], strict=False):
         if flag == "--config" and not (ROOT / value).is_file():
             raise RSSQAError(f"{value}: no such config for stage {stage!r} and profile {profile!r}")
-    command = [*command, *distributed_args(nodes, gpus)]
+    if stage not in SINGLE_PROCESS:
+        command = [*command, *distributed_args(nodes, gpus)]
     template = Template((ROOT / "conf" / "cluster" / LAUNCHERS[launcher]).read_text())
     return template.substitute(
         STAGE=stage,

@@ -65,6 +65,22 @@ def is_done(folder: str | os.PathLike) -> bool:
     return (Path(folder) / SUMMARY).is_file()
 
 
+def resolve_under(spec: str | list[str], root: str | os.PathLike) -> str | list[str]:
+    """Make relative paths in ``spec`` (a path, a shard pattern or a list of them) relative to ``root``.
+
+    Stage configs name their inputs relative to ``runs/<profile>``, so ``RUNS=`` moves all stages
+    together; absolute paths and URLs (``pipe:``, ``s3://`` ...) are left as they are.
+    """
+
+    def one(path: str) -> str:
+        path = str(path)
+        if os.path.isabs(path) or "://" in path or path.startswith("pipe:"):
+            return path
+        return str(Path(root) / path)
+
+    return [one(p) for p in spec] if isinstance(spec, list) else one(spec)
+
+
 def _jsonable(x: Any) -> Any:
     # numpy and torch scalars / arrays, Paths
     if hasattr(x, "tolist"):

@@ -167,6 +167,29 @@ class Scorer:
             )
         return cls(model, clip_model, config, folder, chunk)
 
+    @classmethod
+    def from_parts(
+        cls,
+        model: RSSQA,
+        clip: torch.nn.Module,
+        segmenters: dict[str, Segmenter],
+        layers: Sequence[str] = ("encoder", "decoder"),
+        max_classes: int = 8,
+        chunk: int = 16,
+        source: str = "custom",
+    ) -> Scorer:
+        """A scorer from models in memory (no folder): ``segmenters`` become the methods of ``source``."""
+        seg = next(iter(segmenters.values()))
+        config = {
+            "format": FORMAT, "layers": list(layers), "max_classes": max_classes, "grid": seg.grid,
+            "hist_bins": seg.hist_bins, "chunk": chunk, "checkpoints": {source: dict.fromkeys(segmenters, "")},
+        }  # fmt: skip
+        scorer = cls(model, clip, config, Path("."), chunk)
+        for name, s in segmenters.items():
+            idx = int(model.method_index([name])[0])
+            scorer._methods[(source, name)] = _Method(name, s.eval(), idx, model.method_weight.shape[1] if idx >= 0 else 0)
+        return scorer
+
     @property
     def sources(self) -> list[str]:
         """Sources with registered method checkpoints."""

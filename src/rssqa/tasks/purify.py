@@ -542,7 +542,17 @@ class PurifyTask(L.LightningModule):
         tokens = self.tokenizer(list(texts)).to(self.device)
         return F.normalize(self.filter.encode_text(tokens).float(), dim=-1)
 
+    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict[str, Any]:
+        # only the pixel tensors go to the device; Lightning's generic transfer would walk every byte of
+        # the encoded images (bytes are sequences), which cost more than the models on a CPU
+        out = dict(batch)
+        for k in ("pixels", "cap_pixels"):
+            if isinstance(out[k], torch.Tensor):
+                out[k] = out[k].to(device, non_blocking=True)
+        return out
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
+        """Score a shard-aligned batch; caption and decide when a threshold is set (see the class doc)."""
         t0 = time.perf_counter()
         n = len(batch["key"])
         out: dict[str, Any] = {"score": [], "decision": [], "generated": [], "gen_score": [], "gen_rule": []}
@@ -589,7 +599,16 @@ class _ShardBuffer(BasePredictionWriter):
         self.buffers: dict[int, list[tuple[dict, dict]]] = {}
         self.samples = 0
         self.compute_s = 0.0
+        self.wall_s = 0.0
         self.rank = 0
+        self._t0 = 0.0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        # timed from here: a pass's wall time leaves out process launch and setup, not data loading
+        self._t0 = time.perf_counter()
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self.wall_s = time.perf_counter() - self._t0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self.rank = trainer.global_rank
@@ -891,12 +910,10 @@ class Purify:
         """
         folder.mkdir(parents=True, exist_ok=True)
         data = PendingShards(self.inputs, folder, prep, self.cfg.batch_size, self.cfg.num_workers)
-        t0 = time.perf_counter()
         self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, _ShardBuffer)] + [writer]
         self.trainer.predict(predictor, datamodule=data, return_predictions=False)
-        wall = time.perf_counter() - t0
         self.barrier(f"pass-{folder}")
-        return {"samples": writer.samples, "wall_s": wall, "compute_s": writer.compute_s}
+        return {"samples": writer.samples, "wall_s": writer.wall_s, "compute_s": writer.compute_s}
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
@@ -962,9 +979,11 @@ class Purify:
         if self.rank == 0:
             final = rounds[-1]
             summary = {k: final[k] for k in ("n_in", "n_kept", "n_rewritten", "n_dropped", "n_bad")}
-            # speed of this invocation's prediction passes (a resumed run counts what it processed)
+            # speed of this invocation's prediction passes, from loop start to end on each rank (not process
+            # launch, model loading or fits); a resumed run counts what it processed
             summary["samples_per_s"] = round(samples / wall_s, 2) if wall_s > 0 else None
             summary["model_compute_share"] = share
+            summary["per_rank"] = self.per_rank  # prediction passes of this invocation
             summary.update({k: final[k] for k in ("threshold", "rules", "generated_rules")})
             summary["rounds"] = rounds
             summary["world_size"] = self.trainer.world_size
@@ -989,6 +1008,7 @@ class Purify:
             t = self.trainer.strategy.all_gather(t).reshape(-1, 3)
         t = t.reshape(-1, 3)
         share = (t[:, 2] / t[:, 1].clamp_min(1e-9)).mean() if float(t[:, 1].min()) > 0 else None
+        self.per_rank = [{"samples": int(r[0]), "wall_s": round(float(r[1]), 2), "compute_s": round(float(r[2]), 2)} for r in t]
         return float(t[:, 0].sum()), float(t[:, 1].max()), None if share is None else round(float(share), 4)
 
 
