@@ -41,7 +41,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -834,6 +834,7 @@ class Purify:
             logger=self._loggers(),
             enable_checkpointing=False,
             enable_model_summary=False,
+            enable_progress_bar=False,
             log_every_n_steps=max(1, min(50, steps // 10)),
             use_distributed_sampler=False,
         )
@@ -860,7 +861,7 @@ class Purify:
                 steps = self.cfg.bootstrap_steps
             t0 = time.perf_counter()
             if fit_urls is not None:
-                fit = PairFit(model, spec.fit, name=f"round{r}/{role}")
+                fit = PairFit(model, replace(spec.fit, steps=steps), name=f"round{r}/{role}")  # schedule over `steps`
                 # the captioner learns to write whole captions: no phrase dropout for it
                 drop = None if role == "filter" else 0.0
                 loader = pair_loader(fit_urls, pre_train, tok, spec.fit, seed=self.cfg.seed + 7919 * r, phrase_dropout=drop)
