@@ -26,15 +26,6 @@ from rssqa.models.clip import (
 TEXTS = ["an aerial image of a forest", "a suburban neighbourhood with houses and roads", "", "water"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning threads per process slow everyone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -30,15 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning threads per process slow everyone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return write_fixture_shards(tmp_path_factory.mktemp("shards") / "corpus", bad=True)
