@@ -79,16 +79,22 @@ $(OUT)/pretrain/summary.json: conf/$(PROFILE)/pretrain.yaml $(OUT)/purify/summar
 	$(PY) $(CMD_pretrain)
 $(OUT)/sqed/summary.json: conf/$(PROFILE)/sqed.yaml $(WORLD) | $(STAMP)
 	$(PY) $(CMD_sqed)
-$(OUT)/sqa/summary.json: conf/$(PROFILE)/sqa.yaml $(OUT)/sqed/summary.json $(OUT)/pretrain/summary.json $(OUT)/pretrain_raw/summary.json | $(STAMP)
+# prerequisites in this order: with JOBS=2 the raw CLIP runs beside purify, then RS-SQED beside the CLIP-RS
+$(OUT)/sqa/summary.json: conf/$(PROFILE)/sqa.yaml $(OUT)/pretrain_raw/summary.json $(OUT)/pretrain/summary.json $(OUT)/sqed/summary.json | $(STAMP)
 	$(PY) $(CMD_sqa)
 
 report: | $(STAMP) ## runs/<profile>/report.md from whatever stages have finished
 	$(PY) -m rssqa.report --runs $(RUNS) --profile $(PROFILE)
 
-demo: setup ## the whole pipeline on the embedded world, then the report (PROFILE=demo unless given)
+# stages that do not depend on each other run side by side (RS-SQED beside purify, then the raw CLIP):
+# one-thread stages, so JOBS=2 keeps two cores busy; JOBS=1 runs one stage at a time
+JOBS ?= 2
+demo: setup ## the whole pipeline on the embedded world, then the report (PROFILE=demo unless given; JOBS=2)
 	@export RSSQA_RUN_GROUP=$${RSSQA_RUN_GROUP:-$(DEMO_PROFILE)-$$(date +%Y%m%d-%H%M%S)}; \
-	$(MAKE) --no-print-directory sqa PROFILE=$(DEMO_PROFILE) && \
-	$(MAKE) --no-print-directory report PROFILE=$(DEMO_PROFILE)
+	start=$$(date +%s); \
+	$(MAKE) --no-print-directory -j$(JOBS) sqa PROFILE=$(DEMO_PROFILE) && \
+	$(MAKE) --no-print-directory report PROFILE=$(DEMO_PROFILE) && \
+	echo "demo ($(DEMO_PROFILE)) done in $$(( $$(date +%s) - start )) s: $(RUNS)/$(DEMO_PROFILE)/report.md"
 
 BENCHES := world shards purify pretrain sqed score
 bench: setup ## every benchmark, each against its reference in the same run; JSON + tables under runs/bench/

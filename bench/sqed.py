@@ -27,8 +27,8 @@ from rssqa.tasks.sqed import (
     TrainConfig,
     label_method,
     prepare_source,
-    quiet_lightning,
 )
+from rssqa.tracking import quiet_lightning
 from rssqa.world import SourcesConfig
 from rssqa.world.export import export_sources
 

@@ -23,12 +23,13 @@ import open_clip
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from rssqa.data.corpus import CorpusDataModule
 from rssqa.errors import RSSQAError
+from rssqa.progress import ProgressLog
 from rssqa.runs import resolve_under
 from rssqa.tasks.pretrain import PretrainTask, finish
+from rssqa.tracking import make_loggers, publish, quiet_lightning
 
 
 class PretrainCLI(LightningCLI):
@@ -92,16 +93,11 @@ class PretrainCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         if self.config.trainer.logger in (None, True):
-            out = Path(self.config.out)
-            loggers = [CSVLogger(out, name="logs")]
-            if self.config.wandb:
-                offline = os.environ.get("WANDB_MODE", "offline") != "online"
-                loggers.append(
-                    WandbLogger(save_dir=str(out), project="rssqa", name=str(out), offline=offline)
-                )
-            kwargs["logger"] = loggers
+            # CSV in <out>/logs/version_<n> (one per invocation), W&B in the pipeline run's group
+            kwargs["logger"] = make_loggers(self.config.out, "pretrain", wandb=self.config.wandb, csv_version=None)
+        if not self.config.trainer.enable_progress_bar:  # a progress line every few seconds instead of a bar
+            kwargs["callbacks"] = [*(self.config_init.trainer.callbacks or []), ProgressLog(Path(self.config.out).name)]
         return super().instantiate_trainer(**kwargs)
-
 
 
 def describe_plan(config) -> str:
@@ -150,8 +146,7 @@ def resolve_resume(resume: str, out: Path) -> str | None:
 
 
 def main(args: list[str] | None = None) -> dict:
-    # the stream splits its work across workers itself, which is what this warning asks for
-    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
+    quiet_lightning()  # (the stream splits its work across workers itself, as one silenced warning asks)
     cli = PretrainCLI(
         PretrainTask,
         CorpusDataModule,
@@ -181,6 +176,7 @@ def main(args: list[str] | None = None) -> dict:
         print("\n".join(f"{k:>22}  {summary[k]}" for k in keys))
         if "compare" in summary:
             print(f"{'compare':>22}  {summary['compare']}")
+        publish(cli.trainer.loggers, "pretrain", summary)
     return summary
 
 

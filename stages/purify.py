@@ -27,6 +27,7 @@ from webdataset.shardlists import expand_urls
 from rssqa.errors import RSSQAError
 from rssqa.runs import is_done, resolve_under
 from rssqa.tasks.purify import Purify, PurifyTask
+from rssqa.tracking import quiet_lightning
 
 # the fit Trainers share these settings with the prediction Trainer
 SHARED = ("accelerator", "devices", "num_nodes", "strategy", "precision")
@@ -81,6 +82,7 @@ def describe_plan(config) -> str:
 def main(args: list[str] | None = None) -> dict | None:
     """Parse the config, validate it (before any work) and run the stage unless it is done."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    quiet_lightning()
     cli = PurifyCLI(
         PurifyTask,
         run=False,

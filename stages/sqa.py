@@ -18,11 +18,12 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from rssqa.errors import RSSQAError
+from rssqa.progress import ProgressLog
 from rssqa.runs import is_done
 from rssqa.tasks.sqa import ABLATIONS, SQADataModule, SQATask, run_sqa
+from rssqa.tracking import finish_runs, make_loggers, publish, quiet_lightning
 
 
 class SQACLI(LightningCLI):
@@ -41,18 +42,17 @@ class SQACLI(LightningCLI):
     def make_trainer(self, run: str) -> Trainer:
         """A fresh Trainer for ``run``: CSV (+ W&B) logs and a checkpoint of the best validation SRCC."""
         out = Path(self.config.out)
-        loggers = [CSVLogger(out, name="logs", version=run)]
-        if self.config.wandb:
-            offline = os.environ.get("WANDB_MODE", "offline") != "online"
-            loggers.append(WandbLogger(save_dir=str(out), project="rssqa", name=f"sqa-{run}", offline=offline))
+        loggers = make_loggers(out, "sqa", name=f"sqa/{run}", wandb=self.config.wandb, csv_version=run)
         ckpt = ModelCheckpoint(
             dirpath=out / "checkpoints" / run, filename="best", monitor="val_srcc", mode="max", save_top_k=1,
             enable_version_counter=False,
         )
-        return self.instantiate_trainer(logger=loggers, callbacks=[ckpt])
+        progress = [] if self.config.trainer.enable_progress_bar else [ProgressLog(f"sqa/{run}", every_s=30)]
+        return self.instantiate_trainer(logger=loggers, callbacks=[ckpt, *progress])
 
 
 def main(args: list[str] | None = None) -> dict | None:
+    quiet_lightning()
     cli = SQACLI(
         SQATask, SQADataModule, run=False, args=args, seed_everything_default=0, save_config_kwargs={"overwrite": True}
     )
@@ -67,8 +67,21 @@ def main(args: list[str] | None = None) -> dict | None:
         summary = run_sqa(cli.model, cli.datamodule, trainers, out, cli.config.ablations, cli.config.seed_everything)
     finally:
         trainers.close()
+    if cli.config.wandb:  # one more run in the group: the comparison, the recommendation and the figures
+        publish(make_loggers(out, "sqa", name="sqa", csv=False), "sqa", summary, tables=comparison_tables(summary),
+                images={p.stem: p for p in sorted((out / "figures").glob("*.png"))})  # fmt: skip
     print_summary(summary)
     return summary
+
+
+def comparison_tables(s: dict) -> dict[str, tuple[list[str], list[list]]]:
+    """The summary's comparison (RS-SQA, baselines, ablations) and recommendation as W&B tables."""
+    metrics = ["srcc", "plcc", "krcc", "rmse"]
+    rows = [["rs_sqa", *(s["test"][k] for k in metrics)]]
+    rows += [[name, *(m[k] for k in metrics)] for name, m in s["baselines"].items() if m]
+    rec = [["rs_sqa", s["recommend"]["top1"], s["recommend"]["regret"], s["recommend"]["chosen_oa"]]]
+    rec += [[name, m["top1"], m["regret"], m["chosen_oa"]] for name, m in s["recommend_baselines"].items()]
+    return {"comparison": (["model", *metrics], rows), "recommend": (["model", "top1", "regret", "chosen_oa"], rec)}
 
 
 class OneRunAtATime:
@@ -85,9 +98,7 @@ class OneRunAtATime:
 
     def close(self) -> None:
         if self.current is not None:
-            for lg in self.current.loggers:
-                if isinstance(lg, WandbLogger) and lg._experiment is not None:
-                    lg.experiment.finish()
+            finish_runs(self.current.loggers)
         self.current = None
 
 

@@ -2,6 +2,15 @@
 
 Relative source roots in the config resolve against ``--data_root`` (default: the parent of
 ``--out``, i.e. ``runs/<profile>``), so ``RUNS=`` moves the world and RS-SQED together.
+
+On many ranks, the same command: ``make sqed NODES=2 GPUS=8`` starts it 16 times (srun or torchrun,
+see ``rssqa.launch``) and each process takes its rank from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
+(else ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``). Each rank trains and labels its share of the
+(source, method) units on its own GPU and prints what it did; the other ranks then exit, and rank 0
+waits for their units (at most ``--wait_s`` without one finishing) and writes the table and the
+summary, equal to a one-process run's. A rerun or a requeued job reuses every finished unit.
+By hand, on one machine: ``RANK=0 WORLD_SIZE=2 python stages/sqed.py ... & RANK=1 WORLD_SIZE=2 python
+stages/sqed.py ...``.
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ from jsonargparse import CLI
 
 from rssqa.errors import RSSQAError
 from rssqa.runs import is_done, read_summary
-from rssqa.tasks.sqed import SQEDConfig, build_sqed, plan_sqed, quiet_lightning
+from rssqa.tasks.sqed import Ranks, SQEDConfig, build_sqed, plan_sqed
+from rssqa.tracking import quiet_lightning
 
 
 def main(
@@ -24,6 +34,7 @@ def main(
     data_root: str | None = None,
     force: bool = False,
     dry_run: bool = False,
+    wait_s: float = 86400.0,
 ) -> None:
     """Train the methods, label the pool, write the table, the label shards and the summary.
 
@@ -34,17 +45,34 @@ def main(
         force: build again even when out holds a summary of the same configuration (checkpoints
             and label shards that still match are reused either way).
         dry_run: check the configuration and print the plan; read no data, train nothing.
+        wait_s: on many ranks, how long rank 0 waits for the other ranks without any of their units
+            finishing before it stops with an error naming the missing units.
     """
     if dry_run:
         print(json.dumps(plan_sqed(sqed, data_root or os.path.dirname(os.path.abspath(out))), indent=2))
         return
+    ranks = Ranks.from_env()
+    if ranks.world_size > 1:  # flushed now: a launch that started too few ranks shows at once
+        print(f"sqed: rank {ranks.rank} of {ranks.world_size}, local rank {ranks.local_rank}", flush=True)
     if is_done(out) and not force:
         if read_summary(out).get("config") == json.loads(json.dumps(asdict(sqed))):
             print(f"{out}: already built with this configuration; pass --force to build again")
             return
         print(f"{out}: built with another configuration; building again (matching parts are reused)")
     quiet_lightning()
-    s = build_sqed(sqed, out, data_root)
+    s = build_sqed(sqed, out, data_root, ranks=ranks, wait_s=wait_s)
+    if ranks.world_size > 1:
+        for unit, done in s["units"].items():
+            print(
+                f"  rank {ranks.rank}: {unit} {'trained' if done['trained'] else 'reused its checkpoint'}, "
+                f"{'labelled' if done['labelled'] else 'reused its label shard'}"
+            )
+    if ranks.rank:  # s is this rank's report; rank 0's is the summary
+        print(
+            f"sqed rank {ranks.rank}/{ranks.world_size} -> {out}: {len(s['units'])} units, trained "
+            f"{s['trained']}, labelled {s['labelled']}, {s['seconds']} s; rank 0 writes the table"
+        )
+        return
     print(
         f"sqed -> {out}: {s['n_images']} images x {s['n_methods']} methods = {s['n_rows']} rows, "
         f"OA {s['oa_mean']:.3f} +- {s['oa_std']:.3f}, best method {s['best_method']} on "

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from rssqa.wandb_offline import read_offline_run
 from tests.conftest import ROOT
 
 
@@ -34,3 +35,21 @@ def test_make_demo_smoke_end_to_end(tmp_path):
     # numbers come from the summaries, not typed by hand
     assert f"{summaries['sqa']['test']['srcc']:.3f}" in report
     assert json.loads((root / "report.json").read_text())["stages"] == list(summaries)
+
+    # W&B: every stage of the run is an offline run in one group, holding its key figures
+    key = {"purify": ("purify", ["n_in", "noise_f1"]), "pretrain": ("pretrain", ["zeroshot_top1", "retrieval_mean_recall"]),
+           "pretrain_raw": ("pretrain", ["zeroshot_top1", "retrieval_mean_recall"]),
+           "sqed": ("sqed", ["oa_mean", "best_method_share"]), "sqa": ("sqa", ["test/srcc", "recommend/top1"])}  # fmt: skip
+    for folder, (stage, metrics) in key.items():
+        run = read_offline_run(root / folder / "wandb")  # the latest run: for sqa, the comparison's
+        assert (run["project"], run["group"], run["job_type"], run["name"]) == ("rssqa", "pipeline-test", stage, folder)
+        for m in metrics:
+            expected = summaries[folder]
+            for part in m.split("/"):
+                expected = expected[part]
+            assert run["summary"][f"{stage}/{m}"] == pytest.approx(expected), (folder, m)
+    assert run["summary"]["sqa/baselines/msp/srcc"] == pytest.approx(summaries["sqa"]["baselines"]["msp"]["srcc"])
+    report_run = read_offline_run(root / "report_plots" / "wandb")
+    assert (report_run["group"], report_run["name"]) == ("pipeline-test", "report")
+    assert report_run["summary"]["report/sqa_comparison/_type"] == "table-file"
+    assert report_run["summary"]["report/figures/sqa_scatter_test/_type"] == "images/separated"

@@ -2,7 +2,8 @@
 # rssqa ${STAGE} (profile ${PROFILE}): ${NODES} node(s) x ${GPUS} GPU(s) = world size ${WORLD_SIZE}
 # Rendered by `make ${STAGE} PROFILE=${PROFILE} NODES=${NODES} GPUS=${GPUS} LAUNCHER=torchrun`.
 # Run it on every node with NODE_RANK (0 .. ${NODES_MINUS_ONE}) and MASTER_ADDR (node 0's address) set;
-# Lightning reads the ranks from torchrun's environment. A restarted job resumes from its checkpoints.
+# Lightning (and sqed, which shares out its units by rank) reads the ranks from torchrun's environment.
+# A restarted job resumes from its checkpoints.
 set -euo pipefail
 cd ${PROJECT_DIR}
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE} RSSQA_RUN_GROUP=${RUN_GROUP} TOKENIZERS_PARALLELISM=false

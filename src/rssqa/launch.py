@@ -1,8 +1,10 @@
 """Render (and submit) the cluster launch of a stage: SLURM ``sbatch`` + ``srun``, or ``torchrun``.
 
-The launched command is the stage's own local command line with the trainer told the nodes and
-devices: the same code path as a local run. ``--dry-run`` prints the script instead of
-submitting it.
+The launched command is the stage's own local command line, run as one task per GPU (``nodes x gpus``
+tasks): the same code path as a local run. Stages that train one model with DDP get the trainer told
+the nodes and devices; sqed, whose ranks share out independent (source, method) units, takes the line
+as it is and each task reads its rank from srun's or torchrun's environment. ``--dry-run`` prints the
+script instead of submitting it.
 
 Usage: ``python -m rssqa.launch pretrain --profile paper --nodes 4 --gpus 8 --dry-run -- stages/pretrain.py
 --config conf/paper/pretrain.yaml --out runs/paper/pretrain`` (the Makefile does this for ``NODES=``).
@@ -22,8 +24,9 @@ from string import Template
 from rssqa.errors import RSSQAError
 
 STAGES = ("purify", "pretrain", "pretrain_raw", "sqed", "sqa")
-# sqed trains its methods one after another in one process; it takes no trainer arguments yet
-SINGLE_PROCESS = ("sqed",)
+# stages whose ranks share out independent units, each rank reading its rank from the launcher's
+# environment (RANK/WORLD_SIZE/LOCAL_RANK or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID): no trainer arguments
+UNIT_PARALLEL = ("sqed",)
 LAUNCHERS = {"slurm": "slurm.sbatch", "torchrun": "torchrun.sh"}
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +59,7 @@ def render(
     Args:
         stage: the stage's name.
         command: the stage's local command line (entry point and arguments), as the Makefile runs it;
-            the nodes and devices are appended.
+            the nodes and devices are appended (not for the stages of :data:`UNIT_PARALLEL`).
 
     Raises:
         RSSQAError: unknown stage or launcher, missing config, or a non-positive node or GPU count.
@@ -67,14 +70,12 @@ def render(
         raise RSSQAError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
     if nodes < 1 or gpus < 1:
         raise RSSQAError(f"nodes and gpus must be >= 1 (got nodes={nodes}, gpus={gpus})")
-    if stage in SINGLE_PROCESS and nodes * gpus > 1:
-        raise RSSQAError(f"stage {stage!r} runs as one process; launch it with NODES=1 GPUS=1")
     if not command or not command[0].endswith(".py"):
         raise RSSQAError(f"launch {stage}: give the stage's command after '--' (got {' '.join(command)!r})")
     for flag, value in zip(command, command[1:], strict=False):
         if flag == "--config" and not (ROOT / value).is_file():
             raise RSSQAError(f"{value}: no such config for stage {stage!r} and profile {profile!r}")
-    if stage not in SINGLE_PROCESS:
+    if stage not in UNIT_PARALLEL:
         command = [*command, *distributed_args(nodes, gpus)]
     template = Template((ROOT / "conf" / "cluster" / LAUNCHERS[launcher]).read_text())
     return template.substitute(

@@ -60,6 +60,36 @@ def pairwise_rank_loss(
     return F.softplus(-scale * diff[better]).mean()
 
 
+def listwise_loss(pred: torch.Tensor, target: torch.Tensor, groups: torch.Tensor, temperature: float = 0.02, scale: float = 20.0) -> torch.Tensor:
+    """ListNet loss within groups (the methods of one image): cross-entropy between the softmax of the
+    true OA (``OA / temperature``) and the softmax of the scores (``scale * score``), averaged over groups
+    of two or more rows. It asks for the right order of an image's methods, the best first, which is
+    what a recommendation needs; a score offset shared by the image does not matter to it.
+
+    Args:
+        pred: ``N`` predicted scores.
+        target: ``N`` true OA.
+        groups: ``N`` integer group ids.
+        temperature: OA difference that makes a method about e times as likely the best.
+        scale: sharpness of the predicted distribution, in inverse score units.
+    """
+    ids, inv = torch.unique(groups, return_inverse=True)
+    n_groups = len(ids)
+    counts = torch.zeros(n_groups, device=pred.device).index_add_(0, inv, torch.ones_like(pred))
+    if not bool((counts > 1).any()):
+        return pred.sum() * 0.0
+
+    def log_softmax_in_groups(x: torch.Tensor) -> torch.Tensor:
+        top = torch.full((n_groups,), -torch.inf, device=x.device, dtype=x.dtype).scatter_reduce(0, inv, x, "amax")
+        e = torch.exp(x - top[inv])
+        return x - top[inv] - torch.log(torch.zeros(n_groups, device=x.device, dtype=x.dtype).index_add_(0, inv, e))[inv]
+
+    p_true = torch.exp(log_softmax_in_groups(target.to(pred.dtype) / temperature))
+    ce = -(p_true * log_softmax_in_groups(scale * pred))
+    per_group = torch.zeros(n_groups, device=pred.device, dtype=pred.dtype).index_add_(0, inv, ce)
+    return per_group[counts > 1].mean()
+
+
 class SQALoss(nn.Module):
     """Weighted sum of MSE to OA, PLCC and pairwise ranking terms.
 
@@ -70,6 +100,8 @@ class SQALoss(nn.Module):
         rank_same_image: rank only methods of the same image against each other.
         rank_min_gap: OA gap below which a pair is not used for ranking.
         rank_scale: sharpness of the ranking term.
+        w_list: weight of :func:`listwise_loss` over the methods of each image (0: off).
+        list_temperature: OA temperature of the listwise target.
     """
 
     def __init__(
@@ -80,11 +112,16 @@ class SQALoss(nn.Module):
         rank_same_image: bool = False,
         rank_min_gap: float = 0.0,
         rank_scale: float = 20.0,
+        w_list: float = 0.0,
+        list_temperature: float = 0.02,
     ):
         super().__init__()
-        if min(w_mse, w_plcc, w_rank) < 0 or w_mse + w_plcc + w_rank == 0:
+        if min(w_mse, w_plcc, w_rank, w_list) < 0 or w_mse + w_plcc + w_rank + w_list == 0:
             raise RSSQAError("sqa.loss: weights must be >= 0 and not all 0")
+        if list_temperature <= 0:
+            raise RSSQAError(f"sqa.loss: list_temperature must be > 0, got {list_temperature}")
         self.w_mse, self.w_plcc, self.w_rank = w_mse, w_plcc, w_rank
+        self.w_list, self.list_temperature = w_list, list_temperature
         self.rank_same_image, self.rank_min_gap, self.rank_scale = rank_same_image, rank_min_gap, rank_scale
 
     def forward(
@@ -93,7 +130,7 @@ class SQALoss(nn.Module):
         """Loss terms for ``N`` predictions and targets; ``image_idx`` ``N`` for same-image ranking.
 
         Returns:
-            ``{"loss", "mse", "plcc", "rank"}`` (terms unweighted, ``loss`` weighted).
+            ``{"loss", "mse", "plcc", "rank", "list"}`` (terms unweighted, ``loss`` weighted).
         """
         zero = pred.sum() * 0.0
         terms = {
@@ -109,5 +146,12 @@ class SQALoss(nn.Module):
             if self.w_rank
             else zero,
         }
-        terms["loss"] = self.w_mse * terms["mse"] + self.w_plcc * terms["plcc"] + self.w_rank * terms["rank"]
+        terms["list"] = (
+            listwise_loss(pred, target, image_idx, self.list_temperature, self.rank_scale)
+            if self.w_list and image_idx is not None
+            else zero
+        )
+        terms["loss"] = (
+            self.w_mse * terms["mse"] + self.w_plcc * terms["plcc"] + self.w_rank * terms["rank"] + self.w_list * terms["list"]
+        )
         return terms

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rssqa.runs import atomic_write_bytes, atomic_write_json, is_done, read_summary
+from rssqa.tracking import make_loggers, publish
 
 STAGES = ("world", "purify", "pretrain", "pretrain_raw", "sqed", "sqa")
 METRICS = ("srcc", "plcc", "krcc", "rmse")
@@ -89,8 +90,11 @@ def _benchmarks(bench_dir: Path) -> list[list[Any]]:
     return rows
 
 
-def build_report(runs: str | Path, profile: str) -> Path:
-    """Write ``runs/<profile>/report.md``, ``report.json`` and ``report_plots/``; return the markdown path."""
+def build_report(runs: str | Path, profile: str, wandb: bool = True) -> Path:
+    """Write ``runs/<profile>/report.md``, ``report.json`` and ``report_plots/``; return the markdown path.
+
+    With ``wandb``, its tables and plots also go to a W&B run named ``report`` (see :mod:`rssqa.tracking`).
+    """
     root = Path(runs) / profile
     s = load_summaries(root)
     plots = root / "report_plots"
@@ -98,24 +102,32 @@ def build_report(runs: str | Path, profile: str) -> Path:
     md: list[str] = [f"# rssqa report: profile `{profile}`\n", f"Stages finished: {', '.join(s) or 'none'}.\n"]
     data: dict[str, Any] = {"profile": profile, "stages": list(s)}
 
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = {}  # every table and plot also goes to W&B
+    images: dict[str, Path] = {}
+
     def img(path: Path, alt: str) -> str:
+        images[f"figures/{path.stem}"] = path
         return f"![{alt}]({path.relative_to(root).as_posix()})\n"
+
+    def table(key: str, header: list[str], rows: list[list[Any]]) -> str:
+        tables[key] = (header, rows)
+        return _table(header, rows)
 
     if "world" in s:
         w = s["world"]
         md.append("## The embedded world\n")
         rows = [[tier, v["n"], v.get("noise/clean", 0), v["n"] - v.get("noise/clean", 0)] for tier, v in w["corpus"].items()]
-        md.append(_table(["tier", "pairs", "clean captions", "noisy captions"], rows))
-        md.append(_table(["source", "layout", "tiles"], [[k, v["layout"], v["n_images"]] for k, v in w["sources"].items()]))
+        md.append(table("world_corpus", ["tier", "pairs", "clean captions", "noisy captions"], rows))
+        md.append(table("world_sources", ["source", "layout", "tiles"], [[k, v["layout"], v["n_images"]] for k, v in w["sources"].items()]))
         data["world"] = {"corpus": w["corpus"], "sources": {k: v["n_images"] for k, v in w["sources"].items()}}
 
     if "purify" in s:
         p = s["purify"]
         md.append("## Purification\n")
         keys = ["n_in", "n_kept", "n_rewritten", "n_dropped", "n_bad", "samples_per_s"]
-        md.append(_table(keys, [[p.get(k) for k in keys]]))
+        md.append(table("purify_counts", keys, [[p.get(k) for k in keys]]))
         if "noise_f1" in p:
-            md.append(_table(["noise precision", "noise recall", "noise F1"],
+            md.append(table("purify_noise", ["noise precision", "noise recall", "noise F1"],
                              [[p["noise_precision"], p["noise_recall"], p["noise_f1"]]]))  # fmt: skip
         counts = {k: float(p[k]) for k in ("n_kept", "n_rewritten", "n_dropped", "n_bad") if k in p}
         md.append(img(_bar(plots / "purify_counts.png", "purification decisions", {"pairs": counts}, "pairs"), "decisions"))
@@ -124,14 +136,14 @@ def build_report(runs: str | Path, profile: str) -> Path:
             cols = [c for c in ("caption", "original", "before", "after", "chosen", "score", "decision") if c in ex[0]]
             cols = cols or list(ex[0])[:4]
             md.append("Examples (before, after, score):\n\n")
-            md.append(_table(cols, [[str(e.get(c, ""))[:80] for c in cols] for e in ex]))
+            md.append(table("purify_examples", cols, [[str(e.get(c, ""))[:80] for c in cols] for e in ex]))
         data["purify"] = {k: p.get(k) for k in (*keys, "noise_precision", "noise_recall", "noise_f1")}
 
     if "pretrain" in s:
         md.append("## CLIP-RS: purified against raw corpus\n")
         runs_ = {name: s[name] for name in ("pretrain", "pretrain_raw") if name in s}
         keys = ["zeroshot_top1", "retrieval_mean_recall", "samples_seen", "samples_per_s", "world_size"]
-        md.append(_table(["model", *keys], [[n, *[v.get(k) for k in keys]] for n, v in runs_.items()]))
+        md.append(table("clip_purified_vs_raw", ["model", *keys], [[n, *[v.get(k) for k in keys]] for n, v in runs_.items()]))
         groups = {n: {k: float(v[k]) for k in keys[:2] if k in v} for n, v in runs_.items()}
         md.append(img(_bar(plots / "clip_purified_vs_raw.png", "CLIP-RS evaluation", groups, "score"), "clip"))
         data["pretrain"] = {n: {k: v.get(k) for k in keys} for n, v in runs_.items()}
@@ -140,8 +152,8 @@ def build_report(runs: str | Path, profile: str) -> Path:
         q = s["sqed"]
         md.append("## RS-SQED: overall accuracy of eight methods\n")
         keys = ["n_images", "n_methods", "n_rows", "oa_mean", "oa_std", "best_method_share"]
-        md.append(_table(keys, [[q.get(k) for k in keys]]))
-        md.append(_table(["method", "mean OA"], [[m, v] for m, v in q.get("per_method_oa", {}).items()]))
+        md.append(table("sqed_summary", keys, [[q.get(k) for k in keys]]))
+        md.append(table("sqed_per_method", ["method", "mean OA"], [[m, v] for m, v in q.get("per_method_oa", {}).items()]))
         for pth in _copy_plots(root / "sqed", plots, "sqed"):
             md.append(img(pth, pth.stem))
         data["sqed"] = {k: q.get(k) for k in (*keys, "per_method_oa")}
@@ -151,12 +163,12 @@ def build_report(runs: str | Path, profile: str) -> Path:
         md.append("## RS-SQA against label-free baselines and ablations (test split)\n")
         rows = [["RS-SQA", *[a["test"].get(m) for m in METRICS]]]
         rows += [[n, *[v.get(m) for m in METRICS]] for n, v in a.get("baselines", {}).items()]
-        md.append(_table(["model", *METRICS], rows))
+        md.append(table("sqa_comparison", ["model", *METRICS], rows))
         srcc = {r[0]: float(r[1]) for r in rows if r[1] is not None}
         md.append(img(_bar(plots / "sqa_srcc.png", "SRCC with true OA (test)", {"SRCC": srcc}, "SRCC"), "srcc"))
         md.append("## Method recommendation\n")
         rk = ["top1", "chosen_oa", "best_fixed_oa", "oracle_oa", "regret"]
-        md.append(_table(rk, [[a.get("recommend", {}).get(k) for k in rk]]))
+        md.append(table("sqa_recommend", rk, [[a.get("recommend", {}).get(k) for k in rk]]))
         for pth in _copy_plots(root / "sqa", plots, "sqa"):
             md.append(img(pth, pth.stem))
         data["sqa"] = {"test": a["test"], "baselines": a.get("baselines", {}), "recommend": a.get("recommend", {})}
@@ -164,11 +176,13 @@ def build_report(runs: str | Path, profile: str) -> Path:
     bench = _benchmarks(Path(runs) / "bench")
     if bench:
         md.append("## Benchmarks\n")
-        md.append(_table(["benchmark", "what", "figures"], bench))
+        md.append(table("benchmarks", ["benchmark", "what", "figures"], bench))
         data["bench"] = bench
     out = root / "report.md"
     atomic_write_bytes(out, "\n".join(md).encode())
     atomic_write_json(root / "report.json", data)
+    if wandb:  # the report's tables and plots as one more run in the pipeline run's W&B group
+        publish(make_loggers(plots, "report", name="report", profile=profile, csv=False), "report", {}, tables=tables, images=images)
     return out
 
 
@@ -176,8 +190,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Write runs/<profile>/report.md from the stage summaries.")
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--profile", default="demo")
+    ap.add_argument("--no-wandb", action="store_true", help="leave W&B out (the report files are written anyway)")
     args = ap.parse_args()
-    print(build_report(args.runs, args.profile))
+    print(build_report(args.runs, args.profile, wandb=not args.no_wandb))
 
 
 if __name__ == "__main__":

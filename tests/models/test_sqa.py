@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rssqa.errors import RSSQAError
-from rssqa.losses import SQALoss, pairwise_rank_loss, plcc_loss
+from rssqa.losses import SQALoss, listwise_loss, pairwise_rank_loss, plcc_loss
 from rssqa.models.sqa import RSSQA, VARIANTS, CrossGating
 
 E, T, S, G, GRID, FEAT = 16, 12, 5, 7, 4, 6
@@ -102,6 +102,24 @@ def test_losses_by_hand():
     )
 
 
+def test_listwise_loss_by_hand():
+    t = torch.tensor([0.9, 0.5, 0.4, 0.3, 0.8, 0.5])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])  # group 2 has one row: no order to learn
+    right = torch.tensor([0.9, 0.5, 0.4, 0.3, 0.8, 0.0])
+    wrong = torch.tensor([0.4, 0.5, 0.9, 0.8, 0.3, 0.0])
+    assert listwise_loss(right, t, groups) < 0.01 < 1.0 < listwise_loss(wrong, t, groups)
+    # one offset per image changes nothing; the lone row's score does not count
+    shifted = right + torch.tensor([0.1, 0.1, 0.1, -0.2, -0.2, 5.0])
+    assert listwise_loss(shifted, t, groups).item() == pytest.approx(listwise_loss(right, t, groups).item(), rel=1e-5)
+    # the mean over groups of the two-row cross-entropy, computed by hand for group 1
+    pred = torch.tensor([0.0, 0.0, 0.0, 0.2, 0.1, 0.0])
+    p_true = torch.softmax(t[3:5] / 0.02, 0)
+    ce1 = -(p_true * torch.log_softmax(20 * pred[3:5], 0)).sum()
+    ce0 = -(torch.softmax(t[:3] / 0.02, 0) * torch.log_softmax(20 * pred[:3], 0)).sum()
+    assert listwise_loss(pred, t, groups).item() == pytest.approx(((ce0 + ce1) / 2).item(), rel=1e-5)
+    assert listwise_loss(pred, t, torch.arange(6)).item() == 0.0
+
+
 def test_loss_switches_and_weights():
     pred = torch.tensor([0.3, 0.9, 0.5], requires_grad=True)
     t = torch.tensor([0.6, 0.7, 0.8])
@@ -114,6 +132,8 @@ def test_loss_switches_and_weights():
     assert pred.grad is not None and pred.grad.abs().sum() > 0
     with pytest.raises(RSSQAError):
         SQALoss(0, 0, 0)
+    listwise = SQALoss(w_mse=0.0, w_plcc=0.0, w_rank=0.0, w_list=2.0)(pred, t, torch.tensor([0, 0, 1]))
+    assert listwise["loss"].item() == pytest.approx(2 * listwise_loss(pred, t, torch.tensor([0, 0, 1])).item())
 
 
 def test_full_model_learns_a_gated_target():

@@ -1,4 +1,5 @@
-"""Stage sqed: OA, splits, label shards, the table, and the whole build on the tiny world (resume included)."""
+"""Stage sqed: OA, splits, label shards, the table, and the whole build on the tiny world (resume and ranks
+included)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ from rssqa.data.sqed import (
 )
 from rssqa.errors import RSSQAError
 from rssqa.runs import read_summary
+from rssqa.tasks import sqed as sqed_task
 from rssqa.tasks.sqed import (
     LabelConfig,
+    Ranks,
     SourceConfig,
     SQEDConfig,
     TrainConfig,
+    assign_units,
     build_sqed,
     load_segmenter,
     per_image_oa,
@@ -335,6 +339,109 @@ def test_regenerated_data_is_not_served_from_the_cache(tiny_world, tmp_path):
     os.utime(seg_image, ns=(seg_image.stat().st_atime_ns, seg_image.stat().st_mtime_ns + 10**9))
     s = build_sqed(cfg, tmp_path / "out")
     assert (s["trained"], s["labelled"]) == (1, 1)
+
+
+# ------------------------------------------------------------------------------------------ ranks
+def test_ranks_from_the_launchers_environment():
+    assert Ranks.from_env({}) == Ranks(0, 1, 0)
+    assert Ranks.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == Ranks(1, 2, 1)
+    slurm = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NAME": "rssqa-sqed"}
+    assert Ranks.from_env(slurm) == Ranks(9, 16, 1)
+    # torchrun inside a SLURM job: torchrun's variables win
+    assert Ranks.from_env({**slurm, "RANK": "3", "WORLD_SIZE": "4"}) == Ranks(3, 4, 0)
+    # a shell in an allocation, or one holding only the task count, is one process
+    assert Ranks.from_env({**slurm, "SLURM_JOB_NAME": "interactive"}) == Ranks()
+    assert Ranks.from_env({"SLURM_NTASKS": "8"}) == Ranks()
+    with pytest.raises(RSSQAError, match=r"^RANK: 2 is not a rank of WORLD_SIZE=2 processes"):
+        Ranks.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(RSSQAError, match=r"^WORLD_SIZE: not set"):
+        Ranks.from_env({"RANK": "0"})
+    with pytest.raises(RSSQAError, match=r"^SLURM_NTASKS: 'x' is not an integer"):
+        Ranks.from_env({**slurm, "SLURM_NTASKS": "x"})
+
+
+def test_assign_units_gives_every_unit_one_rank():
+    sources, methods = ["a", "b", "c", "d"], [f"m{i}" for i in range(8)]
+    every = [(s, m) for s in sources for m in methods]
+    assert assign_units(sources, methods, Ranks()) == every  # one process: the table's order
+    for w in (2, 3, 4, 5, 8, 16, 40):
+        shares = [assign_units(sources, methods, Ranks(r, w)) for r in range(w)]
+        assert sorted(u for share in shares for u in share) == sorted(every)  # each unit exactly once
+        for share in shares:  # source by source, methods in config order
+            assert share == sorted(share, key=lambda u: (sources.index(u[0]), methods.index(u[1])))
+    # a world size that is a multiple of the number of sources gives each rank one source
+    for r in range(8):
+        assert {s for s, _ in assign_units(sources, methods, Ranks(r, 8))} == {sources[r % 4]}
+
+
+def test_each_rank_trains_on_its_own_gpu(monkeypatch):
+    devices = sqed_task._devices
+    assert devices("cpu", 3) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices("auto", 3) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert devices("gpu", 3) == devices("cuda", 3) == devices("auto", 3) == [3]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the launcher bound one GPU to the task
+    assert devices("gpu", 3) == [0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RSSQAError, match=r"^LOCAL_RANK: 3, but this process sees 2 GPUs"):
+        devices("gpu", 3)
+
+
+def test_resume_point_takes_the_furthest_matching_checkpoint(tmp_path):
+    def ckpt(name, fp, step):
+        torch.save({"global_step": step, "hyper_parameters": {"fingerprint": fp}}, tmp_path / name)
+
+    ckpt("last.ckpt", "a", 3)
+    ckpt("hpc_ckpt_1.ckpt", "a", 5)
+    ckpt("hpc_ckpt_2.ckpt", "b", 9)
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"torn")
+    assert sqed_task._resume_point(tmp_path, "a") == str(tmp_path / "hpc_ckpt_1.ckpt")
+    # HPC checkpoints of another configuration or torn are gone: Lightning would resume them unasked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hpc_ckpt_1.ckpt", "last.ckpt"]
+    ckpt("hpc_ckpt_1.ckpt", "a", 2)
+    assert sqed_task._resume_point(tmp_path, "a") == str(tmp_path / "last.ckpt")
+    assert sqed_task._resume_point(tmp_path, "c") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_two_ranks_share_the_units_and_rank_0_waits_for_the_other(built, tiny_world, tmp_path, monkeypatch):
+    """Ranks run one after the other in this process: rank 0 alone times out naming rank 1's units;
+    after rank 1 ran, rank 0 writes the one-process table."""
+    import shutil
+
+    out, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "summary.json").unlink()
+    for shard in (copy / "features" / "loveda").iterdir():  # rank 1 of 2 owns loveda's units
+        shard.unlink()
+    vaihingen = {p.name: p.stat().st_mtime_ns for p in (copy / "features" / "vaihingen").iterdir()}
+    monkeypatch.setattr(sqed_task, "POLL_S", 0.05)
+    cfg = tiny_config(tiny_world)
+    with pytest.raises(RSSQAError) as e:
+        build_sqed(cfg, copy, ranks=Ranks(0, 2), wait_s=0.3)
+    assert str(e.value) == (
+        f"{copy}: no unit of the other ranks finished in 0.3 s; missing loveda/pspnet (rank 1), "
+        "loveda/linknet (rank 1) (are all WORLD_SIZE=2 ranks running?)"
+    )
+    shutil.rmtree(copy / "pool" / "loveda")  # as if rank 1 started first
+    report = build_sqed(cfg, copy, ranks=Ranks(1, 2))
+    assert report["rank"] == 1 and report["world_size"] == 2
+    assert report["units"] == {
+        u: {"trained": False, "labelled": True} for u in ("loveda/pspnet", "loveda/linknet")
+    }
+    # only rank 0 writes the shared files
+    assert not (copy / "summary.json").exists() and not (copy / "pool" / "loveda").exists()
+    summary = build_sqed(cfg, copy, ranks=Ranks(0, 2), wait_s=0.3)
+    assert summary["world_size"] == 2 and (summary["labelled"], summary["reused_shards"]) == (0, 2)
+    assert set(summary["units"]) == {"vaihingen/pspnet", "vaihingen/linknet"}
+    assert (copy / TABLE).read_bytes() == (out / TABLE).read_bytes()
+    assert read_summary(copy)["n_rows"] == summary["n_rows"]
+    for name in ("images.npy", "masks.npy", "samples.json"):
+        assert (copy / "pool" / "loveda" / name).read_bytes() == (out / "pool" / "loveda" / name).read_bytes()
+    assert {p.name: p.stat().st_mtime_ns for p in (copy / "features" / "vaihingen").iterdir()} == vaihingen
 
 
 # --------------------------------------------------------------------------------------- bad input

@@ -197,18 +197,20 @@ def probability_statistics(probs: torch.Tensor, grid: int = 4, bins: int = 20) -
     """
     p = probs.double()
     b, c = p.shape[:2]
-    top2 = p.topk(2, dim=1).values
-    conf, margin = top2[:, 0], top2[:, 0] - top2[:, 1]
-    certainty = 1.0 - (-(p * torch.log(p.clamp_min(1e-12))).sum(1)) / math.log(c)
+    # one pass each for the top two probabilities and the entropy, shared by every statistic below
+    conf, second, pred = baselines.top2(p)
+    margin = conf - second
+    h = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+    certainty = 1.0 - h / math.log(c)
     maps = torch.stack([conf, certainty, margin], 1)
-    pred = p.argmax(1).flatten(1)
+    pred = pred.flatten(1)
     share = torch.zeros(b, c, dtype=torch.float64, device=p.device)
     share.scatter_add_(1, pred, torch.ones_like(pred, dtype=torch.float64))
     return {
-        "msp": baselines.msp(p),
-        "entropy": baselines.entropy(p),
-        "margin": baselines.margin(p),
-        "hist_conf": baselines.confidence_histogram(p, bins),
+        "msp": conf.mean(dim=(1, 2)),
+        "entropy": 1.0 - h.mean(dim=(1, 2)) / math.log(c),
+        "margin": margin.mean(dim=(1, 2)),
+        "hist_conf": _hist01(conf.flatten(1), bins),
         "hist_certainty": _hist01(certainty.flatten(1).clamp(0, 1), bins),
         "hist_margin": _hist01(margin.flatten(1), bins),
         "maps": F.adaptive_avg_pool2d(maps, grid),

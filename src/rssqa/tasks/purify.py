@@ -51,7 +51,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -77,7 +77,9 @@ from rssqa.models.captioner import (
     vocab_size,
 )
 from rssqa.models.clip import CONFIG_FILE, create_clip, export_clip, load_clip
+from rssqa.progress import ProgressLog
 from rssqa.runs import atomic_write_bytes, atomic_write_json, is_done, write_summary
+from rssqa.tracking import make_loggers, publish
 
 log = logging.getLogger(__name__)
 
@@ -512,6 +514,8 @@ class PurifyTask(L.LightningModule):
         self.tokenizer: Callable | None = None
         self.captioner_tokenizer: Callable | None = None
         self.threshold: float | None = None
+        self.known_scores: Path | None = None  # the score pass's folder: the write pass reuses its scores
+        self._score_cache: dict[int, dict[str, float]] = {}
         self.register_buffer("reference", torch.zeros(0), persistent=False)
 
     def use(
@@ -522,12 +526,29 @@ class PurifyTask(L.LightningModule):
         captioner_tokenizer: Callable | None,
         reference: torch.Tensor | None,
         threshold: float | None,
+        known_scores: Path | None = None,
     ) -> PurifyTask:
-        """Set the models of a pass; ``threshold`` None makes it a score pass (no captioning)."""
+        """Set the models of a pass; ``threshold`` None makes it a score pass (no captioning).
+
+        ``known_scores``: the folder of this round's score pass; the write pass then reads each original
+        caption's score from it and runs the filter only on the pairs it rejects (their rewrites need
+        scoring), instead of scoring every pair a second time.
+        """
         self.filter, self.captioner = filter_model.eval(), captioner.eval()
         self.tokenizer, self.captioner_tokenizer, self.threshold = tokenizer, captioner_tokenizer, threshold
         self.reference = reference if reference is not None else torch.zeros(0)
+        self.known_scores, self._score_cache = known_scores, {}
         return self
+
+    def _scores_of(self, shard: int, keys: Sequence[str]) -> list[float] | None:
+        """The score pass's scores of ``keys`` of input shard ``shard``, or None without a score pass."""
+        if self.known_scores is None:
+            return None
+        if shard not in self._score_cache:
+            data = json.loads((self.known_scores / f"{shard_name(shard)}.json").read_text())
+            self._score_cache = {shard: dict(zip(data["keys"], data["scores"], strict=True))}
+        table = self._score_cache[shard]
+        return [table[k] for k in keys]
 
     def scores(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
         """Score ``B`` pairs from L2-normalised ``B×D`` image and text features."""
@@ -556,18 +577,24 @@ class PurifyTask(L.LightningModule):
         t0 = time.perf_counter()
         n = len(batch["key"])
         out: dict[str, Any] = {"score": [], "decision": [], "generated": [], "gen_score": [], "gen_rule": []}
-        if n:
+        known = self._scores_of(batch["shard"], batch["key"]) if n and self.threshold is not None else None
+        if known is not None:
+            out["score"] = known
+            out.update(self._decide(batch, None, known))
+        elif n:
             img = F.normalize(self.filter.encode_image(batch["pixels"]).float(), dim=-1)
             score = self.scores(img, self.encode_texts(batch["clean"]))
             out["score"] = score.tolist()
             if self.threshold is not None:
-                out.update(self._decide(batch, img, score))
+                out.update(self._decide(batch, img, out["score"]))
         out["compute_s"] = time.perf_counter() - t0
         return out
 
-    def _decide(self, batch: dict[str, Any], img: torch.Tensor, score: torch.Tensor) -> dict[str, list]:
+    def _decide(self, batch: dict[str, Any], img: torch.Tensor | None, score: list[float]) -> dict[str, list]:
+        """Keep, rewrite or drop each pair; ``img`` holds the filter's image features, or None to compute
+        them for the rejected pairs only."""
         n = len(batch["key"])
-        reject = [batch["rule"][i] is not None or float(score[i]) < self.threshold for i in range(n)]
+        reject = [batch["rule"][i] is not None or score[i] < self.threshold for i in range(n)]
         idx = [i for i in range(n) if reject[i]]
         generated: list[str | None] = [None] * n
         gen_score: list[float | None] = [None] * n
@@ -576,7 +603,8 @@ class PurifyTask(L.LightningModule):
         if idx:
             pixels = batch["cap_pixels"] if batch["cap_pixels"] is not None else batch["pixels"]
             texts = [normalize_caption(t) for t in generate_captions(self.captioner, pixels[idx], self.cfg.generation, self.captioner_tokenizer)]
-            g_score = self.scores(img[idx], self.encode_texts(texts))
+            feats = img[idx] if img is not None else F.normalize(self.filter.encode_image(batch["pixels"][idx]).float(), dim=-1)
+            g_score = self.scores(feats, self.encode_texts(texts))
             for j, i in enumerate(idx):
                 generated[i], gen_score[i] = texts[j], float(g_score[j])
                 gen_rule[i] = check_caption(texts[j], self.cfg.rules)
@@ -821,17 +849,15 @@ class Purify:
 
     def _loggers(self) -> list[Logger]:
         if not self.loggers:
-            self.loggers = [CSVLogger(self.out, name="logs", version="")]
-            if self.cfg.wandb:
-                self.loggers.append(WandbLogger(save_dir=str(self.out), offline=os.environ.get("WANDB_MODE") != "online",
-                                                project="rssqa", name=f"purify-{self.out.parent.name}"))  # fmt: skip
+            self.loggers = make_loggers(self.out, "purify", wandb=self.cfg.wandb)
         return self.loggers
 
-    def _fit_trainer(self, steps: int) -> L.Trainer:
+    def _fit_trainer(self, steps: int, label: str) -> L.Trainer:
         return L.Trainer(
             **self.trainer_kwargs,
             max_steps=steps,
             logger=self._loggers(),
+            callbacks=[ProgressLog(f"purify/{label}")],
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=False,
@@ -865,7 +891,7 @@ class Purify:
                 # the captioner learns to write whole captions: no phrase dropout for it
                 drop = None if role == "filter" else 0.0
                 loader = pair_loader(fit_urls, pre_train, tok, spec.fit, seed=self.cfg.seed + 7919 * r, phrase_dropout=drop)
-                self._fit_trainer(steps).fit(fit, train_dataloaders=loader)
+                self._fit_trainer(steps, f"{role} fit").fit(fit, train_dataloaders=loader)
             if self.rank == 0:
                 export = export_clip if role == "filter" else export_captioner
                 export(model, spec.name if prev is None else _model_name(getattr(prev, role)), target, tok)
@@ -882,13 +908,13 @@ class Purify:
                     except UnicodeDecodeError:
                         continue
 
-    def predictor(self, dirs: RoundDirs, threshold: float | None) -> tuple[PurifyTask, SamplePrep]:
+    def predictor(self, dirs: RoundDirs, threshold: float | None, known_scores: Path | None = None) -> tuple[PurifyTask, SamplePrep]:
         """The task set up with the round's models (loaded from its folders) and the worker-side preparation."""
         fmodel, _, f_val, tok = load_clip(dirs.filter)
         cmodel, _, c_val, cap_tok = load_captioner(dirs.captioner)
         same = _preprocess_key(fmodel) == _preprocess_key(cmodel)
         reference = self.reference_bank(fmodel, f_val) if self.cfg.score == "zscore" else None
-        task = self.task.use(fmodel, tok, cmodel, cap_tok, reference, threshold)
+        task = self.task.use(fmodel, tok, cmodel, cap_tok, reference, threshold, known_scores)
         return task, SamplePrep(f_val, None if same else c_val, tok, self.cfg.rules)
 
     @torch.no_grad()
@@ -911,7 +937,9 @@ class Purify:
         """
         folder.mkdir(parents=True, exist_ok=True)
         data = PendingShards(self.inputs, folder, prep, self.cfg.batch_size, self.cfg.num_workers)
-        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, _ShardBuffer)] + [writer]
+        label = "purify/score pass" if isinstance(writer, ScoreWriter) else "purify/write pass"
+        keep = [c for c in self.trainer.callbacks if not isinstance(c, _ShardBuffer | ProgressLog)]
+        self.trainer.callbacks = [*keep, writer, ProgressLog(label)]
         self.trainer.predict(predictor, datamodule=data, return_predictions=False)
         self.barrier(f"pass-{folder}")
         return {"samples": writer.samples, "wall_s": writer.wall_s, "compute_s": writer.compute_s}
@@ -931,7 +959,7 @@ class Purify:
         for r in range(cfg.rounds):
             dirs = round_dirs(self.out, r, cfg.rounds)
             self.models(r, dirs, prev)
-            threshold = cfg.threshold
+            threshold, known = cfg.threshold, None
             if cfg.keep_fraction is not None or threshold == "otsu":
                 pred, prep = self.predictor(dirs, None)
                 scored = self.predict_pass(pred, prep, ScoreWriter(dirs.scores), dirs.scores)
@@ -946,7 +974,8 @@ class Purify:
                               "keep_fraction": cfg.keep_fraction, "kept_share": float(np.mean(scores >= threshold))}  # fmt: skip
                     atomic_write_json(dirs.root / "threshold.json", record)
                 threshold = self.trainer.strategy.broadcast(threshold, src=0)
-            pred, prep = self.predictor(dirs, threshold)
+                known = dirs.scores
+            pred, prep = self.predictor(dirs, threshold, known)
             writer = PurifyWriter(dirs.shards, dirs.done, r, threshold)
             self._add(speed, self.predict_pass(pred, prep, writer, dirs.done))
             stats = None
@@ -995,10 +1024,10 @@ class Purify:
             rows = example_rows(markers, self.cfg.examples)
             write_examples_csv(self.out / "examples.csv", rows)
             for lg in self._loggers():
-                if isinstance(lg, WandbLogger):
-                    lg.log_table("purify/examples", columns=EXAMPLE_COLUMNS, data=[[r[c] for c in EXAMPLE_COLUMNS] for r in rows])
                 lg.log_metrics({f"purify/{k}": v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
                 lg.finalize("success")
+            examples = (EXAMPLE_COLUMNS, [[r[c] for c in EXAMPLE_COLUMNS] for r in rows])
+            publish(self._loggers(), "purify", {k: v for k, v in summary.items() if k != "config"}, tables={"examples": examples})
             write_summary(self.out, summary)
         return self.trainer.strategy.broadcast(summary, src=0)
 

@@ -377,7 +377,9 @@ class SQATask(L.LightningModule):
         w_rank: weight of the pairwise ranking term.
         rank_same_image: rank only methods of the same image.
         rank_min_gap: OA gap below which a pair is not ranked.
-        rank_scale: sharpness of the ranking term.
+        rank_scale: sharpness of the ranking term (and of the listwise term's scores).
+        w_list: weight of the listwise term over each image's methods (0: off).
+        list_temperature: OA temperature of the listwise term's target.
         dims: input widths (filled from the data in ``setup``; stored so checkpoints rebuild alone).
         methods: method names with adapters (filled from the data).
         feat_dim: raw feature width of the adapters (filled from the data).
@@ -398,6 +400,8 @@ class SQATask(L.LightningModule):
         rank_same_image: bool = False,
         rank_min_gap: float = 0.0,
         rank_scale: float = 20.0,
+        w_list: float = 0.0,
+        list_temperature: float = 0.02,
         dims: dict[str, int] | None = None,
         methods: list[str] | None = None,
         feat_dim: int = 0,
@@ -406,7 +410,7 @@ class SQATask(L.LightningModule):
         if variant not in VARIANTS:
             raise RSSQAError(f"model.variant: {variant!r} is not one of {', '.join(VARIANTS)}")
         self.save_hyperparameters()
-        self.loss = SQALoss(w_mse, w_plcc, w_rank, rank_same_image, rank_min_gap, rank_scale)
+        self.loss = SQALoss(w_mse, w_plcc, w_rank, rank_same_image, rank_min_gap, rank_scale, w_list, list_temperature)
         self.model: RSSQA | None = self._build() if dims is not None else None
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.best_val_srcc = float("-inf")

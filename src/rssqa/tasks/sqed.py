@@ -1,25 +1,38 @@
 """Stage sqed: train the segmentation methods on each source, label the pool, write RS-SQED.
 
 For every source: decode and check its samples, split its images (``seg`` trains the methods; the
-rest, the pool, is RS-SQED's ``train``/``val``/``test``). For every (source, method): train with a
-Lightning ``Trainer`` (seeded per pair, so a resumed run gives the numbers of an uninterrupted one),
-then label every pool image: per-image OA against the ground truth, and what
+rest, the pool, is RS-SQED's ``train``/``val``/``test``). For every (source, method), a *unit*: train
+with a Lightning ``Trainer`` (seeded per unit, so a resumed run gives the numbers of an uninterrupted
+one), then label every pool image: per-image OA against the ground truth, and what
 :meth:`~rssqa.models.segmenters.Segmenter.describe` gives, written as one label shard. Checkpoints
 and shards carry a fingerprint of everything they depend on; a rerun reuses those that match.
+
+Many ranks, one code path. The units are independent, so a cluster run starts the same command
+``W`` times (``make sqed NODES=.. GPUS=..``: srun or torchrun) and each process reads its rank from
+the launcher's environment (:meth:`Ranks.from_env`). Rank ``r`` builds the units
+:func:`assign_units` gives it, each on its own device, then rank 0 polls until every other unit's
+checkpoint and label shard is on disk and writes the table, plots and summary from the shards, as a
+one-process run does (which is the case ``W = 1``). Every rank prepares the sources it needs the
+same way (the splits are a pure function of the source, the config and the seed); rank 0 alone
+writes the shared files (pools, ``splits.json``, the table, the summary) and logs to W&B, every
+rank writes the files of its own units. The units do not depend on which rank builds them or in
+what order: each is seeded from its own name, and its fits and labelling set their own flags.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
+import signal
+import sys
 import time
-import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +41,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
@@ -65,6 +79,7 @@ from rssqa.models.segmenters import (
     resolve_method,
 )
 from rssqa.runs import atomic_write_json, write_summary
+from rssqa.tracking import finish_runs, make_loggers, publish
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +312,99 @@ def _seed_for(seed: int, *names: str) -> int:
     return (seed * 1_000_003 + zlib.crc32("/".join(names).encode())) % 2**31
 
 
+# ------------------------------------------------------------------------------------------ ranks
+# (rank, world size, local rank) as torchrun sets them, then as srun does
+_RANK_ENV = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+POLL_S = 2.0  # how often rank 0 looks for the other ranks' units
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a multi-rank build.
+
+    Attributes:
+        rank: this process, in ``[0, world_size)``; rank 0 writes the table and the summary.
+        world_size: processes building the units.
+        local_rank: this process's index on its node: its GPU.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Ranks:
+        """The ranks the launcher set: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, else srun's
+        ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``, else one process.
+
+        A shell in an interactive SLURM allocation (job name ``bash`` or ``interactive``) is one process,
+        as Lightning has it.
+        """
+        env = os.environ if env is None else env
+        torchrun, slurm = _RANK_ENV
+        if torchrun[0] in env or torchrun[1] in env:
+            keys = torchrun
+        elif all(k in env for k in slurm[:2]) and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+            keys = slurm
+        else:
+            return cls()
+        rank, size, local = (_env_int(env, k) for k in keys)
+        if size < 1 or not 0 <= rank < size or local < 0:
+            raise RSSQAError(
+                f"{keys[0]}: {rank} is not a rank of {keys[1]}={size} processes (local rank {local})"
+            )
+        return cls(rank, size, local)
+
+
+def _env_int(env: Mapping[str, str], key: str) -> int:
+    value = env.get(key, "0" if key in ("LOCAL_RANK", "SLURM_LOCALID") else None)
+    if value is None:
+        raise RSSQAError(f"{key}: not set, but the other rank variables of its launcher are")
+    try:
+        return int(value)
+    except ValueError:
+        raise RSSQAError(f"{key}: {value!r} is not an integer") from None
+
+
+def assign_units(sources: Sequence[str], methods: Sequence[str], ranks: Ranks) -> list[tuple[str, str]]:
+    """The (source, method) units that ``ranks.rank`` builds, in the order it builds them.
+
+    Units are numbered method-major in config order, ``i = method_index * len(sources) + source_index``,
+    and rank ``r`` of ``W`` owns those with ``i % W == r``: every unit has one owner, and when ``W`` is
+    a multiple of the number of sources each rank meets one source only (decoded and checked once).
+    A rank builds its units source by source, methods in config order, so that a source's training
+    images are read once and freed before the next source's. With ``W = 1`` this is every unit, source
+    by source: the table's row order.
+    """
+    return [
+        (s, m)
+        for s in sources
+        for m in methods
+        if _owner(sources, methods, s, m, ranks.world_size) == ranks.rank
+    ]
+
+
+def _owner(sources: Sequence[str], methods: Sequence[str], source: str, method: str, world_size: int) -> int:
+    """The rank that builds a unit (see :func:`assign_units`)."""
+    return (methods.index(method) * len(sources) + sources.index(source)) % world_size
+
+
+def _devices(accelerator: str, local_rank: int) -> int | list[int]:
+    """Lightning's ``devices`` for one rank's fits: one CPU process, or the rank's own GPU.
+
+    Ranks sharing a node see all its GPUs (srun with ``--gpus-per-node``, torchrun) and take GPU
+    ``local_rank``; a process that sees a single GPU was bound to it by its launcher and takes that one.
+    """
+    if not (accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())):
+        return 1
+    n = torch.cuda.device_count()
+    if n == 1:
+        return [0]
+    if n and local_rank >= n:
+        raise RSSQAError(f"LOCAL_RANK: {local_rank}, but this process sees {n} GPUs (one rank per GPU)")
+    return [local_rank]
+
+
 @dataclass
 class PreparedSource:
     """A source ready for training and labelling (see :func:`prepare_source`)."""
@@ -313,8 +421,14 @@ class PreparedSource:
     pool_files: str = ""  # the same for the pool
 
 
-def prepare_source(sc: SourceConfig, cfg: SQEDConfig, out: Path, data_root: Path | None) -> PreparedSource:
-    """Open and check a source, split it, and write (or reuse) its pool under ``out/pool/<name>/``."""
+def prepare_source(
+    sc: SourceConfig, cfg: SQEDConfig, out: Path, data_root: Path | None, write_pool: bool = True
+) -> PreparedSource:
+    """Open and check a source, split it, and write (or reuse) its pool under ``out/pool/<name>/``.
+
+    With ``write_pool=False`` (the ranks other than 0) a pool not yet on disk is read into memory and
+    not written: one writer, so that no rank's memory-mapped pool is replaced under it.
+    """
     root = Path(sc.root)
     if not root.is_absolute() and data_root is not None:
         root = data_root / root
@@ -350,7 +464,7 @@ def prepare_source(sc: SourceConfig, cfg: SQEDConfig, out: Path, data_root: Path
             for s, sp in zip(samples, pool_splits, strict=True)
         ],
     }
-    arrays = _pool_arrays(folder, listing, source, pool)
+    arrays = _pool_arrays(folder, listing, source, pool, write_pool)
     return PreparedSource(
         sc.name,
         source,
@@ -371,7 +485,9 @@ def _files_fingerprint(source: SegSource, indices: Sequence[int]) -> str:
     return _fingerprint([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
 
-def _pool_arrays(folder: Path, listing: dict[str, Any], source: SegSource, pool: list[int]) -> SegArrays:
+def _pool_arrays(
+    folder: Path, listing: dict[str, Any], source: SegSource, pool: list[int], write: bool = True
+) -> SegArrays:
     index = folder / "samples.json"
     complete = index.is_file() and (folder / "images.npy").is_file() and (folder / "masks.npy").is_file()
     if complete and json.loads(index.read_text()) == json.loads(json.dumps(listing)):
@@ -379,6 +495,8 @@ def _pool_arrays(folder: Path, listing: dict[str, Any], source: SegSource, pool:
             np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r")
         )
     arrays = SegArrays.from_source(source, pool)
+    if not write:
+        return arrays
     folder.mkdir(parents=True, exist_ok=True)
     index.unlink(missing_ok=True)  # a stale index must not vouch for the arrays written next
     for name, a in (("images", arrays.images), ("masks", arrays.masks)):
@@ -399,28 +517,10 @@ def training_data(prep: PreparedSource, cfg: SQEDConfig) -> SegArrays | SegSubse
     )
 
 
-def train_method(
-    prep: PreparedSource,
-    method: str,
-    cfg: SQEDConfig,
-    out: Path,
-    loggers: Sequence[Logger] = (),
-    data: Callable[[], SegArrays | SegSubset] | None = None,
-) -> tuple[SegmentationTask, bool]:
-    """Train ``method`` on ``prep``'s ``seg`` images, or reuse its matching checkpoint.
-
-    Args:
-        prep: the source.
-        method: a registered method.
-        cfg: the stage configuration.
-        out: the run folder.
-        loggers: loggers shared by all fits (W&B); a CSV logger per fit is added.
-        data: gives the training samples when training is needed (default :func:`training_data`;
-            a cached callable shares one copy between the methods of a source).
-
-    Returns:
-        The task and whether it was trained now (``False``: reused).
-    """
+def _train_fingerprint(
+    prep: PreparedSource, method: str, cfg: SQEDConfig
+) -> tuple[MethodSpec, int, int, str]:
+    """What training ``method`` on ``prep`` depends on: its spec, epochs, seed and their fingerprint."""
     spec = resolve_method(method, cfg.size, cfg.method_overrides.get(method))
     epochs = spec.epochs(cfg.train.epochs)
     seed = _seed_for(cfg.seed, prep.name, method)
@@ -439,11 +539,83 @@ def train_method(
             "label": {"grid": cfg.label.grid, "hist_bins": cfg.label.hist_bins},
         }
     )
-    folder = out / "methods" / prep.name / method
+    return spec, epochs, seed, fp
+
+
+def _label_fingerprint(train_fp: str, prep: PreparedSource) -> str:
+    return _fingerprint({"task": train_fp, "pool": prep.pool_ids, "files": prep.pool_files})
+
+
+def _shard_path(out: Path, source: str, method: str) -> Path:
+    return out / "features" / source / f"{method}.safetensors"
+
+
+def _unit_folder(out: Path, source: str, method: str) -> Path:
+    return out / "methods" / source / method
+
+
+def _resume_point(folder: Path, fp: str) -> str | None:
+    """The furthest checkpoint in a unit's folder that resumes its training (``None``: start afresh).
+
+    Candidates: ``last.ckpt`` (``train.save_last``) and the ``hpc_ckpt_<n>.ckpt`` Lightning saves when
+    SLURM signals a requeue. Lightning resumes an HPC checkpoint by itself when given no path, so one
+    that is torn or of another configuration is deleted here.
+    """
+    best, best_step = None, -1
+    for path in [folder / "last.ckpt", *sorted(folder.glob("hpc_ckpt_*.ckpt"))]:
+        if not path.is_file():
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            step = ckpt["global_step"] if ckpt["hyper_parameters"]["fingerprint"] == fp else None
+        except Exception:  # noqa: BLE001 - a torn checkpoint is simply not resumed
+            step = None
+        if step is None:
+            if path.name != "last.ckpt":
+                path.unlink(missing_ok=True)
+        elif step > best_step:
+            best, best_step = str(path), step
+    return best
+
+
+def _drop_resume_points(folder: Path) -> None:
+    """Remove what only an unfinished training needs (a finished unit's HPC checkpoint would be
+    restored by Lightning into the labelling run on SLURM)."""
+    for path in [folder / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")]:
+        path.unlink(missing_ok=True)
+
+
+def train_method(
+    prep: PreparedSource,
+    method: str,
+    cfg: SQEDConfig,
+    out: Path,
+    loggers: Sequence[Logger] = (),
+    data: Callable[[], SegArrays | SegSubset] | None = None,
+    ranks: Ranks = Ranks(),
+) -> tuple[SegmentationTask, bool]:
+    """Train ``method`` on ``prep``'s ``seg`` images, or reuse its matching checkpoint.
+
+    Args:
+        prep: the source.
+        method: a registered method.
+        cfg: the stage configuration.
+        out: the run folder.
+        loggers: loggers shared by all fits (W&B); a CSV logger per fit is added.
+        data: gives the training samples when training is needed (default :func:`training_data`;
+            a cached callable shares one copy between the methods of a source).
+        ranks: this process's rank (recorded in ``train.json``) and device.
+
+    Returns:
+        The task and whether it was trained now (``False``: reused).
+    """
+    spec, epochs, seed, fp = _train_fingerprint(prep, method, cfg)
+    folder = _unit_folder(out, prep.name, method)
     final = folder / "final.ckpt"
     if final.is_file():
         task = load_task(final)
         if task.hparams.fingerprint == fp:
+            _drop_resume_points(folder)
             return task, False
         log.warning("%s: trained under another configuration; training again", final)
     data = training_data(prep, cfg) if data is None else data()
@@ -461,22 +633,12 @@ def train_method(
     dm = SegDataModule(
         train=data, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers, seed=seed
     )
-    last = folder / "last.ckpt"
-    resume = None
-    if last.is_file():
-        try:
-            resumable = (
-                torch.load(last, map_location="cpu", weights_only=False)["hyper_parameters"]["fingerprint"]
-                == fp
-            )
-        except Exception:  # noqa: BLE001 - a torn checkpoint is simply not resumed
-            resumable = False
-        resume = str(last) if resumable else None
+    resume = _resume_point(folder, fp)
     steps = max(1, len(data) // cfg.train.batch_size)
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator=cfg.train.accelerator,
-        devices=1,
+        devices=_devices(cfg.train.accelerator, ranks.local_rank),
         deterministic=True,
         logger=[CSVLogger(out / "logs", name=prep.name, version=method), *loggers],
         callbacks=[ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False)]
@@ -486,7 +648,8 @@ def train_method(
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=min(steps, 10),
-        default_root_dir=out,
+        # the unit's own folder: an HPC checkpoint saved on SLURM's requeue signal belongs to this unit
+        default_root_dir=folder,
     )
     t0 = time.perf_counter()
     trainer.fit(task, datamodule=dm, ckpt_path=resume)
@@ -494,25 +657,31 @@ def train_method(
     atomic_write_json(
         folder / "train.json",
         {"seconds": round(time.perf_counter() - t0, 3), "epochs": epochs, "images": len(data),
-         "steps": trainer.global_step, "resumed": resume is not None, "fingerprint": fp},
+         "steps": trainer.global_step, "resumed": resume is not None, "fingerprint": fp,
+         "rank": ranks.rank, "world_size": ranks.world_size},
     )  # fmt: skip
     tmp = folder / ".final.ckpt.tmp"
     trainer.save_checkpoint(tmp, weights_only=True)
     os.replace(tmp, final)
-    last.unlink(missing_ok=True)
+    _drop_resume_points(folder)
     return task.eval(), True
 
 
 def label_method(
-    prep: PreparedSource, method: str, task: SegmentationTask, cfg: SQEDConfig, out: Path
+    prep: PreparedSource,
+    method: str,
+    task: SegmentationTask,
+    cfg: SQEDConfig,
+    out: Path,
+    ranks: Ranks = Ranks(),
 ) -> tuple[Path, bool]:
     """Label the pool of ``prep`` with ``method``: OA and cached statistics, one label shard.
 
     Returns:
         The shard's path and whether it was computed now (``False``: reused).
     """
-    path = out / "features" / prep.name / f"{method}.safetensors"
-    fp = _fingerprint({"task": task.hparams.fingerprint, "pool": prep.pool_ids, "files": prep.pool_files})
+    path = _shard_path(out, prep.name, method)
+    fp = _label_fingerprint(task.hparams.fingerprint, prep)
     if path.is_file():
         try:
             if read_shard_meta(path).get("fingerprint") == fp:
@@ -522,11 +691,13 @@ def label_method(
     t0 = time.perf_counter()
     trainer = L.Trainer(
         accelerator=cfg.train.accelerator,
-        devices=1,
+        devices=_devices(cfg.train.accelerator, ranks.local_rank),
+        # explicit: else the flags are whatever this process's previous fit left (none if it reused all)
+        deterministic=True,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        default_root_dir=out,
+        default_root_dir=_unit_folder(out, prep.name, method),
     )
     loader = DataLoader(prep.pool_arrays, batch_size=cfg.label.batch_size, shuffle=False)
     batches = trainer.predict(task, dataloaders=loader)
@@ -579,12 +750,10 @@ def _rows(prep: PreparedSource, method: str, path: Path, out: Path) -> list[dict
 
 
 def _wandb(cfg: SQEDConfig, out: Path) -> list[Logger]:
-    if cfg.wandb == "disabled":
-        return []
-    if cfg.wandb not in ("offline", "online"):
+    """The W&B logger the methods' fits share (their CSV logs are per source and method)."""
+    if cfg.wandb not in ("offline", "online", "disabled"):
         raise RSSQAError(f"wandb: {cfg.wandb!r}; choose offline, online or disabled")
-    out.mkdir(parents=True, exist_ok=True)
-    return [WandbLogger(project="rssqa", name="sqed", save_dir=str(out), offline=cfg.wandb == "offline")]
+    return make_loggers(out, "sqed", wandb=cfg.wandb != "disabled", csv=False)
 
 
 def plan_sqed(cfg: SQEDConfig, data_root: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -634,34 +803,62 @@ def plan_sqed(cfg: SQEDConfig, data_root: str | os.PathLike | None = None) -> di
 
 
 def build_sqed(
-    cfg: SQEDConfig, out: str | os.PathLike, data_root: str | os.PathLike | None = None
+    cfg: SQEDConfig,
+    out: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    *,
+    ranks: Ranks | None = None,
+    wait_s: float = 86400.0,
 ) -> dict[str, Any]:
-    """Build RS-SQED under ``out`` and write ``summary.json`` last.
+    """Build this rank's units of RS-SQED under ``out``; on rank 0, then the table and ``summary.json`` (last).
 
     Args:
         cfg: the stage configuration.
         out: the run folder (``runs/<profile>/sqed``).
         data_root: base of relative source roots (default: ``out``'s parent, i.e. ``runs/<profile>``).
+        ranks: this process's rank (default :meth:`Ranks.from_env`; one process unless a launcher set
+            ranks). Rank ``r`` builds the units of :func:`assign_units`.
+        wait_s: rank 0 gives up (``RSSQAError`` naming the missing units) when none of the other
+            ranks' units has finished for this many seconds.
 
     Returns:
-        The summary (keys of shared/DESIGN.md plus timings, counts and bad samples).
+        On rank 0 the summary: keys of shared/DESIGN.md plus timings, counts and bad samples, where
+        ``units``, ``trained``, ``reused_checkpoints``, ``labelled``, ``reused_shards``, ``train_s`` and
+        ``label_s`` cover rank 0's own units (all of them in a one-process run). On another rank its
+        report: ``rank``, ``world_size``, ``units`` (``{"<source>/<method>": {trained, labelled}}``),
+        the same counts and ``seconds``.
     """
     t0 = time.perf_counter()
     out = Path(out)
     data_root = Path(data_root) if data_root is not None else out.parent
+    ranks = Ranks.from_env() if ranks is None else ranks
+    lead = ranks.rank == 0
+    if not lead:
+        # Lightning read this rank from the environment at import, as for a DDP job, and keeps its
+        # rank-zero-only writers (the CSV logs) silent elsewhere; here each rank runs its own fits
+        rank_zero_only.rank = 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     methods = list(plan_sqed(cfg)["methods"])
-
-    preps = [prepare_source(sc, cfg, out, data_root) for sc in cfg.sources]
-    atomic_write_json(
-        out / "splits.json",
-        {p.name: dict(zip(p.pool_ids, p.pool_splits, strict=True)) for p in preps}
-        | {"_seg": {p.name: [p.source.samples[i].image_id for i in p.seg] for p in preps}},
-    )
+    names = [sc.name for sc in cfg.sources]
+    mine = assign_units(names, methods, ranks)
+    # rank 0 prepares every source (it writes the table) and alone writes the pools; the others
+    # prepare only the sources of their units, in the same way
+    needed = set(names) if lead else {s for s, _ in mine}
+    preps = {
+        sc.name: prepare_source(sc, cfg, out, data_root, write_pool=lead)
+        for sc in cfg.sources
+        if sc.name in needed
+    }
+    if lead:
+        atomic_write_json(
+            out / "splits.json",
+            {p.name: dict(zip(p.pool_ids, p.pool_splits, strict=True)) for p in preps.values()}
+            | {"_seg": {p.name: [p.source.samples[i].image_id for i in p.seg] for p in preps.values()}},
+        )
     t_prep = time.perf_counter()
-    loggers = _wandb(cfg, out)
-    rows: list[dict[str, Any]] = []
+    loggers = _wandb(cfg, out) if lead else []
+    units: dict[str, dict[str, bool]] = {}
     timing = {
         "train_s": 0.0,
         "label_s": 0.0,
@@ -672,29 +869,48 @@ def build_sqed(
     }
     shard_bytes, recorded = 0, {"train_s": 0.0, "train_images": 0, "label_s": 0.0, "label_rows": 0}
     try:
-        for prep in preps:
+        for name, group in itertools.groupby(mine, key=lambda unit: unit[0]):
+            prep = preps[name]
             # read only if a method needs training, then shared by the source's methods, then freed
             data = functools.cache(functools.partial(training_data, prep, cfg))
-            for method in methods:
+            for _, method in group:
                 t = time.perf_counter()
-                task, trained = train_method(prep, method, cfg, out, loggers, data)
+                task, trained = train_method(prep, method, cfg, out, loggers, data, ranks)
                 timing["train_s"] += time.perf_counter() - t
                 timing["trained" if trained else "reused_checkpoints"] += 1
                 t = time.perf_counter()
-                path, labelled = label_method(prep, method, task, cfg, out)
+                _, labelled = label_method(prep, method, task, cfg, out, ranks)
                 timing["label_s"] += time.perf_counter() - t
                 timing["labelled" if labelled else "reused_shards"] += 1
+                units[f"{name}/{method}"] = {"trained": trained, "labelled": labelled}
+                done = len(units)
+                elapsed = time.perf_counter() - t_prep
+                eta = elapsed / done * (len(mine) - done)
+                print(f"[sqed] {name}/{method} {'trained' if trained else 'reused'}: unit {done}/{len(mine)}"
+                      f"{f' of rank {ranks.rank}' if ranks.world_size > 1 else ''}, {elapsed:.0f} s, eta {eta:.0f} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        timing = {k: round(v, 2) if isinstance(v, float) else v for k, v in timing.items()}
+        if not lead:
+            return {"rank": ranks.rank, "world_size": ranks.world_size, "units": units, **timing,
+                    "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+        t_wait = time.perf_counter()
+        others = [(preps[s], m) for s in names for m in methods if f"{s}/{m}" not in units]
+        _await_units(others, cfg, out, names, methods, ranks.world_size, wait_s)
+        t_wait = time.perf_counter() - t_wait
+        # the table, source by source and method by method, from the shards whichever rank wrote them
+        rows: list[dict[str, Any]] = []
+        for prep in preps.values():
+            for method in methods:
+                path = _shard_path(out, prep.name, method)
                 shard_bytes += path.stat().st_size
                 for k, v in _recorded(out, prep, method, path).items():
                     recorded[k] += v
                 new_rows = _rows(prep, method, path, out)
                 log.info("%s/%s: mean OA %.3f", prep.name, method, np.mean([r["oa"] for r in new_rows]))
                 rows += new_rows
-    finally:
-        import wandb
-
-        if loggers and wandb.run is not None:  # only if a fit started one
-            wandb.finish()
+    except BaseException:
+        finish_runs(loggers)
+        raise
     write_table(out / TABLE, rows)
     plot_oa(rows, out / "oa_distributions.png")
     summary = {
@@ -711,22 +927,89 @@ def build_sqed(
                 "n_unlabelled": len(p.source.unlabelled),
                 "bad": [str(b) for b in p.source.bad[:20]],
             }
-            for p in preps
+            for p in preps.values()
         },
-        "n_bad": sum(len(p.source.bad) for p in preps),
+        "n_bad": sum(len(p.source.bad) for p in preps.values()),
         "feature_bytes_per_row": shard_bytes / max(len(rows), 1),
         # as recorded when each checkpoint and shard was made, so a resumed run reports the same
         "rows_labelled_per_s": _rate(recorded["label_rows"], recorded["label_s"]),
         "train_images_per_s": _rate(recorded["train_images"], recorded["train_s"]),
         "train_s_recorded": _finite(recorded["train_s"]),
         "label_s_recorded": _finite(recorded["label_s"]),
-        **{k: round(v, 2) if isinstance(v, float) else v for k, v in timing.items()},
+        **timing,
+        "units": units,
+        "world_size": ranks.world_size,
         "prepare_s": round(t_prep - t0, 2),
+        "waited_s": round(t_wait, 2),  # for the other ranks' units
         "seconds": round(time.perf_counter() - t0, 2),
         "config": asdict(cfg),
     }
+    per_method = [[m, summary["per_method_oa"].get(m), summary["wins"].get(m, 0)] for m in methods]
+    publish(
+        loggers, "sqed", {k: v for k, v in summary.items() if k not in ("config", "sources")},
+        tables={"per_method": (["method", "oa_mean", "images_won"], per_method)},
+        images={"oa_distributions": out / "oa_distributions.png"},
+    )  # fmt: skip
     write_summary(out, summary)
     return summary
+
+
+def _unit_done(out: Path, source: str, method: str, label_fp: str) -> bool:
+    """Whether a unit's checkpoint and its label shard of this configuration are on disk (both are
+    written atomically, the shard last)."""
+    if not (_unit_folder(out, source, method) / "final.ckpt").is_file():
+        return False
+    try:
+        return read_shard_meta(_shard_path(out, source, method)).get("fingerprint") == label_fp
+    except RSSQAError:
+        return False
+
+
+def _await_units(
+    units: Sequence[tuple[PreparedSource, str]],
+    cfg: SQEDConfig,
+    out: Path,
+    sources: Sequence[str],
+    methods: Sequence[str],
+    world_size: int,
+    wait_s: float,
+) -> None:
+    """Poll (every :data:`POLL_S` s) until the other ranks' ``units`` are done (see :func:`_unit_done`).
+
+    Raises:
+        RSSQAError: none of them finished for ``wait_s`` seconds; names those missing and their ranks.
+    """
+    pending = {
+        f"{p.name}/{m}": (p.name, m, _label_fingerprint(_train_fingerprint(p, m, cfg)[3], p))
+        for p, m in units
+    }
+    if not pending:
+        return
+    # SLURM signals every task before the time limit; the ranks still training then checkpoint and
+    # requeue the job: rank 0, idle here, must not end first (srun would end the job, no requeue)
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        progress = time.monotonic()
+        while True:
+            done = [k for k, unit in pending.items() if _unit_done(out, *unit)]
+            for k in done:
+                del pending[k]
+            if not pending:
+                return
+            if done:
+                progress = time.monotonic()
+            elif time.monotonic() - progress > wait_s:
+                missing = ", ".join(
+                    f"{k} (rank {_owner(sources, methods, s, m, world_size)})"
+                    for k, (s, m, _) in pending.items()
+                )
+                raise RSSQAError(
+                    f"{out}: no unit of the other ranks finished in {wait_s:g} s; missing {missing} "
+                    f"(are all WORLD_SIZE={world_size} ranks running?)"
+                )
+            time.sleep(POLL_S)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def _recorded(out: Path, prep: PreparedSource, method: str, shard: Path) -> dict[str, float]:
@@ -748,16 +1031,3 @@ def _finite(x: float) -> float | None:
 
 def _rate(n: float, seconds: float) -> float | None:
     return round(n / seconds, 2) if math.isfinite(seconds) and seconds > 0 else None
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's advice that does not apply to these small CPU runs."""
-    for name in (
-        "lightning.pytorch.utilities.rank_zero",
-        "lightning.pytorch.accelerators.cuda",
-        "lightning.fabric",
-    ):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")

@@ -1,0 +1,117 @@
+"""stages/sqed.py as two ranks (two processes with RANK/WORLD_SIZE, as torchrun starts them) builds what one
+process builds, each unit trained by exactly one rank.
+
+Compared with a one-process build: the table, splits and pool files byte for byte; the label shards array
+for array and their metadata except ``seconds`` (the labelling time, recorded in the shard, so the files'
+bytes differ between any two runs); the checkpoints tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from rssqa.data.sqed import TABLE, read_label_shard
+from rssqa.runs import read_summary
+from rssqa.tasks.sqed import Ranks, TrainConfig, build_sqed
+from tests.tasks.test_sqed import ROOT, tiny_config
+
+pytestmark = pytest.mark.slow
+
+# the two sources and two methods of tiny_config; rank r of 2 owns the units i % 2 == r with
+# i = method_index * 2 + source_index: rank 0 vaihingen's, rank 1 loveda's
+OWNER = {"vaihingen/pspnet": 0, "vaihingen/linknet": 0, "loveda/pspnet": 1, "loveda/linknet": 1}
+UNIT_LINE = re.compile(r"^  rank (\d+): (\S+) (trained|reused its checkpoint), ", re.MULTILINE)
+
+
+def rank_env(rank: int) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_"))
+    }
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    env.update(MKL_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    return env
+
+
+def run_ranks(config: Path, out: Path, timeout: float = 900) -> list[str]:
+    """Both ranks at once; their stdout. Neither outlives the call."""
+    cmd = [sys.executable, str(ROOT / "stages" / "sqed.py"), "--config", str(config), "--out", str(out),
+           "--wait_s", "600"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=ROOT, env=rank_env(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for r in (1, 0)
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return [stdout for stdout, _ in reversed(outputs)]  # rank 0's first
+
+
+def unit_files(out: Path, pattern: str) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.glob(pattern))
+
+
+def test_two_ranks_build_what_one_process_builds(tiny_world, tmp_path):
+    cfg = tiny_config(tiny_world, train=TrainConfig(epochs=1, batch_size=4))
+    config = tmp_path / "sqed.yaml"
+    config.write_text(yaml.safe_dump({"sqed": asdict(cfg)}, sort_keys=False))  # splits: key order counts
+    one, two = tmp_path / "one", tmp_path / "two"
+    build_sqed(cfg, one, ranks=Ranks())
+    stdouts = run_ranks(config, two)
+
+    # each unit trained and labelled by its owner only
+    seen = [(int(r), unit, how) for out in stdouts for r, unit, how in UNIT_LINE.findall(out)]
+    assert sorted((unit, r, how) for r, unit, how in seen) == sorted(
+        (u, r, "trained") for u, r in OWNER.items()
+    )
+    for rank, out in enumerate(stdouts):
+        assert all(int(r) == rank for r, _, _ in UNIT_LINE.findall(out))
+    for unit, rank in OWNER.items():
+        record = json.loads((two / "methods" / unit / "train.json").read_text())
+        assert (record["rank"], record["world_size"]) == (rank, 2)
+    assert "rank 0 writes the table" in stdouts[1] and "sqed -> " in stdouts[0]
+    summary = read_summary(two)
+    assert summary["world_size"] == 2 and set(summary["units"]) == {u for u, r in OWNER.items() if r == 0}
+
+    # the same build
+    assert (two / TABLE).read_bytes() == (one / TABLE).read_bytes()
+    assert read_summary(one)["n_rows"] == summary["n_rows"] == len((one / TABLE).read_text().splitlines()) - 1
+    shared = ["splits.json", *unit_files(one, "pool/*/*")]
+    assert unit_files(two, "pool/*/*") == unit_files(one, "pool/*/*")
+    for name in shared:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    shards = unit_files(one, "features/*/*.safetensors")
+    assert len(shards) == 4 and unit_files(two, "features/*/*.safetensors") == shards
+    for name in shards:
+        (a, meta_a), (b, meta_b) = read_label_shard(one / name), read_label_shard(two / name)
+        assert a.keys() == b.keys() and all(
+            np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a
+        )
+        assert meta_a.pop("seconds") >= 0 and meta_b.pop("seconds") >= 0
+        assert meta_a == meta_b, name
+    for unit in OWNER:
+        wa, wb = (
+            torch.load(d / "methods" / unit / "final.ckpt", weights_only=False)["state_dict"]
+            for d in (one, two)
+        )
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), unit
+        # every rank writes the CSV logs of its own fits
+        assert (two / "logs" / unit / "metrics.csv").is_file(), unit
