@@ -52,8 +52,8 @@ CMD_sqed = stages/sqed.py --config conf/$(PROFILE)/sqed.yaml --out $(OUT)/sqed
 CMD_sqa = stages/sqa.py --config conf/$(PROFILE)/sqa.yaml --out $(OUT)/sqa \
   --data.sqed $(OUT)/sqed --data.clip $(OUT)/pretrain/clip_rs --data.generic_clip $(OUT)/pretrain_raw/clip_rs
 STAGES := purify pretrain pretrain-raw sqed sqa
-# the paper profile reads real data, not the embedded world
-WORLD := $(if $(filter paper,$(PROFILE)),,$(OUT)/world/summary.json)
+# a profile reads the embedded world when it has a world config (smoke, demo); paper and your own read real data
+WORLD := $(if $(wildcard conf/$(PROFILE)/world.yaml),$(OUT)/world/summary.json,)
 GPUS ?= 8
 LAUNCHER ?= slurm
 

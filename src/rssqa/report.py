@@ -72,13 +72,21 @@ def _copy_plots(stage_dir: Path, out_dir: Path, stage: str) -> list[Path]:
     return copied
 
 
-def _examples(purify_dir: Path, limit: int = 8) -> list[dict[str, str]]:
-    for name in ("examples.csv",):
-        path = purify_dir / name
-        if path.is_file():
-            with path.open(newline="") as f:
-                return list(csv.DictReader(f))[:limit]
-    return []
+def _examples(purify_dir: Path, per_decision: int = 3) -> list[dict[str, str]]:
+    """Up to ``per_decision`` rows of each decision (kept, rewritten, dropped) from purify's examples.csv."""
+    path = purify_dir / "examples.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    seen: dict[str, int] = {}
+    out = []
+    for r in rows:
+        d = r.get("decision", "")
+        if seen.get(d, 0) < per_decision:
+            seen[d] = seen.get(d, 0) + 1
+            out.append(r)
+    return out
 
 
 def _benchmarks(bench_dir: Path) -> list[list[Any]]:
@@ -88,6 +96,27 @@ def _benchmarks(bench_dir: Path) -> list[list[Any]]:
         headline = {k: v for k, v in data.items() if isinstance(v, int | float | bool) and k != "target"}
         rows.append([path.stem, data.get("benchmark", ""), ", ".join(f"{k}={_fmt(v)}" for k, v in headline.items())])
     return rows
+
+
+def _stage_speeds(s: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """Per-stage throughput rows read from the summaries (absent figures are left out)."""
+    rows = []
+    if "world" in s:
+        w = s["world"]
+        rows.append(["world", "image-text pairs generated", w.get("corpus_samples_per_s"), w.get("workers"), w.get("seconds")])
+        rows.append(["world", "segmentation tiles generated", w.get("source_tiles_per_s"), w.get("workers"), w.get("seconds")])
+    if "purify" in s:
+        rows.append(["purify", "pairs scored, captioned, written", s["purify"].get("samples_per_s"), s["purify"].get("world_size"), s["purify"].get("seconds")])
+    for name in ("pretrain", "pretrain_raw"):
+        if name in s:
+            rows.append([name, "training samples", s[name].get("samples_per_s"), s[name].get("world_size"), s[name].get("train_seconds")])
+    if "sqed" in s:
+        q = s["sqed"]
+        rows.append(["sqed", "(image, method) rows labelled", q.get("rows_labelled_per_s"), q.get("world_size", 1), q.get("seconds")])
+        rows.append(["sqed", "training images (all methods)", q.get("train_images_per_s"), q.get("world_size", 1), q.get("train_s_recorded")])
+    if "sqa" in s:
+        rows.append(["sqa", "models trained (RS-SQA + ablations)", None, 1, s["sqa"].get("seconds")])
+    return [r for r in rows if r[2] is not None or r[0] == "sqa"]
 
 
 def build_report(runs: str | Path, profile: str, wandb: bool = True) -> Path:
@@ -133,9 +162,9 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True) -> Path:
         md.append(img(_bar(plots / "purify_counts.png", "purification decisions", {"pairs": counts}, "pairs"), "decisions"))
         ex = _examples(root / "purify")
         if ex:
-            cols = [c for c in ("caption", "original", "before", "after", "chosen", "score", "decision") if c in ex[0]]
+            cols = [c for c in ("decision", "rule", "before", "after", "score", "after_score") if c in ex[0]]
             cols = cols or list(ex[0])[:4]
-            md.append("Examples (before, after, score):\n\n")
+            md.append("Examples (before, after, the filter's score of each):\n\n")
             md.append(table("purify_examples", cols, [[str(e.get(c, ""))[:80] for c in cols] for e in ex]))
         data["purify"] = {k: p.get(k) for k in (*keys, "noise_precision", "noise_recall", "noise_f1")}
 
@@ -153,7 +182,10 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True) -> Path:
         md.append("## RS-SQED: overall accuracy of eight methods\n")
         keys = ["n_images", "n_methods", "n_rows", "oa_mean", "oa_std", "best_method_share"]
         md.append(table("sqed_summary", keys, [[q.get(k) for k in keys]]))
-        md.append(table("sqed_per_method", ["method", "mean OA"], [[m, v] for m, v in q.get("per_method_oa", {}).items()]))
+        wins = q.get("wins", {})
+        md.append(table("sqed_per_method", ["method", "mean OA", "images where best"],
+                        [[m, v, wins.get(m, 0)] for m, v in q.get("per_method_oa", {}).items()]))  # fmt: skip
+        md.append(table("sqed_per_source", ["source", "mean OA"], [[k, v] for k, v in q.get("per_source_oa", {}).items()]))
         for pth in _copy_plots(root / "sqed", plots, "sqed"):
             md.append(img(pth, pth.stem))
         data["sqed"] = {k: q.get(k) for k in (*keys, "per_method_oa")}
@@ -168,16 +200,33 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True) -> Path:
         md.append(img(_bar(plots / "sqa_srcc.png", "SRCC with true OA (test)", {"SRCC": srcc}, "SRCC"), "srcc"))
         md.append("## Method recommendation\n")
         rk = ["top1", "chosen_oa", "best_fixed_oa", "oracle_oa", "regret"]
-        md.append(table("sqa_recommend", rk, [[a.get("recommend", {}).get(k) for k in rk]]))
+        rec = a.get("recommend", {})
+        md.append(table("sqa_recommend", rk, [[rec.get(k) for k in rk]]))
+        if rec.get("best_fixed_method"):
+            md.append(f"Best fixed method (on train): {rec['best_fixed_method']}; {rec.get('n_images')} test images.\n")
+        others = a.get("recommend_baselines", {})
+        if others:
+            md.append("Ranking the methods by another score instead:\n\n")
+            md.append(table("sqa_recommend_by_score", ["ranked by", "top1", "chosen_oa", "regret"],
+                            [["RS-SQA", rec.get("top1"), rec.get("chosen_oa"), rec.get("regret")]]
+                            + [[n, v.get("top1"), v.get("chosen_oa"), v.get("regret")] for n, v in others.items()]))  # fmt: skip
         for pth in _copy_plots(root / "sqa", plots, "sqa"):
             md.append(img(pth, pth.stem))
         data["sqa"] = {"test": a["test"], "baselines": a.get("baselines", {}), "recommend": a.get("recommend", {})}
 
+    md.append("## Benchmarks\n")
+    speed = _stage_speeds(s)
+    if speed:
+        md.append("Throughput measured by the stages of this run (one or two processes on this machine):\n\n")
+        md.append(table("stage_throughput", ["stage", "what", "per second", "processes", "stage seconds"], speed))
+        data["stage_throughput"] = speed
     bench = _benchmarks(Path(runs) / "bench")
     if bench:
-        md.append("## Benchmarks\n")
+        md.append("From `make bench` (each against its reference in the same run; `runs/bench/*.json`):\n\n")
         md.append(table("benchmarks", ["benchmark", "what", "figures"], bench))
         data["bench"] = bench
+    else:
+        md.append("No `runs/bench/*.json` yet: `make bench` runs the benchmarks against their references.\n")
     out = root / "report.md"
     atomic_write_bytes(out, "\n".join(md).encode())
     atomic_write_json(root / "report.json", data)

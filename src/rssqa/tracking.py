@@ -184,5 +184,8 @@ def quiet_lightning() -> None:
         ".*is running on a CPU.*",
         ".*all_gather is deprecated.*",  # inside open_clip's loss; not ours to change
         ".*treespec, LeafSpec.*is deprecated.*",  # inside Lightning's pytree helper
+        ".*You have overridden .transfer_batch_to_device. in .LightningModule.*",  # on purpose (purify)
+        ".*Couldn't infer the batch indices fetched from your dataloader.*",  # purify's writers do not need them
+        ".*.tensorboardX. has been removed as a dependency.*",  # the CLI's unused default Trainer
     ):
         warnings.filterwarnings("ignore", message=pattern)

@@ -202,6 +202,20 @@ def test_keep_fraction_sets_the_global_threshold(finished):
     assert np.mean(np.asarray(scores) >= summary["threshold"]) == pytest.approx(0.6, abs=0.02)
 
 
+def test_rewrites_must_clear_the_kept_captions_bar(corpus, checkpoints, tmp_path):
+    out = tmp_path / "purify"
+    summary = run(make_task(corpus, out, checkpoints, rewrite_quantile=0.5))
+    scores = read_scores(out / "rounds" / "0" / "scores", 5)
+    bar = float(np.quantile(scores[scores >= summary["threshold"]], 0.5, method="lower"))
+    assert summary["rewrite_threshold"] == bar > summary["threshold"]
+    generated = [r for f in sorted((out / "done").glob("*.json")) for r in json.loads(f.read_text())["records"]
+                 if r["generated"] is not None]  # fmt: skip
+    assert generated
+    for r in generated:  # a rewrite above the keep threshold but under the bar is dropped
+        clears = r["gen_rule"] is None and r["gen_score"] >= bar
+        assert r["decision"] == ("rewritten" if clears else "dropped"), r["key"]
+
+
 def test_resume_after_a_failure_gives_the_same_output(finished, corpus, checkpoints, tmp_path, monkeypatch):
     reference, _ = finished
     out = tmp_path / "purify"
@@ -275,6 +289,8 @@ def test_clear_errors_before_any_work(corpus, checkpoints, tmp_path):
         ({"captioner": ModelSpec("rs-tiny")}, "not a CoCa"),
         ({"keep_fraction": None}, "exactly one"),
         ({"rounds": 2}, "bootstrap"),
+        ({"rewrite_quantile": 1.5}, "rewrite_quantile"),
+        ({"keep_fraction": None, "threshold": 0.3, "rewrite_quantile": 0.5}, "needs a score pass"),
     ]
     for over, message in cases:
         with pytest.raises(RSSQAError, match=message):

@@ -22,10 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +105,29 @@ def create_clip(
             raise RSSQAError(f"{checkpoint}: checkpoint not found")
         if checkpoint.is_dir():
             _check_config_matches(checkpoint / CONFIG_FILE, cfg, name)
-    model, pre_train, pre_val = open_clip.create_model_and_transforms(name, pretrained=None, **kw)
+    with quiet_weight_notice():
+        model, pre_train, pre_val = open_clip.create_model_and_transforms(name, pretrained=None, **kw)
     model.rssqa_model_cfg = _effective_config(cfg, kw)
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model, pre_train, pre_val, open_clip.get_tokenizer(name)
+
+
+class _DropNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def quiet_weight_notice() -> Iterator[None]:
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" while creating a model
+    whose weights are loaded right after (or that is meant to start from scratch)."""
+    root, drop = logging.getLogger(), _DropNotice()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def load_clip(path: str | os.PathLike, **kw: Any) -> tuple[torch.nn.Module, Callable, Callable, Tokenizer]:
@@ -127,7 +147,8 @@ def load_clip(path: str | os.PathLike, **kw: Any) -> tuple[torch.nn.Module, Call
         raise RSSQAError(f"{path}: not a directory (expected an open_clip local dir with {CONFIG_FILE})")
     cfg = _read_config(config_path)
     ident = "local-dir:" + str(path)
-    model, pre_train, pre_val = open_clip.create_model_and_transforms(ident, load_weights=False, **kw)
+    with quiet_weight_notice():  # the weights are loaded (strictly) right below
+        model, pre_train, pre_val = open_clip.create_model_and_transforms(ident, load_weights=False, **kw)
     model.rssqa_model_cfg = _effective_config(cfg, kw)
     load_weights(model, path)
     return model, pre_train, pre_val, open_clip.get_tokenizer(ident)

@@ -151,6 +151,11 @@ class PurifyConfig:
             needed; noisy captions form the low group). Exclusive with ``keep_fraction``.
         keep_fraction: target share of rule-passing input captions kept as they are; a score pass turns
             it into a global threshold.
+        rewrite_quantile: None, or the bar a rewritten caption must clear: this quantile of the scores of
+            the captions kept as they are (0.5: a rewrite must fit its image at least as well as the
+            median kept caption). A weak captioner writes fluent captions of the wrong kind of place, and
+            such a caption clears the keep threshold easily; the bar keeps those out (they are dropped).
+            Needs a score pass (``threshold: otsu`` or ``keep_fraction``).
         score: ``"cosine"`` (image-text cosine similarity) or ``"zscore"`` (the cosine standardised
             against the caption's cosines with a fixed bank of trusted reference images: how much
             better the caption fits its image than images in general, free of caption-style bias).
@@ -177,6 +182,7 @@ class PurifyConfig:
     captioner: ModelSpec = field(default_factory=lambda: ModelSpec("rs-coca-tiny"))
     threshold: float | str | None = None
     keep_fraction: float | None = None
+    rewrite_quantile: float | None = None
     score: str = "cosine"
     reference_size: int = 256
     rounds: int = 1
@@ -208,6 +214,11 @@ def validate(cfg: PurifyConfig) -> tuple[list[str], list[str]]:
             raise RSSQAError(f"purify.threshold: {cfg.threshold!r}; give a number or 'otsu'") from None
     if cfg.keep_fraction is not None and not 0 < cfg.keep_fraction <= 1:
         raise RSSQAError(f"purify.keep_fraction: must be in (0, 1], got {cfg.keep_fraction}")
+    if cfg.rewrite_quantile is not None:
+        if not 0 <= cfg.rewrite_quantile <= 1:
+            raise RSSQAError(f"purify.rewrite_quantile: must be in [0, 1], got {cfg.rewrite_quantile}")
+        if cfg.threshold != "otsu" and cfg.keep_fraction is None:
+            raise RSSQAError("purify.rewrite_quantile: needs a score pass; set threshold: otsu or keep_fraction")
     if cfg.score not in ("cosine", "zscore"):
         raise RSSQAError(f"purify.score: {cfg.score!r}; choose cosine or zscore")
     if cfg.rounds < 1 or (cfg.rounds > 1 and not cfg.bootstrap):
@@ -491,6 +502,7 @@ class PurifyTask(L.LightningModule):
         captioner: ModelSpec | None = None,
         threshold: float | str | None = None,
         keep_fraction: float | None = None,
+        rewrite_quantile: float | None = None,
         score: str = "cosine",
         reference_size: int = 256,
         rounds: int = 1,
@@ -514,6 +526,7 @@ class PurifyTask(L.LightningModule):
         self.tokenizer: Callable | None = None
         self.captioner_tokenizer: Callable | None = None
         self.threshold: float | None = None
+        self.rewrite_threshold: float | None = None
         self.known_scores: Path | None = None  # the score pass's folder: the write pass reuses its scores
         self._score_cache: dict[int, dict[str, float]] = {}
         self.register_buffer("reference", torch.zeros(0), persistent=False)
@@ -527,6 +540,7 @@ class PurifyTask(L.LightningModule):
         reference: torch.Tensor | None,
         threshold: float | None,
         known_scores: Path | None = None,
+        rewrite_threshold: float | None = None,
     ) -> PurifyTask:
         """Set the models of a pass; ``threshold`` None makes it a score pass (no captioning).
 
@@ -538,6 +552,7 @@ class PurifyTask(L.LightningModule):
         self.tokenizer, self.captioner_tokenizer, self.threshold = tokenizer, captioner_tokenizer, threshold
         self.reference = reference if reference is not None else torch.zeros(0)
         self.known_scores, self._score_cache = known_scores, {}
+        self.rewrite_threshold = threshold if rewrite_threshold is None or threshold is None else max(threshold, rewrite_threshold)
         return self
 
     def _scores_of(self, shard: int, keys: Sequence[str]) -> list[float] | None:
@@ -608,7 +623,7 @@ class PurifyTask(L.LightningModule):
             for j, i in enumerate(idx):
                 generated[i], gen_score[i] = texts[j], float(g_score[j])
                 gen_rule[i] = check_caption(texts[j], self.cfg.rules)
-                ok = gen_rule[i] is None and gen_score[i] >= self.threshold
+                ok = gen_rule[i] is None and gen_score[i] >= self.rewrite_threshold
                 decision[i] = "rewritten" if ok else "dropped"
         return {"decision": decision, "generated": generated, "gen_score": gen_score, "gen_rule": gen_rule}
 
@@ -908,13 +923,14 @@ class Purify:
                     except UnicodeDecodeError:
                         continue
 
-    def predictor(self, dirs: RoundDirs, threshold: float | None, known_scores: Path | None = None) -> tuple[PurifyTask, SamplePrep]:
+    def predictor(self, dirs: RoundDirs, threshold: float | None, known_scores: Path | None = None,
+                  rewrite_threshold: float | None = None) -> tuple[PurifyTask, SamplePrep]:  # fmt: skip
         """The task set up with the round's models (loaded from its folders) and the worker-side preparation."""
         fmodel, _, f_val, tok = load_clip(dirs.filter)
         cmodel, _, c_val, cap_tok = load_captioner(dirs.captioner)
         same = _preprocess_key(fmodel) == _preprocess_key(cmodel)
         reference = self.reference_bank(fmodel, f_val) if self.cfg.score == "zscore" else None
-        task = self.task.use(fmodel, tok, cmodel, cap_tok, reference, threshold, known_scores)
+        task = self.task.use(fmodel, tok, cmodel, cap_tok, reference, threshold, known_scores, rewrite_threshold)
         return task, SamplePrep(f_val, None if same else c_val, tok, self.cfg.rules)
 
     @torch.no_grad()
@@ -959,7 +975,7 @@ class Purify:
         for r in range(cfg.rounds):
             dirs = round_dirs(self.out, r, cfg.rounds)
             self.models(r, dirs, prev)
-            threshold, known = cfg.threshold, None
+            threshold, known, rewrite = cfg.threshold, None, None
             if cfg.keep_fraction is not None or threshold == "otsu":
                 pred, prep = self.predictor(dirs, None)
                 scored = self.predict_pass(pred, prep, ScoreWriter(dirs.scores), dirs.scores)
@@ -970,18 +986,21 @@ class Purify:
                         threshold = keep_fraction_threshold(scores, cfg.keep_fraction)
                     else:
                         threshold = otsu_threshold(scores)
+                    if cfg.rewrite_quantile is not None:
+                        rewrite = float(np.quantile(scores[scores >= threshold], cfg.rewrite_quantile, method="lower"))
                     record = {"threshold": threshold, "method": "otsu" if cfg.keep_fraction is None else "keep_fraction",
-                              "keep_fraction": cfg.keep_fraction, "kept_share": float(np.mean(scores >= threshold))}  # fmt: skip
+                              "keep_fraction": cfg.keep_fraction, "kept_share": float(np.mean(scores >= threshold)),
+                              "rewrite_quantile": cfg.rewrite_quantile, "rewrite_threshold": rewrite}  # fmt: skip
                     atomic_write_json(dirs.root / "threshold.json", record)
-                threshold = self.trainer.strategy.broadcast(threshold, src=0)
+                threshold, rewrite = self.trainer.strategy.broadcast((threshold, rewrite), src=0)
                 known = dirs.scores
-            pred, prep = self.predictor(dirs, threshold, known)
+            pred, prep = self.predictor(dirs, threshold, known, rewrite)
             writer = PurifyWriter(dirs.shards, dirs.done, r, threshold)
             self._add(speed, self.predict_pass(pred, prep, writer, dirs.done))
             stats = None
             if self.rank == 0:
                 markers = read_markers(dirs.done, len(self.inputs))
-                stats = {"round": r, "threshold": threshold, **account(markers)}
+                stats = {"round": r, "threshold": threshold, "rewrite_threshold": pred.rewrite_threshold, **account(markers)}
                 write_sizes(dirs.shards, {m["output"]: m["n_kept"] + m["n_rewritten"] for m in markers})
                 self._log_round(stats)
             rounds.append(self.trainer.strategy.broadcast(stats, src=0))
@@ -1014,7 +1033,7 @@ class Purify:
             summary["samples_per_s"] = round(samples / wall_s, 2) if wall_s > 0 else None
             summary["model_compute_share"] = share
             summary["per_rank"] = self.per_rank  # prediction passes of this invocation
-            summary.update({k: final[k] for k in ("threshold", "rules", "generated_rules")})
+            summary.update({k: final[k] for k in ("threshold", "rewrite_threshold", "rules", "generated_rules")})
             summary["rounds"] = rounds
             summary["world_size"] = self.trainer.world_size
             summary["seconds"] = round(wall, 2)
