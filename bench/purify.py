@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting, interleaved; the best counts")
     args = ap.parse_args()
-    work = Path(args.out).parent / "purify-work"
+    work = Path(args.out).resolve().parent / "purify-work"  # absolute: the stage reads relative inputs under --out's parent
     prepare(work / "data", args.n, args.size)
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for _ in range(args.repeats):
