@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import median, write_report
 from rssqa.data.shards import ShardWriter
-from rssqa.models.clip import clip_config
+from rssqa.models.clip import clip_config, quiet_weight_notice
 from rssqa.world import sample_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ ASSUMED_MFU = 0.4  # model FLOPs utilisation typical of large ViT contrastive tr
 def train_flops_per_sample(name: str, grad_checkpointing: bool = False) -> float:
     """FLOPs of one training sample (forward + backward) of the named CLIP, counted by tracing on meta."""
     cfg = clip_config(name)
-    with torch.device("meta"):
+    with torch.device("meta"), quiet_weight_notice():
         model = open_clip.create_model(name, device="meta")
     model.set_grad_checkpointing(grad_checkpointing)
     size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"].get("context_length", 77)

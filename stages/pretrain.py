@@ -102,10 +102,10 @@ class PretrainCLI(LightningCLI):
 
 def describe_plan(config) -> str:
     """What a run of this config would do: model size, global batch, steps, inputs; no data is read."""
-    from rssqa.models.clip import clip_config
+    from rssqa.models.clip import clip_config, quiet_weight_notice
 
     model, data, trainer = config.model, config.data, config.trainer
-    with torch.device("meta"):
+    with torch.device("meta"), quiet_weight_notice():
         n_params = sum(
             p.numel() for p in open_clip.create_model(model.model_name, device="meta").parameters()
         )

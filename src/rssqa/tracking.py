@@ -144,28 +144,15 @@ def finish_runs(loggers: Iterable[Logger]) -> None:
             lg._experiment.finish()
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
 def quiet_lightning() -> None:
     """Silence the libraries' advice that does not apply to these stage runs.
 
     Kept: warnings about the user's own data or config. Dropped: Lightning's GPU/TPU availability lines,
     its LitLogger tip, worker-count and logging-interval advice, the "checkpoint directory exists"
-    notice (a resumed run writes into its own folder on purpose), a deprecation inside Lightning and
-    one inside open_clip, and open_clip's "No pretrained weights loaded" for a model whose weights
-    the project loads itself right after creating it.
+    notice (a resumed run writes into its own folder on purpose), and deprecations inside Lightning
+    and open_clip. (open_clip's "No pretrained weights loaded" is hidden where models are created:
+    :func:`rssqa.models.clip.quiet_weight_notice`.)
     """
-    drop = _DropMessages("No pretrained weights loaded for model")
-    root = logging.getLogger()
-    if not any(isinstance(f, _DropMessages) for f in root.filters):
-        root.addFilter(drop)
     for name in (
         "lightning.pytorch.utilities.rank_zero",
         "lightning.pytorch.accelerators.cuda",
