@@ -3,33 +3,33 @@
 Lightning's progress bars redraw one terminal line; in a SLURM log, a CI log or beside another stage
 of ``make demo`` (two stages share the two cores) they turn into garbage. :class:`ProgressLog` prints
 ``[stage] fit 32/64 steps (50%), epoch 1/2, train/loss 4.41, 2.1 it/s, eta 0:00:15`` at most every
-``every_s`` seconds, on rank 0 only, for fitting, validation-free prediction passes and long loops
-(:func:`log_progress`).
+``every_s`` seconds, on rank 0 only, for fitting and prediction passes; loops of a stage's own print
+with :func:`line` and :func:`eta`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-T = TypeVar("T")
 
-
-def _eta(done: int, total: int | None, elapsed: float) -> str:
+def eta(done: int, total: int | None, elapsed: float) -> str:
+    """``", eta 0:01:05"`` after ``done`` of ``total`` items in ``elapsed`` seconds (empty without a total)."""
     if not total or done <= 0:
         return ""
     left = elapsed / done * max(total - done, 0)
     return f", eta {timedelta(seconds=round(left))}"
 
 
-def _line(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+def line(label: str, text: str) -> None:
+    """Print ``[label] text`` to stderr at once."""
+    print(f"[{label}] {text}", file=sys.stderr, flush=True)
 
 
 class ProgressLog(Callback):
@@ -57,7 +57,7 @@ class ProgressLog(Callback):
         of = f"/{total}" if total else ""
         pct = f" ({100 * done / total:.0f}%)" if total else ""
         rate = f", {done / elapsed:.1f} {unit}/s" if elapsed > 0 and done else ""
-        _line(f"[{self.label}] {what} {done}{of} {unit}{pct}{extra}{rate}{_eta(done, total, elapsed)}")
+        line(self.label, f"{what} {done}{of} {unit}{pct}{extra}{rate}{eta(done, total, elapsed)}")
 
     # ----------------------------------------------------------------------------------- fit
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -91,17 +91,3 @@ class ProgressLog(Callback):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._maybe(trainer, "predict done:", self._batches, None, "batches", force=True)
-
-
-def log_progress(items: Iterable[T], label: str, total: int | None = None, unit: str = "items", every_s: float = 15.0) -> Iterator[T]:
-    """Yield ``items``, printing a progress line at most every ``every_s`` seconds and at the end."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    t0 = last = time.perf_counter()
-    for done, item in enumerate(items, start=1):
-        yield item
-        now = time.perf_counter()
-        if now - last >= every_s or done == total:
-            last = now
-            of = f"/{total}" if total else ""
-            _line(f"[{label}] {done}{of} {unit}, {now - t0:.0f} s{_eta(done, total, now - t0)}")

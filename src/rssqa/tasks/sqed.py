@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +47,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from rssqa import progress
 from rssqa.data.segsets import (
     IGNORE_INDEX,
     SegArrays,
@@ -885,10 +885,9 @@ def build_sqed(
                 units[f"{name}/{method}"] = {"trained": trained, "labelled": labelled}
                 done = len(units)
                 elapsed = time.perf_counter() - t_prep
-                eta = elapsed / done * (len(mine) - done)
-                print(f"[sqed] {name}/{method} {'trained' if trained else 'reused'}: unit {done}/{len(mine)}"
-                      f"{f' of rank {ranks.rank}' if ranks.world_size > 1 else ''}, {elapsed:.0f} s, eta {eta:.0f} s",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                of_rank = f" of rank {ranks.rank}" if ranks.world_size > 1 else ""
+                progress.line("sqed", f"{name}/{method} {'trained' if trained else 'reused'}: unit {done}/{len(mine)}"
+                                      f"{of_rank}, {elapsed:.0f} s{progress.eta(done, len(mine), elapsed)}")  # fmt: skip
         timing = {k: round(v, 2) if isinstance(v, float) else v for k, v in timing.items()}
         if not lead:
             return {"rank": ranks.rank, "world_size": ranks.world_size, "units": units, **timing,
