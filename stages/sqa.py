@@ -79,9 +79,16 @@ def comparison_tables(s: dict) -> dict[str, tuple[list[str], list[list]]]:
     metrics = ["srcc", "plcc", "krcc", "rmse"]
     rows = [["rs_sqa", *(s["test"][k] for k in metrics)]]
     rows += [[name, *(m[k] for k in metrics)] for name, m in s["baselines"].items() if m]
-    rec = [["rs_sqa", s["recommend"]["top1"], s["recommend"]["regret"], s["recommend"]["chosen_oa"]]]
-    rec += [[name, m["top1"], m["regret"], m["chosen_oa"]] for name, m in s["recommend_baselines"].items()]
-    return {"comparison": (["model", *metrics], rows), "recommend": (["model", "top1", "regret", "chosen_oa"], rec)}
+    rk = ["top1", "top1_within", "regret", "chosen_oa"]
+    rec = [["rs_sqa", *(s["recommend"][k] for k in rk)]]
+    rec += [[name, *(m[k] for k in rk)] for name, m in s["recommend_baselines"].items()]
+    vs = [[name, *(v[m][k] for m in ("srcc", "plcc") for k in ("diff", "low", "high", "a_better"))] for name, v in s["vs_rs_sqa"].items()]
+    vs_cols = [f"{m}_{k}" for m in ("srcc", "plcc") for k in ("diff", "low", "high", "rs_sqa_ahead")]
+    return {
+        "comparison": (["model", *metrics], rows),
+        "recommend": (["model", *rk], rec),
+        "vs_rs_sqa": (["against", *vs_cols], vs),
+    }
 
 
 class OneRunAtATime:
@@ -105,14 +112,24 @@ class OneRunAtATime:
 def print_summary(s: dict) -> None:
     """The comparison table and recommendation figures, for the terminal."""
     rows = [("rs_sqa", s["test"])] + [(k, v) for k, v in s["baselines"].items() if v]
-    print(f"{'':>14} {'SRCC':>7} {'PLCC':>7} {'KRCC':>7} {'RMSE':>7}")
+    print(f"{'':>14} {'SRCC':>7} {'PLCC':>7} {'KRCC':>7} {'RMSE':>7}   RS-SQA - it, SRCC (95% bootstrap)")
     for name, m in rows:
-        print(f"{name:>14} " + " ".join(f"{m[k]:7.3f}" if m[k] is not None else f"{'-':>7}" for k in ("srcc", "plcc", "krcc", "rmse")))
+        line = f"{name:>14} " + " ".join(f"{m[k]:7.3f}" if m[k] is not None else f"{'-':>7}" for k in ("srcc", "plcc", "krcc", "rmse"))
+        v = s.get("vs_rs_sqa", {}).get(name)
+        if v:
+            line += f"   {v['srcc']['diff']:+.3f} [{v['srcc']['low']:+.3f}, {v['srcc']['high']:+.3f}]"
+        print(line)
     r = s["recommend"]
     print(
         f"recommend: top1 {r['top1']:.3f}, chosen OA {r['chosen_oa']:.3f}, best fixed ({r['best_fixed_method']}) "
         f"{r['best_fixed_oa']:.3f}, oracle {r['oracle_oa']:.3f}, regret {r['regret']:.3f}; {s['seconds']} s"
     )
+    h = s.get("recommend_headroom")
+    if h:
+        print(
+            f"top1 {h['target']:g} needs a within-image error below {h['sigma_for_target']:.3f} OA; "
+            f"RS-SQA's is {h['within_image_error']['rs_sqa']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -62,3 +62,21 @@ def test_grouped_metrics_split_rows_by_group():
     assert sorted(out) == ["a", "b"]
     assert set(out["a"]) == set(metrics.METRICS)
     assert out["b"]["srcc"] == pytest.approx(stats.spearmanr(PRED[25:], TARGET[25:]).statistic)
+
+
+def test_paired_bootstrap_separates_a_better_score_from_a_tie():
+    rng = np.random.default_rng(0)
+    images = np.repeat(np.arange(150), 4)
+    oa = rng.uniform(0.2, 0.9, len(images))
+    good = oa + rng.normal(0, 0.05, len(oa))
+    poor = oa + rng.normal(0, 0.3, len(oa))
+    out = metrics.paired_bootstrap(good, poor, oa, images, n_boot=300)
+    for name, ref in (("srcc", stats.spearmanr), ("plcc", stats.pearsonr)):
+        r = out[name]
+        assert r["diff"] == pytest.approx(ref(good, oa)[0] - ref(poor, oa)[0], abs=1e-6)
+        assert 0 < r["low"] < r["diff"] < r["high"] and r["a_better"] == 1.0
+    twin = good + rng.normal(0, 1e-3, len(oa))  # the same score up to a whisker: the interval spans 0
+    tie = metrics.paired_bootstrap(good, twin, oa, images, n_boot=300)["srcc"]
+    assert tie["low"] < 0 < tie["high"] and 0.05 < tie["a_better"] < 0.95
+    with pytest.raises(RSSQAError, match="one size"):
+        metrics.paired_bootstrap(good[:-1], poor[:-1], oa[:-1], images[:-1])

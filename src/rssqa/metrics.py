@@ -132,3 +132,58 @@ def grouped_metrics(pred: Any, target: Any, groups: Sequence[str]) -> dict[str, 
     if len(g) != len(p):
         raise RSSQAError(f"metrics: {len(g)} group labels for {len(p)} predictions")
     return {str(k): quality_metrics(p[g == k], t[g == k]) for k in sorted(set(g.tolist()))}
+
+
+def paired_bootstrap(
+    pred_a: Any,
+    pred_b: Any,
+    target: Any,
+    groups: Sequence[Any],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """How sure is "a correlates better with OA than b"? A paired bootstrap over groups (images).
+
+    Whole groups are drawn with replacement (all methods of an image together, since their rows are not
+    independent); both scores are measured on the same draw, so the spread of the difference is what
+    the test set leaves open, not the spread of either score alone.
+
+    Args:
+        pred_a: the first score, shape ``N``.
+        pred_b: the score to compare against, shape ``N``.
+        target: true OA, shape ``N``.
+        groups: group id per row (the image), length ``N``.
+        n_boot: bootstrap draws.
+        seed: seed of the draws.
+
+    Returns:
+        ``{"srcc": {...}, "plcc": {...}}``, each with ``diff`` (a - b on all rows), ``low`` and ``high``
+        (the 2.5 and 97.5 percentiles of the drawn differences) and ``a_better`` (share of draws in
+        which a is ahead).
+    """
+    a = np.asarray(pred_a, dtype=np.float64).reshape(-1)
+    b = np.asarray(pred_b, dtype=np.float64).reshape(-1)
+    t = np.asarray(target, dtype=np.float64).reshape(-1)
+    g = np.asarray(groups)
+    if not (len(a) == len(b) == len(t) == len(g)):
+        raise RSSQAError(f"metrics: paired bootstrap needs equal lengths, got {len(a)}, {len(b)}, {len(t)}, {len(g)}")
+    _, inverse = np.unique(g, return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
+    gen = np.random.default_rng(seed)
+    draws = gen.integers(0, len(members), (n_boot, len(members)))
+    sizes = {len(m) for m in members}
+    if len(sizes) != 1:
+        raise RSSQAError(f"metrics: paired bootstrap needs groups of one size (every image with every method), got sizes {sorted(sizes)}")
+    idx = np.stack([np.concatenate([members[k] for k in d]) for d in draws], axis=1)  # N × n_boot
+    out = {}
+    for name, fn, one in (("srcc", spearman_corrcoef, srcc), ("plcc", pearson_corrcoef, plcc)):
+        tt = torch.from_numpy(t[idx])
+        diffs = (fn(torch.from_numpy(a[idx]), tt) - fn(torch.from_numpy(b[idx]), tt)).numpy()
+        diffs = diffs[np.isfinite(diffs)]
+        out[name] = {
+            "diff": one(a, t) - one(b, t),
+            "low": float(np.percentile(diffs, 2.5)) if len(diffs) else math.nan,
+            "high": float(np.percentile(diffs, 97.5)) if len(diffs) else math.nan,
+            "a_better": float((diffs > 0).mean()) if len(diffs) else math.nan,
+        }
+    return out

@@ -8,6 +8,12 @@ predicted score (ties broken by method name, so the choice is deterministic).
 - ``best_fixed_oa``: mean OA of the single method with the best mean OA on the train split.
 - ``oracle_oa``: mean per-image best OA.
 - ``regret``: ``oracle_oa - chosen_oa``.
+- ``top1_within``: share of images where the recommended method is within ``tolerance`` OA of the best
+  (when methods nearly tie, picking any of them loses little; ``top1`` alone cannot show that).
+
+:func:`headroom` asks how exact a quality score must be for a top1 target: it ranks each image's methods
+by their true OA plus Gaussian noise of a given size, so a model's within-image error can be read against
+the top1 it would allow.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ def recommend_metrics(
     oa: Sequence[float],
     scores: Sequence[float],
     best_fixed: str,
+    tolerance: float = 0.01,
 ) -> dict[str, float]:
     """Score the per-image recommendations on a split (every image must have every method).
 
@@ -73,16 +80,17 @@ def recommend_metrics(
         oa: true OA per row, length ``N``.
         scores: predicted quality per row, length ``N`` (higher is better).
         best_fixed: the method chosen on the train split (:func:`best_fixed_method`).
+        tolerance: OA gap to the best that still counts for ``top1_within``.
 
     Returns:
-        ``{top1, regret, chosen_oa, best_fixed_oa, oracle_oa}`` as floats, plus ``n_images``.
+        ``{top1, regret, chosen_oa, best_fixed_oa, oracle_oa, top1_within}`` as floats, plus ``n_images``.
     """
     true = _by_image(image_ids, methods, oa)
     pred = _by_image(image_ids, methods, scores)
     if not true:
         raise RSSQAError("recommend: no rows")
     all_methods = set().union(*(set(v) for v in true.values()))
-    hits, chosen, fixed, oracle = [], [], [], []
+    hits, near, chosen, fixed, oracle = [], [], [], [], []
     for image, row in sorted(true.items()):
         if set(row) != all_methods:
             missing = sorted(all_methods - set(row))
@@ -92,11 +100,13 @@ def recommend_metrics(
         pick = rank_methods(pred[image])[0][0]
         best = max(row.values())
         hits.append(row[pick] >= best - _TIE)
+        near.append(row[pick] >= best - tolerance - _TIE)
         chosen.append(row[pick])
         fixed.append(row[best_fixed])
         oracle.append(best)
     out = {
         "top1": float(np.mean(hits)),
+        "top1_within": float(np.mean(near)),
         "chosen_oa": float(np.mean(chosen)),
         "best_fixed_oa": float(np.mean(fixed)),
         "oracle_oa": float(np.mean(oracle)),
@@ -104,3 +114,69 @@ def recommend_metrics(
     }
     out["regret"] = out["oracle_oa"] - out["chosen_oa"]
     return out
+
+
+def _oa_matrix(image_ids: Sequence[Any], methods: Sequence[str], values: Sequence[float]) -> np.ndarray:
+    table = _by_image(image_ids, methods, values)
+    names = sorted(set().union(*(set(v) for v in table.values()))) if table else []
+    if not names:
+        raise RSSQAError("recommend: no rows")
+    for image, row in table.items():
+        if len(row) != len(names):
+            raise RSSQAError(f"recommend: image {image} lacks methods {sorted(set(names) - set(row))}")
+    return np.array([[table[i][m] for m in names] for i in sorted(table)], dtype=np.float64)
+
+
+def within_image_error(image_ids: Sequence[Any], methods: Sequence[str], oa: Sequence[float], scores: Sequence[float]) -> float:
+    """Spread of a score's error once each image's own offset is removed: what recommendation suffers from.
+
+    The per-image mean of ``score - OA`` is subtracted (a constant offset per image changes no ranking),
+    and the spread is rescaled by ``sqrt(M / (M - 1))`` so it is on the scale of the noise ``sigma`` of
+    :func:`headroom`.
+    """
+    err = _oa_matrix(image_ids, methods, scores) - _oa_matrix(image_ids, methods, oa)
+    m = err.shape[1]
+    centred = err - err.mean(axis=1, keepdims=True)
+    return float(np.sqrt((centred**2).sum() / (centred.size - len(centred))) if m > 1 else 0.0)
+
+
+def headroom(
+    image_ids: Sequence[Any],
+    methods: Sequence[str],
+    oa: Sequence[float],
+    sigmas: Sequence[float] = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1),
+    target: float = 0.73,
+    repeats: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """top1 of an oracle blurred by noise: each method's true OA plus ``N(0, sigma^2)``, per image.
+
+    Args:
+        image_ids, methods, oa: the split's rows (every image must have every method).
+        sigmas: noise sizes to report.
+        target: the top1 to find the largest allowed noise for (by bisection).
+        repeats: noise draws averaged per sigma.
+        seed: seed of the draws.
+
+    Returns:
+        ``top1_at_sigma`` ``{sigma: top1}``, ``sigma_for_target`` (the largest noise that still reaches
+        ``target``; 0 when even a noise-free score misses it) and ``target``.
+    """
+    true = _oa_matrix(image_ids, methods, oa)
+    best = true.max(axis=1, keepdims=True)
+    gen = np.random.default_rng(seed)
+    noise = gen.standard_normal((repeats, *true.shape))
+
+    def top1(sigma: float) -> float:
+        pick = np.argmax(true[None] + sigma * noise, axis=2)
+        got = np.take_along_axis(np.broadcast_to(true, noise.shape), pick[..., None], axis=2)[..., 0]
+        return float((got >= best[None, :, 0] - _TIE).mean())
+
+    lo, hi = 0.0, 1.0
+    if top1(lo) < target:
+        hi = 0.0
+    else:
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if top1(mid) >= target else (lo, mid)
+    return {"top1_at_sigma": {f"{s:g}": top1(s) for s in sigmas}, "sigma_for_target": lo if hi > 0 else 0.0, "target": target}

@@ -198,18 +198,40 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True) -> Path:
         md.append(table("sqa_comparison", ["model", *METRICS], rows))
         srcc = {r[0]: float(r[1]) for r in rows if r[1] is not None}
         md.append(img(_bar(plots / "sqa_srcc.png", "SRCC with true OA (test)", {"SRCC": srcc}, "SRCC"), "srcc"))
+        vs = a.get("vs_rs_sqa")
+        if vs:
+            md.append("RS-SQA minus each other score on the same test images, with the 95% interval of a paired "
+                      "bootstrap over images and the share of draws in which RS-SQA is ahead:\n\n")  # fmt: skip
+            md.append(table("sqa_vs_rs_sqa", ["against", "SRCC diff", "95% interval", "RS-SQA ahead", "PLCC diff", "95% interval", "RS-SQA ahead"],
+                            [[n, v["srcc"]["diff"], f"[{v['srcc']['low']:+.3f}, {v['srcc']['high']:+.3f}]", v["srcc"]["a_better"],
+                              v["plcc"]["diff"], f"[{v['plcc']['low']:+.3f}, {v['plcc']['high']:+.3f}]", v["plcc"]["a_better"]]
+                             for n, v in vs.items()]))  # fmt: skip
+            data["sqa_vs_rs_sqa"] = vs
         md.append("## Method recommendation\n")
-        rk = ["top1", "chosen_oa", "best_fixed_oa", "oracle_oa", "regret"]
+        rk = ["top1", "top1_within", "chosen_oa", "best_fixed_oa", "oracle_oa", "regret"]
         rec = a.get("recommend", {})
         md.append(table("sqa_recommend", rk, [[rec.get(k) for k in rk]]))
         if rec.get("best_fixed_method"):
-            md.append(f"Best fixed method (on train): {rec['best_fixed_method']}; {rec.get('n_images')} test images.\n")
+            md.append(f"Best fixed method (on train): {rec['best_fixed_method']}; {rec.get('n_images')} test images; "
+                      "top1_within: the chosen method is within 0.01 OA of the best.\n")
         others = a.get("recommend_baselines", {})
         if others:
             md.append("Ranking the methods by another score instead:\n\n")
-            md.append(table("sqa_recommend_by_score", ["ranked by", "top1", "chosen_oa", "regret"],
-                            [["RS-SQA", rec.get("top1"), rec.get("chosen_oa"), rec.get("regret")]]
-                            + [[n, v.get("top1"), v.get("chosen_oa"), v.get("regret")] for n, v in others.items()]))  # fmt: skip
+            rb = ["top1", "top1_within", "chosen_oa", "regret"]
+            md.append(table("sqa_recommend_by_score", ["ranked by", *rb],
+                            [["RS-SQA", *[rec.get(k) for k in rb]]] + [[n, *[v.get(k) for k in rb]] for n, v in others.items()]))  # fmt: skip
+        head = a.get("recommend_headroom")
+        if head:
+            err = head.get("within_image_error", {})
+            md.append(
+                f"How exact must a score be? Ranking each test image's methods by their true OA plus Gaussian noise, "
+                f"top1 reaches {head['target']:g} only while the noise stays below {head['sigma_for_target']:.3f} OA. "
+                f"The learned scores' error within an image (their per-image offset removed) is "
+                + ", ".join(f"{n} {v:.3f}" for n, v in err.items())
+                + ".\n\n"
+            )
+            md.append(table("sqa_recommend_headroom", ["noise sigma (OA)", "top1"], [[k, v] for k, v in head["top1_at_sigma"].items()]))
+            data["sqa_recommend_headroom"] = head
         for pth in _copy_plots(root / "sqa", plots, "sqa"):
             md.append(img(pth, pth.stem))
         data["sqa"] = {"test": a["test"], "baselines": a.get("baselines", {}), "recommend": a.get("recommend", {})}

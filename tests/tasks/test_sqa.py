@@ -143,6 +143,36 @@ def test_stage_writes_the_whole_comparison(run_root):
         assert (out / "figures" / fig).stat().st_size > 1000
     assert (out / "logs" / "rs_sqa" / "metrics.csv").is_file()
     assert (out / "scorer" / "scorer.json").is_file()
+    head = s["recommend_headroom"]
+    assert set(head["within_image_error"]) == {"rs_sqa", "image_only", "seg_only", "generic_clip", "no_gating"}
+    assert 0 <= r["top1"] <= r["top1_within"] <= 1
+    assert set(s["vs_rs_sqa"]) == set(s["baselines"])
+    for name, v in s["vs_rs_sqa"].items():
+        assert v["srcc"]["diff"] == pytest.approx(s["test"]["srcc"] - s["baselines"][name]["srcc"], abs=1e-5), name
+        assert v["srcc"]["low"] <= v["srcc"]["high"], name
+
+
+def test_scorer_holds_the_averaged_weights(run_root):
+    """With ema_decay (0.9 in the smoke config) validation, the best checkpoint and the scorer all
+    hold the moving average of the weights, not the last raw step."""
+    from safetensors.torch import load_file
+
+    out = run_root / "sqa"
+    ckpt = torch.load(out / "checkpoints" / "rs_sqa" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert "current_model_state" in ckpt  # the raw weights, kept beside the average
+    exported = load_file(str(out / "scorer" / "scorer.safetensors"))
+    averaged = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    raw = {k.removeprefix("model."): v for k, v in ckpt["current_model_state"].items()}
+    assert set(exported) == set(averaged)
+    assert all(torch.equal(exported[k], averaged[k]) for k in exported)
+    assert not all(torch.equal(exported[k], raw[k]) for k in exported)
+
+
+def test_ema_decay_must_be_a_fraction():
+    from rssqa.tasks.sqa import SQATask
+
+    with pytest.raises(RSSQAError, match="ema_decay"):
+        SQATask(ema_decay=1.0)
 
 
 def test_baselines_in_summary_are_recomputable(run_root):

@@ -380,6 +380,10 @@ class SQATask(L.LightningModule):
         rank_scale: sharpness of the ranking term (and of the listwise term's scores).
         w_list: weight of the listwise term over each image's methods (0: off).
         list_temperature: OA temperature of the listwise term's target.
+        ema_decay: decay of an exponential moving average of the weights (Lightning's
+            ``EMAWeightAveraging``), which is what validation sees, what is checkpointed and what the
+            scorer exports; 0 trains and keeps the raw weights. Averaging steadies a small head trained
+            on a few thousand rows, so fewer of its results depend on the seed.
         dims: input widths (filled from the data in ``setup``; stored so checkpoints rebuild alone).
         methods: method names with adapters (filled from the data).
         feat_dim: raw feature width of the adapters (filled from the data).
@@ -402,6 +406,7 @@ class SQATask(L.LightningModule):
         rank_scale: float = 20.0,
         w_list: float = 0.0,
         list_temperature: float = 0.02,
+        ema_decay: float = 0.0,
         dims: dict[str, int] | None = None,
         methods: list[str] | None = None,
         feat_dim: int = 0,
@@ -409,6 +414,8 @@ class SQATask(L.LightningModule):
         super().__init__()
         if variant not in VARIANTS:
             raise RSSQAError(f"model.variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise RSSQAError(f"model.ema_decay: must be in [0, 1), got {ema_decay}")
         self.save_hyperparameters()
         self.loss = SQALoss(w_mse, w_plcc, w_rank, rank_same_image, rank_min_gap, rank_scale, w_list, list_temperature)
         self.model: RSSQA | None = self._build() if dims is not None else None
@@ -433,9 +440,16 @@ class SQATask(L.LightningModule):
         return RSSQA(**self.model_kwargs())
 
     def setup(self, stage: str) -> None:
-        if self.model is not None:
-            return
-        data: SQADataModule = self.trainer.datamodule
+        if self.model is None:
+            self.build_for(self.trainer.datamodule)
+
+    def build_for(self, data: SQADataModule) -> None:
+        """Build the model for ``data``'s input widths and load its training-split input statistics.
+
+        :func:`fit_one` calls this before fitting, so callbacks that copy the model when fitting starts
+        (weight averaging) see it whole.
+        """
+        data.setup("fit")
         if self.hparams.per_method_adapters and not data.hparams.per_method_features:
             raise RSSQAError("model.per_method_adapters needs data.per_method_features: true")
         self.hparams.dims = data.dims
@@ -443,6 +457,13 @@ class SQATask(L.LightningModule):
         self.hparams.feat_dim = data.feat_dim
         self.model = self._build()
         set_input_stats(self.model, data.input_stats())
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        if not self.hparams.ema_decay:
+            return []
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch)
@@ -497,6 +518,8 @@ def fit_one(
         ``(task, {split: predictions in table row order of the split}, best val SRCC)``.
     """
     data.semantic = semantic
+    if task.model is None:
+        task.build_for(data)
     trainer.fit(task, datamodule=data)
     ckpt = trainer.checkpoint_callback
     best = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else float("nan")
@@ -582,6 +605,17 @@ def recommendation(data: SQADataModule, preds: dict[str, np.ndarray], split: str
     return {**out, "best_fixed_method": fixed}
 
 
+def recommendation_headroom(data: SQADataModule, preds: dict[str, dict[str, np.ndarray]], split: str = "test") -> dict[str, Any]:
+    """How exact a score must be for top1 to reach 0.73 on ``split``, beside each learned model's
+    within-image error (:func:`rssqa.recommend.headroom`, :func:`rssqa.recommend.within_image_error`)."""
+    rows = data.rows(split)
+    images, methods = data.image_idx[rows].tolist(), data.method_of[rows]
+    oa = data.oa[rows].double().numpy()
+    out = recommend.headroom(images, methods, oa)
+    out["within_image_error"] = {k: recommend.within_image_error(images, methods, oa, p[split]) for k, p in preds.items()}
+    return out
+
+
 def run_sqa(
     task: SQATask,
     data: SQADataModule,
@@ -639,9 +673,13 @@ def run_sqa(
         else:
             table[name] = None
     test = evaluate(data, preds)
+    test_scores = {**{k: v["test"] for k, v in base.items()}, **{k: v["preds"]["test"] for k, v in runs.items() if k != "rs_sqa"}}
+    images_test = data.image_idx[test_rows].numpy()
+    versus = {k: metrics.paired_bootstrap(preds["test"], test_scores[k], oa_test, images_test, seed=seed) for k in BASELINE_KEYS if k in test_scores}
     rec = recommendation(data, preds)
     rec_baselines = {n: recommendation(data, base[n]) for n in ("msp", "entropy", "margin", "atc")}
     rec_baselines.update({n: recommendation(data, runs[n]["preds"]) for n in ablations})
+    headroom = recommendation_headroom(data, {k: v["preds"] for k, v in runs.items()})
 
     figures = out / "figures"
     plot_scatter(preds["test"], oa_test, data.method_of[test_rows], figures / "scatter_test.png", title="RS-SQA on test")
@@ -664,9 +702,11 @@ def run_sqa(
         "test_per_source": test["per_source"],
         "test_per_method": test["per_method"],
         "baselines": table,
-        "recommend": {k: rec[k] for k in (*recommend.KEYS, "n_images", "best_fixed_method")},
-        "recommend_baselines": {k: {m: v[m] for m in ("top1", "regret", "chosen_oa")} for k, v in rec_baselines.items()},
+        "recommend": {k: rec[k] for k in (*recommend.KEYS, "top1_within", "n_images", "best_fixed_method")},
+        "recommend_baselines": {k: {m: v[m] for m in ("top1", "top1_within", "regret", "chosen_oa")} for k, v in rec_baselines.items()},
+        "recommend_headroom": headroom,
         "srcc_ranking": [k for k, _ in ranking],
+        "vs_rs_sqa": versus,
         "srcc_margin_over_label_free": None if label_free is None or test["srcc"] is None else test["srcc"] - label_free,
         "val_srcc": {k: _finite(v["best_val_srcc"]) for k, v in runs.items()},
         "atc_thresholds": thresholds,
