@@ -2,8 +2,9 @@
 
 Each term has a weight in config and is switched off by a weight of 0 (the paper ablates its loss
 terms). The ranking term looks at every pair of rows in the batch whose OA differs by more than
-``rank_min_gap``; ``rank_same_image`` restricts it to pairs of methods on the same image, which is
-what recommendation needs.
+``rank_min_gap``; a second ranking term looks only at pairs of methods on the same image, which is
+what recommendation needs (in a batch of ``k`` images with ``m`` methods each, only about ``1/k`` of
+all pairs are such pairs, so the first term alone hardly sees them).
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ class SQALoss(nn.Module):
     Args:
         w_mse: weight of the mean squared error to OA.
         w_plcc: weight of :func:`plcc_loss`.
-        w_rank: weight of :func:`pairwise_rank_loss`.
-        rank_same_image: rank only methods of the same image against each other.
+        w_rank: weight of :func:`pairwise_rank_loss` over every pair in the batch.
+        w_rank_image: weight of :func:`pairwise_rank_loss` over pairs of methods on the same image.
         rank_min_gap: OA gap below which a pair is not used for ranking.
         rank_scale: sharpness of the ranking term.
         w_list: weight of :func:`listwise_loss` over the methods of each image (0: off).
@@ -109,41 +110,36 @@ class SQALoss(nn.Module):
         w_mse: float = 1.0,
         w_plcc: float = 0.5,
         w_rank: float = 0.5,
-        rank_same_image: bool = False,
+        w_rank_image: float = 0.0,
         rank_min_gap: float = 0.0,
         rank_scale: float = 20.0,
         w_list: float = 0.0,
         list_temperature: float = 0.02,
     ):
         super().__init__()
-        if min(w_mse, w_plcc, w_rank, w_list) < 0 or w_mse + w_plcc + w_rank + w_list == 0:
+        if min(w_mse, w_plcc, w_rank, w_rank_image, w_list) < 0 or w_mse + w_plcc + w_rank + w_rank_image + w_list == 0:
             raise RSSQAError("sqa.loss: weights must be >= 0 and not all 0")
         if list_temperature <= 0:
             raise RSSQAError(f"sqa.loss: list_temperature must be > 0, got {list_temperature}")
         self.w_mse, self.w_plcc, self.w_rank = w_mse, w_plcc, w_rank
         self.w_list, self.list_temperature = w_list, list_temperature
-        self.rank_same_image, self.rank_min_gap, self.rank_scale = rank_same_image, rank_min_gap, rank_scale
+        self.w_rank_image, self.rank_min_gap, self.rank_scale = w_rank_image, rank_min_gap, rank_scale
 
     def forward(
         self, pred: torch.Tensor, target: torch.Tensor, image_idx: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Loss terms for ``N`` predictions and targets; ``image_idx`` ``N`` for same-image ranking.
+        """Loss terms for ``N`` predictions and targets; ``image_idx`` ``N`` for the same-image terms.
 
         Returns:
-            ``{"loss", "mse", "plcc", "rank", "list"}`` (terms unweighted, ``loss`` weighted).
+            ``{"loss", "mse", "plcc", "rank", "rank_image", "list"}`` (terms unweighted, ``loss`` weighted).
         """
         zero = pred.sum() * 0.0
         terms = {
             "mse": F.mse_loss(pred, target) if self.w_mse else zero,
             "plcc": plcc_loss(pred, target) if self.w_plcc else zero,
-            "rank": pairwise_rank_loss(
-                pred,
-                target,
-                image_idx if self.rank_same_image else None,
-                self.rank_min_gap,
-                self.rank_scale,
-            )
-            if self.w_rank
+            "rank": pairwise_rank_loss(pred, target, None, self.rank_min_gap, self.rank_scale) if self.w_rank else zero,
+            "rank_image": pairwise_rank_loss(pred, target, image_idx, self.rank_min_gap, self.rank_scale)
+            if self.w_rank_image and image_idx is not None
             else zero,
         }
         terms["list"] = (
@@ -152,6 +148,10 @@ class SQALoss(nn.Module):
             else zero
         )
         terms["loss"] = (
-            self.w_mse * terms["mse"] + self.w_plcc * terms["plcc"] + self.w_rank * terms["rank"] + self.w_list * terms["list"]
+            self.w_mse * terms["mse"]
+            + self.w_plcc * terms["plcc"]
+            + self.w_rank * terms["rank"]
+            + self.w_rank_image * terms["rank_image"]
+            + self.w_list * terms["list"]
         )
         return terms

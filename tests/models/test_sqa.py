@@ -132,6 +132,10 @@ def test_loss_switches_and_weights():
     assert pred.grad is not None and pred.grad.abs().sum() > 0
     with pytest.raises(RSSQAError):
         SQALoss(0, 0, 0)
+    images = torch.tensor([0, 0, 1])
+    same = SQALoss(w_mse=0.0, w_plcc=0.0, w_rank=1.0, w_rank_image=4.0)(pred, t, images)
+    assert same["rank_image"].item() == pytest.approx(pairwise_rank_loss(pred[:2], t[:2]).item())  # the one same-image pair
+    assert same["loss"].item() == pytest.approx(same["rank"].item() + 4 * same["rank_image"].item())
     listwise = SQALoss(w_mse=0.0, w_plcc=0.0, w_rank=0.0, w_list=2.0)(pred, t, torch.tensor([0, 0, 1]))
     assert listwise["loss"].item() == pytest.approx(2 * listwise_loss(pred, t, torch.tensor([0, 0, 1])).item())
 

@@ -374,8 +374,8 @@ class SQATask(L.LightningModule):
         weight_decay: AdamW weight decay.
         w_mse: weight of the regression term.
         w_plcc: weight of the PLCC term.
-        w_rank: weight of the pairwise ranking term.
-        rank_same_image: rank only methods of the same image.
+        w_rank: weight of the pairwise ranking term over every pair in the batch.
+        w_rank_image: weight of the pairwise ranking term over the methods of each image.
         rank_min_gap: OA gap below which a pair is not ranked.
         rank_scale: sharpness of the ranking term (and of the listwise term's scores).
         w_list: weight of the listwise term over each image's methods (0: off).
@@ -401,7 +401,7 @@ class SQATask(L.LightningModule):
         w_mse: float = 1.0,
         w_plcc: float = 0.5,
         w_rank: float = 0.5,
-        rank_same_image: bool = False,
+        w_rank_image: float = 0.0,
         rank_min_gap: float = 0.0,
         rank_scale: float = 20.0,
         w_list: float = 0.0,
@@ -417,7 +417,7 @@ class SQATask(L.LightningModule):
         if not 0.0 <= ema_decay < 1.0:
             raise RSSQAError(f"model.ema_decay: must be in [0, 1), got {ema_decay}")
         self.save_hyperparameters()
-        self.loss = SQALoss(w_mse, w_plcc, w_rank, rank_same_image, rank_min_gap, rank_scale, w_list, list_temperature)
+        self.loss = SQALoss(w_mse, w_plcc, w_rank, w_rank_image, rank_min_gap, rank_scale, w_list, list_temperature)
         self.model: RSSQA | None = self._build() if dims is not None else None
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.best_val_srcc = float("-inf")
