@@ -169,11 +169,10 @@ def paired_bootstrap(
         raise RSSQAError(f"metrics: paired bootstrap needs equal lengths, got {len(a)}, {len(b)}, {len(t)}, {len(g)}")
     _, inverse = np.unique(g, return_inverse=True)
     members = [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
-    gen = np.random.default_rng(seed)
-    draws = gen.integers(0, len(members), (n_boot, len(members)))
     sizes = {len(m) for m in members}
     if len(sizes) != 1:
         raise RSSQAError(f"metrics: paired bootstrap needs groups of one size (every image with every method), got sizes {sorted(sizes)}")
+    draws = np.random.default_rng(seed).integers(0, len(members), (n_boot, len(members)))
     idx = np.stack([np.concatenate([members[k] for k in d]) for d in draws], axis=1)  # N × n_boot
     out = {}
     for name, fn, one in (("srcc", spearman_corrcoef, srcc), ("plcc", pearson_corrcoef, plcc)):
