@@ -43,6 +43,18 @@ def _by_image(image_ids: Sequence[Any], methods: Sequence[str], values: Sequence
     return table
 
 
+def _oa_matrix(image_ids: Sequence[Any], methods: Sequence[str], values: Sequence[float]) -> tuple[list[str], np.ndarray]:
+    """``(method names sorted, images × methods values)``; every image must have every method once."""
+    table = _by_image(image_ids, methods, values)
+    names = sorted(set().union(*(set(v) for v in table.values()))) if table else []
+    if not names:
+        raise RSSQAError("recommend: no rows")
+    for image, row in sorted(table.items()):
+        if len(row) != len(names):
+            raise RSSQAError(f"recommend: image {image} lacks methods {sorted(set(names) - set(row))}")
+    return names, np.array([[table[i][m] for m in names] for i in sorted(table)], dtype=np.float64)
+
+
 def best_fixed_method(image_ids: Sequence[Any], methods: Sequence[str], oa: Sequence[float]) -> str:
     """The method with the highest mean OA (on the rows given: pass the train split).
 
@@ -85,46 +97,23 @@ def recommend_metrics(
     Returns:
         ``{top1, regret, chosen_oa, best_fixed_oa, oracle_oa, top1_within}`` as floats, plus ``n_images``.
     """
-    true = _by_image(image_ids, methods, oa)
-    pred = _by_image(image_ids, methods, scores)
-    if not true:
-        raise RSSQAError("recommend: no rows")
-    all_methods = set().union(*(set(v) for v in true.values()))
-    hits, near, chosen, fixed, oracle = [], [], [], [], []
-    for image, row in sorted(true.items()):
-        if set(row) != all_methods:
-            missing = sorted(all_methods - set(row))
-            raise RSSQAError(f"recommend: image {image} lacks methods {missing}")
-        if best_fixed not in row:
-            raise RSSQAError(f"recommend: fixed method {best_fixed!r} not among {sorted(row)}")
-        pick = rank_methods(pred[image])[0][0]
-        best = max(row.values())
-        hits.append(row[pick] >= best - _TIE)
-        near.append(row[pick] >= best - tolerance - _TIE)
-        chosen.append(row[pick])
-        fixed.append(row[best_fixed])
-        oracle.append(best)
+    names, true = _oa_matrix(image_ids, methods, oa)
+    _, pred = _oa_matrix(image_ids, methods, scores)
+    if best_fixed not in names:
+        raise RSSQAError(f"recommend: fixed method {best_fixed!r} not among {names}")
+    # argmax takes the first of equal scores; the columns are in name order, as in rank_methods
+    chosen = true[np.arange(len(true)), pred.argmax(axis=1)]
+    best = true.max(axis=1)
     out = {
-        "top1": float(np.mean(hits)),
-        "top1_within": float(np.mean(near)),
-        "chosen_oa": float(np.mean(chosen)),
-        "best_fixed_oa": float(np.mean(fixed)),
-        "oracle_oa": float(np.mean(oracle)),
+        "top1": float(np.mean(chosen >= best - _TIE)),
+        "top1_within": float(np.mean(chosen >= best - tolerance - _TIE)),
+        "chosen_oa": float(chosen.mean()),
+        "best_fixed_oa": float(true[:, names.index(best_fixed)].mean()),
+        "oracle_oa": float(best.mean()),
         "n_images": len(true),
     }
     out["regret"] = out["oracle_oa"] - out["chosen_oa"]
     return out
-
-
-def _oa_matrix(image_ids: Sequence[Any], methods: Sequence[str], values: Sequence[float]) -> np.ndarray:
-    table = _by_image(image_ids, methods, values)
-    names = sorted(set().union(*(set(v) for v in table.values()))) if table else []
-    if not names:
-        raise RSSQAError("recommend: no rows")
-    for image, row in table.items():
-        if len(row) != len(names):
-            raise RSSQAError(f"recommend: image {image} lacks methods {sorted(set(names) - set(row))}")
-    return np.array([[table[i][m] for m in names] for i in sorted(table)], dtype=np.float64)
 
 
 def within_image_error(image_ids: Sequence[Any], methods: Sequence[str], oa: Sequence[float], scores: Sequence[float]) -> float:
@@ -134,7 +123,7 @@ def within_image_error(image_ids: Sequence[Any], methods: Sequence[str], oa: Seq
     and the spread is rescaled by ``sqrt(M / (M - 1))`` so it is on the scale of the noise ``sigma`` of
     :func:`headroom`.
     """
-    err = _oa_matrix(image_ids, methods, scores) - _oa_matrix(image_ids, methods, oa)
+    err = _oa_matrix(image_ids, methods, scores)[1] - _oa_matrix(image_ids, methods, oa)[1]
     m = err.shape[1]
     centred = err - err.mean(axis=1, keepdims=True)
     return float(np.sqrt((centred**2).sum() / (centred.size - len(centred))) if m > 1 else 0.0)
@@ -162,7 +151,7 @@ def headroom(
         ``top1_at_sigma`` ``{sigma: top1}``, ``sigma_for_target`` (the largest noise that still reaches
         ``target``; 0 when even a noise-free score misses it) and ``target``.
     """
-    true = _oa_matrix(image_ids, methods, oa)
+    _, true = _oa_matrix(image_ids, methods, oa)
     best = true.max(axis=1, keepdims=True)
     gen = np.random.default_rng(seed)
     noise = gen.standard_normal((repeats, *true.shape))

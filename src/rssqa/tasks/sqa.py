@@ -664,16 +664,9 @@ def run_sqa(
     thresholds = base.pop("_atc_thresholds")
     test_rows = data.rows("test")
     oa_test = data.oa[test_rows].double().numpy()
-    table: dict[str, Any] = {}
-    for name in BASELINE_KEYS:
-        if name in base:
-            table[name] = _headline(base[name]["test"], oa_test)
-        elif name in runs:
-            table[name] = _headline(runs[name]["preds"]["test"], oa_test)
-        else:
-            table[name] = None
-    test = evaluate(data, preds)
     test_scores = {**{k: v["test"] for k, v in base.items()}, **{k: v["preds"]["test"] for k, v in runs.items() if k != "rs_sqa"}}
+    table: dict[str, Any] = {k: _headline(test_scores[k], oa_test) if k in test_scores else None for k in BASELINE_KEYS}
+    test = evaluate(data, preds)
     images_test = data.image_idx[test_rows].numpy()
     versus = {k: metrics.paired_bootstrap(preds["test"], test_scores[k], oa_test, images_test, seed=seed) for k in BASELINE_KEYS if k in test_scores}
     rec = recommendation(data, preds)
