@@ -16,11 +16,12 @@ export WANDB_SILENT := true
 export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 
-.PHONY: help setup lint test test-fast world demo bench clean
+.PHONY: help setup lint test test-fast world demo bench gpu-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=smoke|demo|paper (default smoke; demo for 'make demo'), RUNS=runs"
+	@echo "  variables: PROFILE=smoke|demo|paper|dubai (default smoke; demo for 'make demo'), RUNS=runs,"
+	@echo "             DATA= (real data: base of sqed's source roots), CLIP_PROFILE= (whose CLIP models sqa uses)"
 
 setup: $(STAMP) ## create .venv and install rssqa with its dependencies (quick when nothing changed)
 
@@ -48,12 +49,18 @@ $(OUT)/world/summary.json: conf/$(PROFILE)/world.yaml | $(STAMP)
 CMD_purify = stages/purify.py --config conf/$(PROFILE)/purify.yaml --out $(OUT)/purify
 CMD_pretrain = stages/pretrain.py --config conf/$(PROFILE)/pretrain.yaml --out $(OUT)/pretrain
 CMD_pretrain_raw = stages/pretrain.py --config conf/$(PROFILE)/pretrain_raw.yaml --out $(OUT)/pretrain_raw
-CMD_sqed = stages/sqed.py --config conf/$(PROFILE)/sqed.yaml --out $(OUT)/sqed
+CMD_sqed = stages/sqed.py --config conf/$(PROFILE)/sqed.yaml --out $(OUT)/sqed --data_root $(DATA)
 CMD_sqa = stages/sqa.py --config conf/$(PROFILE)/sqa.yaml --out $(OUT)/sqa \
-  --data.sqed $(OUT)/sqed --data.clip $(OUT)/pretrain/clip_rs --data.generic_clip $(OUT)/pretrain_raw/clip_rs
+  --data.sqed $(OUT)/sqed --data.clip $(CLIP_OUT)/pretrain/clip_rs --data.generic_clip $(CLIP_OUT)/pretrain_raw/clip_rs
 STAGES := purify pretrain pretrain-raw sqed sqa
 # a profile reads the embedded world when it has a world config (smoke, demo); paper and your own read real data
 WORLD := $(if $(wildcard conf/$(PROFILE)/world.yaml),$(OUT)/world/summary.json,)
+# DATA: base of the relative source roots in sqed.yaml; runs/<profile> (the world's sources) unless given,
+# the Dubai aerial set beside the repository for the dubai profile
+DATA ?= $(if $(filter dubai,$(PROFILE)),../shared/data/dubai-aerial,$(OUT))
+# a profile without its own pretrain config (dubai) scores with another profile's CLIP-RS and raw CLIP
+CLIP_PROFILE ?= $(if $(wildcard conf/$(PROFILE)/pretrain.yaml),$(PROFILE),demo)
+CLIP_OUT := $(RUNS)/$(CLIP_PROFILE)
 GPUS ?= 8
 LAUNCHER ?= slurm
 
@@ -80,11 +87,18 @@ $(OUT)/pretrain/summary.json: conf/$(PROFILE)/pretrain.yaml $(OUT)/purify/summar
 $(OUT)/sqed/summary.json: conf/$(PROFILE)/sqed.yaml $(WORLD) | $(STAMP)
 	$(PY) $(CMD_sqed)
 # prerequisites in this order: with JOBS=2 the raw CLIP runs beside purify, then RS-SQED beside the CLIP-RS
-$(OUT)/sqa/summary.json: conf/$(PROFILE)/sqa.yaml $(OUT)/pretrain_raw/summary.json $(OUT)/pretrain/summary.json $(OUT)/sqed/summary.json | $(STAMP)
+$(OUT)/sqa/summary.json: conf/$(PROFILE)/sqa.yaml $(CLIP_OUT)/pretrain_raw/summary.json $(CLIP_OUT)/pretrain/summary.json $(OUT)/sqed/summary.json | $(STAMP)
 	$(PY) $(CMD_sqa)
+ifneq ($(CLIP_PROFILE),$(PROFILE))
+# another profile's CLIP models, built by that profile's own rules when missing (its world, not this profile's)
+$(CLIP_OUT)/pretrain/summary.json: | $(STAMP)
+	$(MAKE) --no-print-directory pretrain PROFILE=$(CLIP_PROFILE)
+$(CLIP_OUT)/pretrain_raw/summary.json: | $(CLIP_OUT)/pretrain/summary.json
+	$(MAKE) --no-print-directory pretrain-raw PROFILE=$(CLIP_PROFILE)
+endif
 
 report: | $(STAMP) ## runs/<profile>/report.md from whatever stages have finished
-	$(PY) -m rssqa.report --runs $(RUNS) --profile $(PROFILE)
+	$(PY) -m rssqa.report --runs $(RUNS) --profile $(PROFILE) $(if $(PIPELINE_SECONDS),--pipeline-seconds $(PIPELINE_SECONDS))
 
 # stages that do not depend on each other run side by side (RS-SQED beside purify, then the raw CLIP):
 # one-thread stages, so JOBS=2 keeps two cores busy; JOBS=1 runs one stage at a time
@@ -93,7 +107,7 @@ demo: setup ## the whole pipeline on the embedded world, then the report (PROFIL
 	@export RSSQA_RUN_GROUP=$${RSSQA_RUN_GROUP:-$(DEMO_PROFILE)-$$(date +%Y%m%d-%H%M%S)}; \
 	start=$$(date +%s); \
 	$(MAKE) --no-print-directory -j$(JOBS) sqa PROFILE=$(DEMO_PROFILE) && \
-	$(MAKE) --no-print-directory report PROFILE=$(DEMO_PROFILE) && \
+	$(MAKE) --no-print-directory report PROFILE=$(DEMO_PROFILE) PIPELINE_SECONDS=$$(( $$(date +%s) - start )) && \
 	echo "demo ($(DEMO_PROFILE)) done in $$(( $$(date +%s) - start )) s: $(RUNS)/$(DEMO_PROFILE)/report.md"
 
 BENCHES := world shards purify pretrain sqed score
@@ -101,6 +115,9 @@ bench: setup ## every benchmark, each against its reference in the same run; JSO
 	@mkdir -p $(RUNS)/bench
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) -m bench.$$b --out $(RUNS)/bench/$$b.json || exit 1; done
 	$(PY) -m bench.table $(RUNS)/bench
+
+gpu-check: setup ## paper-profile models on one GPU, about 5 minutes: throughput, MFU, memory (runs/bench/gpu_check.json)
+	$(PY) -m bench.gpu_check --out $(RUNS)/bench/gpu_check.json
 
 clean: ## remove the run folders of PROFILE
 	rm -rf $(OUT)

@@ -26,7 +26,7 @@ from webdataset.shardlists import expand_urls
 
 from rssqa.errors import RSSQAError
 from rssqa.runs import is_done, resolve_under
-from rssqa.tasks.purify import Purify, PurifyTask
+from rssqa.tasks.purify import Purify, PurifyConfig, PurifyTask, check_settings
 from rssqa.tracking import quiet_lightning
 
 # the fit Trainers share these settings with the prediction Trainer
@@ -48,7 +48,8 @@ class PurifyCLI(LightningCLI):
             torch.set_num_threads(model.threads)
         root = self.config.data_root or str(Path(self.config.out).parent)
         model.input, model.trusted = resolve_under(model.input, root), resolve_under(model.trusted, root)
-        if self.config.dry_run:
+        if self.config.dry_run:  # settings checked (no shard or weights read), plan shown
+            check_settings(PurifyConfig(**{k: v for k, v in vars(model).items() if v is not None}))
             print(describe_plan(self.config))
             sys.exit(0)
 

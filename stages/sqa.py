@@ -32,6 +32,22 @@ class SQACLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--out", required=True, help="run folder, e.g. runs/smoke/sqa")
         parser.add_argument("--ablations", type=list[str], default=list(ABLATIONS), help="ablations to train")
+        parser.add_argument(
+            "--agreement_model", type=bool, default=True,
+            help="also train RS-SQA with agreement between methods (when RS-SQED has it): exported beside the "
+            "paper's head, used by rssqa recommend",
+        )  # fmt: skip
+        parser.add_argument(
+            "--agreement_overrides", type=dict, default={}, help="model options of the agreement model that differ"
+        )
+        parser.add_argument(
+            "--ranking_overrides", type=dict, default={},
+            help="when set: a second agreement model with these options (stronger ranking terms), for recommendation",
+        )
+        parser.add_argument(
+            "--loso", type=bool, default=False,
+            help="also leave each source out in turn: train on the others, test on it (the summary's leave_one_source_out)",
+        )  # fmt: skip
         parser.add_argument("--wandb", type=bool, default=True, help="log to Weights & Biases too (offline by default)")
         parser.add_argument("--force", type=bool, default=False, help="run again even when out holds a summary")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -64,7 +80,11 @@ def main(args: list[str] | None = None) -> dict | None:
         torch.set_num_threads(cli.config.threads)
     trainers = OneRunAtATime(cli.make_trainer)
     try:
-        summary = run_sqa(cli.model, cli.datamodule, trainers, out, cli.config.ablations, cli.config.seed_everything)
+        summary = run_sqa(
+            cli.model, cli.datamodule, trainers, out, cli.config.ablations, cli.config.seed_everything,
+            agreement_model=cli.config.agreement_model, agreement_overrides=dict(cli.config.agreement_overrides or {}),
+            loso=cli.config.loso, ranking_overrides=dict(cli.config.ranking_overrides or {}),
+        )  # fmt: skip
     finally:
         trainers.close()
     if cli.config.wandb:  # one more run in the group: the comparison, the recommendation and the figures
@@ -82,13 +102,14 @@ def comparison_tables(s: dict) -> dict[str, tuple[list[str], list[list]]]:
     rk = ["top1", "top1_within", "regret", "chosen_oa"]
     rec = [["rs_sqa", *(s["recommend"][k] for k in rk)]]
     rec += [[name, *(m[k] for k in rk)] for name, m in s["recommend_baselines"].items()]
-    vs = [[name, *(v[m][k] for m in ("srcc", "plcc") for k in ("diff", "low", "high", "a_better"))] for name, v in s["vs_rs_sqa"].items()]
-    vs_cols = [f"{m}_{k}" for m in ("srcc", "plcc") for k in ("diff", "low", "high", "rs_sqa_ahead")]
-    return {
-        "comparison": (["model", *metrics], rows),
-        "recommend": (["model", *rk], rec),
-        "vs_rs_sqa": (["against", *vs_cols], vs),
-    }
+    tables = {"comparison": (["model", *metrics], rows), "recommend": (["model", *rk], rec)}
+    for key in ("vs_rs_sqa", "vs_with_agreement"):
+        if key in s:
+            vs = [[name, *(v[m][k] for m in ("srcc", "plcc") for k in ("diff", "low", "high", "a_better", "verdict"))]
+                  for name, v in s[key].items()]  # fmt: skip
+            cols = [f"{m}_{k}" for m in ("srcc", "plcc") for k in ("diff", "low", "high", "share_ahead", "verdict")]
+            tables[key] = (["against", *cols], vs)
+    return tables
 
 
 class OneRunAtATime:
@@ -117,13 +138,17 @@ def print_summary(s: dict) -> None:
         line = f"{name:>14} " + " ".join(f"{m[k]:7.3f}" if m[k] is not None else f"{'-':>7}" for k in ("srcc", "plcc", "krcc", "rmse"))
         v = s.get("vs_rs_sqa", {}).get(name)
         if v:
-            line += f"   {v['srcc']['diff']:+.3f} [{v['srcc']['low']:+.3f}, {v['srcc']['high']:+.3f}]"
+            line += f"   {v['srcc']['diff']:+.3f} [{v['srcc']['low']:+.3f}, {v['srcc']['high']:+.3f}] {v['srcc']['verdict']}"
         print(line)
     r = s["recommend"]
     print(
         f"recommend: top1 {r['top1']:.3f}, chosen OA {r['chosen_oa']:.3f}, best fixed ({r['best_fixed_method']}) "
         f"{r['best_fixed_oa']:.3f}, oracle {r['oracle_oa']:.3f}, regret {r['regret']:.3f}; {s['seconds']} s"
     )
+    a = s.get("recommend_baselines", {}).get("with_agreement")
+    if a:
+        print(f"with agreement: top1 {a['top1']:.3f}, chosen OA {a['chosen_oa']:.3f}, regret {a['regret']:.3f}, "
+              f"gap closed {a['gap_closed']:.2f}")  # fmt: skip
     h = s.get("recommend_headroom")
     if h:
         print(

@@ -56,7 +56,9 @@ def test_score_is_bit_identical_alone_and_in_any_batch(scorer):
 
 def test_methods_differ_and_recommend_ranks_them(scorer):
     imgs = [_image(0), _image(1)]
-    scores = scorer.score(imgs, list(METHODS), source="beta")
+    # three methods and a scorer with a ranking head: recommendation ranks by that head
+    scores = scorer.score(imgs, list(METHODS), source="beta", ranking=True)
+    assert not np.array_equal(scores, scorer.score(imgs, list(METHODS), source="beta"))
     ranked = scorer.recommend(imgs, source="beta")
     for row, ranking in zip(scores, ranked, strict=True):
         assert [m for m, _ in ranking] == [METHODS[j] for j in np.argsort(-row, kind="stable")]
@@ -107,6 +109,18 @@ def test_cli_recommend_table(run_root, folder, capsys):
     assert lines[0].split()[:2] == ["image", "recommended"] and len(lines) == 2
     assert all(m in lines[1] for m in METHODS)
     assert out.err == ""  # no progress bar for single files
+
+
+def test_cli_score_with_other_methods_uses_agreement(run_root, folder, capsys):
+    img, scorer = str(folder / "tile_0.png"), str(run_root / "sqa" / "scorer")
+    args = ["score", img, "--scorer", scorer, "--source", "beta", "--method", "fpn", "--json"]
+    assert main(args) == 0
+    paper = json.loads(capsys.readouterr().out)[0]["score"]
+    assert main([*args, "--with", "pspnet,upernet"]) == 0
+    with_agreement = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in with_agreement] == ["fpn"] and with_agreement[0]["score"] != paper
+    assert main([*args, "--with", "pspnet"]) == 2
+    assert "agreement needs at least 3 methods in all, got 2" in capsys.readouterr().err
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:

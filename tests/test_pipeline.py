@@ -27,14 +27,25 @@ def test_make_demo_smoke_end_to_end(tmp_path):
     assert p["n_in"] == p["n_kept"] + p["n_rewritten"] + p["n_dropped"] + p["n_bad"]
     assert summaries["sqed"]["n_rows"] == summaries["sqed"]["n_images"] * 8
     assert set(summaries["sqa"]["baselines"]) == {
-        "msp", "entropy", "margin", "atc", "image_only", "seg_only", "generic_clip", "no_gating"
+        "msp", "entropy", "margin", "atc", "agreement", "consensus", "image_only", "seg_only", "generic_clip",
+        "no_gating", "with_agreement", "with_agreement_ranking",
     }  # fmt: skip
+    # eight methods: agreement between them is computed, and the agreement model trained and compared
+    assert all(summaries["sqa"]["baselines"][k] is not None for k in ("agreement", "consensus", "with_agreement"))
+    assert summaries["sqed"]["agreement"]["computed"] == sorted(summaries["sqed"]["sources"])
     report = (root / "report.md").read_text()
     for section in ("Purification", "CLIP-RS", "RS-SQED", "RS-SQA against", "Method recommendation"):
         assert section in report
     # numbers come from the summaries, not typed by hand
     assert f"{summaries['sqa']['test']['srcc']:.3f}" in report
-    assert json.loads((root / "report.json").read_text())["stages"] == list(summaries)
+    report_json = json.loads((root / "report.json").read_text())
+    assert report_json["stages"] == list(summaries)
+    # where the time went: the pipeline's wall time, and each stage's wall and CPU time
+    assert report_json["pipeline_seconds"] > 0
+    for stage in ("purify", "pretrain", "sqed", "sqa"):
+        t = report_json["stage_times"][stage]
+        assert t["wall_s"] == summaries[stage]["wall_s"] > 0 and t["cpu_s"] == summaries[stage]["cpu_s"] > 0, stage
+    assert "CPU share" in report
 
     # W&B: every stage of the run is an offline run in one group, holding its key figures
     key = {"purify": ("purify", ["n_in", "noise_f1"]), "pretrain": ("pretrain", ["zeroshot_top1", "retrieval_mean_recall"]),

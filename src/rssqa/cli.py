@@ -98,10 +98,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not args.method and not args.segmenter:
         raise RSSQAError("score: name a --method (see --list) or a --segmenter checkpoint")
     methods = args.method or None
+    others = [m for part in args.with_methods for m in part.split(",") if m]
     names = scorer.method_names(methods, args.source, args.segmenter)
+    scorer.use_agreement(len(names), others)  # a one-line error before any image is read
     results = []
     for block in _blocks(files, folder and not args.quiet):
-        scores = scorer.score(read_images(block), methods, args.source, args.segmenter, names=[str(f) for f in block])
+        scores = scorer.score(
+            read_images(block), methods, args.source, args.segmenter, names=[str(f) for f in block], with_methods=others
+        )
         for f, row in zip(block, scores, strict=True):
             results += [{"image": str(f), "method": m, "score": float(s)} for m, s in zip(names, row, strict=True)]
     if args.json:
@@ -179,6 +183,11 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--method", action="append", default=[], help="registered method name (repeatable)")
     p.add_argument("--segmenter", action="append", default=[], help="segmenter checkpoint (repeatable)")
+    p.add_argument(
+        "--with", dest="with_methods", action="append", default=[], metavar="A,B,C",
+        help="other registered methods to run for their agreement with the scored one: the scorer's agreement "
+        "head then scores (at least three methods in all); without it, the paper's inputs",
+    )
     p.set_defaults(func=cmd_score)
 
 

@@ -158,8 +158,8 @@ def paired_bootstrap(
 
     Returns:
         ``{"srcc": {...}, "plcc": {...}}``, each with ``diff`` (a - b on all rows), ``low`` and ``high``
-        (the 2.5 and 97.5 percentiles of the drawn differences) and ``a_better`` (share of draws in
-        which a is ahead).
+        (the 2.5 and 97.5 percentiles of the drawn differences), ``a_better`` (share of draws in
+        which a is ahead) and ``verdict`` (:func:`verdict`: the only words a claim may use).
     """
     a = np.asarray(pred_a, dtype=np.float64).reshape(-1)
     b = np.asarray(pred_b, dtype=np.float64).reshape(-1)
@@ -185,4 +185,14 @@ def paired_bootstrap(
             "high": float(np.percentile(diffs, 97.5)) if len(diffs) else math.nan,
             "a_better": float((diffs > 0).mean()) if len(diffs) else math.nan,
         }
+        out[name]["verdict"] = verdict(out[name]["low"], out[name]["high"])
     return out
+
+
+def verdict(low: float, high: float) -> str:
+    """``ahead`` where a 95% interval of a difference lies above zero, ``behind`` below, ``tie`` otherwise."""
+    if math.isfinite(low) and low > 0:
+        return "ahead"
+    if math.isfinite(high) and high < 0:
+        return "behind"
+    return "tie"

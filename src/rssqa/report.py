@@ -119,7 +119,17 @@ def _stage_speeds(s: dict[str, dict[str, Any]]) -> list[list[Any]]:
     return [r for r in rows if r[2] is not None or r[0] == "sqa"]
 
 
-def build_report(runs: str | Path, profile: str, wandb: bool = True) -> Path:
+def _stage_times(s: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """Each stage's wall time, CPU time and CPU share (of one core) from its summary."""
+    rows = []
+    for name in ("world", "purify", "pretrain_raw", "pretrain", "sqed", "sqa"):
+        t = s.get(name, {})
+        if t.get("wall_s"):
+            rows.append([name, t["wall_s"], t.get("cpu_s"), round(t["cpu_s"] / t["wall_s"], 2) if t.get("cpu_s") is not None else None])
+    return rows
+
+
+def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_seconds: float | None = None) -> Path:
     """Write ``runs/<profile>/report.md``, ``report.json`` and ``report_plots/``; return the markdown path.
 
     With ``wandb``, its tables and plots also go to a W&B run named ``report`` (see :mod:`rssqa.tracking`).
@@ -176,6 +186,14 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True) -> Path:
         groups = {n: {k: float(v[k]) for k in keys[:2] if k in v} for n, v in runs_.items()}
         md.append(img(_bar(plots / "clip_purified_vs_raw.png", "CLIP-RS evaluation", groups, "score"), "clip"))
         data["pretrain"] = {n: {k: v.get(k) for k in keys} for n, v in runs_.items()}
+    elif "sqa" in s:
+        # a profile on real data (dubai) pretrains no CLIP of its own: say which ones RS-SQA used
+        a = s["sqa"]
+        md.append("## CLIP-RS\n")
+        absent = ", ".join(st for st in ("world", "purify", "pretrain") if st not in s)
+        md.append(f"Not run in this profile: {absent}. RS-SQA used the CLIP-RS at `{a.get('clip')}` and, for the "
+                  f"generic_clip ablation, the CLIP at `{a.get('generic_clip')}`.\n")  # fmt: skip
+        data["clip"] = {"clip": a.get("clip"), "generic_clip": a.get("generic_clip")}
 
     if "sqed" in s:
         q = s["sqed"]
@@ -194,30 +212,57 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True) -> Path:
         a = s["sqa"]
         md.append("## RS-SQA against label-free baselines and ablations (test split)\n")
         rows = [["RS-SQA", *[a["test"].get(m) for m in METRICS]]]
-        rows += [[n, *[v.get(m) for m in METRICS]] for n, v in a.get("baselines", {}).items()]
+        # a baseline the run could not compute (agreement without agreement data) is null: left out
+        rows += [[n, *[v.get(m) for m in METRICS]] for n, v in a.get("baselines", {}).items() if v is not None]
         md.append(table("sqa_comparison", ["model", *METRICS], rows))
         srcc = {r[0]: float(r[1]) for r in rows if r[1] is not None}
         md.append(img(_bar(plots / "sqa_srcc.png", "SRCC with true OA (test)", {"SRCC": srcc}, "SRCC"), "srcc"))
-        vs = a.get("vs_rs_sqa")
-        if vs:
-            md.append("RS-SQA minus each other score on the same test images, with the 95% interval of a paired "
-                      "bootstrap over images and the share of draws in which RS-SQA is ahead:\n\n")  # fmt: skip
-            md.append(table("sqa_vs_rs_sqa", ["against", "SRCC diff", "95% interval", "RS-SQA ahead", "PLCC diff", "95% interval", "RS-SQA ahead"],
-                            [[n, v["srcc"]["diff"], f"[{v['srcc']['low']:+.3f}, {v['srcc']['high']:+.3f}]", v["srcc"]["a_better"],
-                              v["plcc"]["diff"], f"[{v['plcc']['low']:+.3f}, {v['plcc']['high']:+.3f}]", v["plcc"]["a_better"]]
+        for key, who in (("vs_rs_sqa", "RS-SQA"), ("vs_with_agreement", "RS-SQA with agreement")):
+            vs = a.get(key)
+            if not vs:
+                continue
+            md.append(f"{who} minus each other score on the same test images, with the 95% interval of a paired "
+                      f"bootstrap over images, the share of draws in which {who} is ahead, and the verdict: "
+                      "ahead or behind only where the interval excludes zero, tie otherwise:\n\n")  # fmt: skip
+            md.append(table(f"sqa_{key}", ["against", "SRCC diff", "95% interval", "verdict", "share ahead",
+                                           "PLCC diff", "95% interval", "verdict"],
+                            [[n, v["srcc"]["diff"], f"[{v['srcc']['low']:+.3f}, {v['srcc']['high']:+.3f}]", v["srcc"].get("verdict", ""),
+                              v["srcc"]["a_better"], v["plcc"]["diff"], f"[{v['plcc']['low']:+.3f}, {v['plcc']['high']:+.3f}]",
+                              v["plcc"].get("verdict", "")]
                              for n, v in vs.items()]))  # fmt: skip
-            data["sqa_vs_rs_sqa"] = vs
+            data[f"sqa_{key}"] = vs
+        loso = a.get("leave_one_source_out")
+        if loso:
+            md.append("## Leave one source out\n")
+            md.append("The quality heads trained on the other sources' rows, tested on the held-out source's test "
+                      "images; beside them the training-free consensus and the best other label-free score:\n\n")  # fmt: skip
+            models = [m for m in ("rs_sqa", "with_agreement") if all(m in f for f in loso.values())]
+            header = ["held out", "images", *[f"{m} SRCC" for m in models], "consensus SRCC", "best other label-free",
+                      *[f"{m} regret" for m in models], "consensus regret"]  # fmt: skip
+            rows_loso = []
+            for held, f in loso.items():
+                best = f.get("best_label_free")
+                rows_loso.append([held, f.get("n_images"), *[f[m]["srcc"] for m in models], f.get("consensus", {}).get("srcc"),
+                                  f"{best} {f[best]['srcc']:.3f}" if best else "-",
+                                  *[f[m]["regret"] for m in models], f.get("consensus", {}).get("regret")])  # fmt: skip
+            md.append(table("sqa_leave_one_source_out", header, rows_loso))
+            above = a.get("loso_above_consensus")
+            if above:
+                md.append("Held-out sources on which each model is above consensus in SRCC: "
+                          + ", ".join(f"{m} {n} of {len(loso)}" for m, n in above.items()) + ".\n")
+            data["sqa_leave_one_source_out"] = loso
         md.append("## Method recommendation\n")
-        rk = ["top1", "top1_within", "chosen_oa", "best_fixed_oa", "oracle_oa", "regret"]
+        rk = ["top1", "top1_within", "chosen_oa", "best_fixed_oa", "oracle_oa", "regret", "gap_closed"]
         rec = a.get("recommend", {})
         md.append(table("sqa_recommend", rk, [[rec.get(k) for k in rk]]))
         if rec.get("best_fixed_method"):
             md.append(f"Best fixed method (on train): {rec['best_fixed_method']}; {rec.get('n_images')} test images; "
-                      "top1_within: the chosen method is within 0.01 OA of the best.\n")
+                      "top1_within: the chosen method is within 0.01 OA of the best; gap_closed: (chosen_oa - "
+                      "best_fixed_oa) / (oracle_oa - best_fixed_oa).\n")
         others = a.get("recommend_baselines", {})
         if others:
             md.append("Ranking the methods by another score instead:\n\n")
-            rb = ["top1", "top1_within", "chosen_oa", "regret"]
+            rb = ["top1", "top1_within", "chosen_oa", "regret", "gap_closed"]
             md.append(table("sqa_recommend_by_score", ["ranked by", *rb],
                             [["RS-SQA", *[rec.get(k) for k in rb]]] + [[n, *[v.get(k) for k in rb]] for n, v in others.items()]))  # fmt: skip
         head = a.get("recommend_headroom")
@@ -237,6 +282,15 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True) -> Path:
         data["sqa"] = {"test": a["test"], "baselines": a.get("baselines", {}), "recommend": a.get("recommend", {})}
 
     md.append("## Benchmarks\n")
+    times = _stage_times(s)
+    if pipeline_seconds is not None:
+        data["pipeline_seconds"] = pipeline_seconds
+        md.append(f"The whole pipeline took {pipeline_seconds:.0f} s of wall time (`make demo`, stages side by side).\n")
+    if times:
+        md.append("Wall and CPU time of each stage's process (CPU share 1.0 = one core busy all along; a DDP rank "
+                  "that had not ended when the summary was written is not counted):\n\n")  # fmt: skip
+        md.append(table("stage_times", ["stage", "wall s", "CPU s", "CPU share"], times))
+        data["stage_times"] = {r[0]: {"wall_s": r[1], "cpu_s": r[2]} for r in times}
     speed = _stage_speeds(s)
     if speed:
         md.append("Throughput measured by the stages of this run (one or two processes on this machine):\n\n")
@@ -262,8 +316,9 @@ def main() -> None:
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--profile", default="demo")
     ap.add_argument("--no-wandb", action="store_true", help="leave W&B out (the report files are written anyway)")
+    ap.add_argument("--pipeline-seconds", type=float, default=None, help="the whole pipeline's wall time (make demo)")
     args = ap.parse_args()
-    print(build_report(args.runs, args.profile, wandb=not args.no_wandb))
+    print(build_report(args.runs, args.profile, wandb=not args.no_wandb, pipeline_seconds=args.pipeline_seconds))
 
 
 if __name__ == "__main__":

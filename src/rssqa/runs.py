@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from rssqa.errors import RSSQAError
 
 SUMMARY = "summary.json"
+# a stage's process imports rssqa first thing: its wall time is counted from here
+_STARTED = time.monotonic()
 
 
 def stage_dir(root: str | os.PathLike, profile: str, stage: str) -> Path:
@@ -44,8 +48,23 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def process_times() -> dict[str, float]:
+    """``wall_s`` since this process imported rssqa and ``cpu_s`` (user + system) of this process and
+    of its children that have ended (a DDP rank still running is not counted)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return {"wall_s": round(time.monotonic() - _STARTED, 2), "cpu_s": round(cpu, 2)}
+
+
 def write_summary(folder: str | os.PathLike, summary: dict[str, Any]) -> Path:
-    """Write ``folder/summary.json``: call this last, it marks the stage as done."""
+    """Write ``folder/summary.json``: call this last, it marks the stage as done.
+
+    Adds ``wall_s`` and ``cpu_s`` (:func:`process_times`) to ``summary`` (in place, so that what a
+    stage returns is what it wrote) unless the stage set them, so the report can show where a
+    pipeline's time went and how busy the cores were.
+    """
+    for k, v in process_times().items():
+        summary.setdefault(k, v)
     return atomic_write_json(Path(folder) / SUMMARY, summary)
 
 

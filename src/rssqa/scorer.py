@@ -20,81 +20,40 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from rssqa.agreement import MIN_METHODS
 from rssqa.errors import RSSQAError
-from rssqa.models.sqa import RSSQA, clip_image_features, segmentation_inputs
+from rssqa.models.clip import clip_fingerprint, image_size, load_clip
+from rssqa.models.quality_inputs import QualityInputs
+from rssqa.models.segmenters import Segmenter, load_segmenter
+from rssqa.models.sqa import RSSQA
 from rssqa.recommend import rank_methods
-
-if TYPE_CHECKING:
-    from rssqa.models.segmenters import Segmenter
-    from rssqa.tasks.sqa import SQADataModule, SQATask
 
 CONFIG = "scorer.json"
 WEIGHTS = "scorer.safetensors"
+AGREEMENT_WEIGHTS = "scorer_agreement.safetensors"  # RS-SQA with agreement between methods, when trained
+RANKING_WEIGHTS = "scorer_ranking.safetensors"  # the same trained for ranking methods (recommendation)
 FORMAT = 1
 
 
-def _rel(path: str | os.PathLike, start: Path) -> str:
-    return os.path.relpath(Path(path).resolve(), start.resolve())
-
-
-def export_scorer(task: SQATask, data: SQADataModule, out_dir: str | os.PathLike, best_fixed: str | None = None) -> Path:
-    """Write the trained head and everything needed to run it as a scorer folder, atomically.
-
-    Args:
-        task: the trained (best validation) RS-SQA task.
-        data: its data module (CLIP path and fingerprint, layers, RS-SQED folder, methods).
-        out_dir: the scorer folder; replaced if it exists.
-        best_fixed: the method best on the train split (recorded for reports).
-
-    Returns:
-        ``out_dir``.
-    """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    sem = data.sem["clip_rs"]
-    checkpoints: dict[str, dict[str, str]] = {}
-    for source in sorted(set(data.source_of.tolist())):
-        checkpoints[source] = {}
-        for method in data.methods:
-            path = data.sqed.folder / "methods" / source / method / "final.ckpt"
-            if path.is_file():
-                checkpoints[source][method] = _rel(path, out_dir)
-    config = {
-        "format": FORMAT,
-        "model": task.model_kwargs(),
-        "layers": list(data.hparams.layers),
-        "max_classes": data.hparams.max_classes,
-        "grid": data.grid,
-        "hist_bins": data.hist_bins,
-        "clip": {
-            "path": _rel(sem["path"], out_dir),
-            "fingerprint": sem["fingerprint"],
-            "embed_dim": int(sem["embed"].shape[1]),
-            "token_dim": int(sem["tokens"].shape[1]),
-        },
-        "chunk": data.hparams.clip_chunk,
-        "methods": list(data.methods),
-        "checkpoints": checkpoints,
-        "best_fixed_method": best_fixed,
-    }
-    save_file({k: v.detach().cpu().contiguous() for k, v in task.model.state_dict().items()}, str(tmp / WEIGHTS))
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+def _load_head(kwargs: dict[str, Any], weights: Path, config: Path) -> RSSQA:
+    """A quality head from its arguments and weights file, or a one-line error naming the file."""
+    model = RSSQA(**kwargs)
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except FileNotFoundError:
+        raise RSSQAError(f"{weights}: scorer weights not found") from None
+    except (RuntimeError, OSError) as e:
+        raise RSSQAError(f"{weights}: does not fit {config} ({str(e).splitlines()[0][:160]})") from None
+    return model
 
 
 @dataclass
@@ -114,15 +73,27 @@ class Scorer:
         config: the scorer's ``scorer.json`` content.
         folder: the scorer folder (relative paths in ``config`` resolve against it).
         chunk: forward batch size; part of the numerics.
+        agreement_model: the head that also reads agreement between methods (optional).
+        ranking_model: an agreement head trained to rank methods, used by :meth:`recommend` (optional).
     """
 
-    def __init__(self, model: RSSQA, clip: torch.nn.Module, config: dict[str, Any], folder: Path, chunk: int | None = None):
+    def __init__(
+        self, model: RSSQA, clip: torch.nn.Module, config: dict[str, Any], folder: Path, chunk: int | None = None,
+        agreement_model: RSSQA | None = None,
+        ranking_model: RSSQA | None = None,
+    ):
         self.model, self.clip, self.config, self.folder = model.eval(), clip.eval(), config, folder
+        self.agreement_model = agreement_model.eval() if agreement_model is not None else None
+        self.ranking_model = ranking_model.eval() if ranking_model is not None else None
         self.chunk = int(chunk or config.get("chunk", 8))
         if self.chunk < 1:
             raise RSSQAError(f"chunk: must be positive, got {self.chunk}")
-        from rssqa.models.clip import image_size
-
+        # one implementation of the head's inputs, shared with RS-SQED labelling and training
+        # the segmenters run with the forward batch RS-SQED labelling used (older folders: ``chunk``)
+        seg_chunk = int(config.get("seg_chunk") or self.chunk)
+        self.quality_inputs = QualityInputs(
+            tuple(config["layers"]), config["max_classes"], 0, clip_chunk=self.chunk, seg_chunk=seg_chunk, grid=config["grid"]
+        )
         self.min_size = image_size(clip)
         self._methods: dict[tuple[str, str], _Method] = {}
 
@@ -134,9 +105,6 @@ class Scorer:
         Raises:
             RSSQAError: missing or invalid files, or a CLIP that is not the one the scorer was trained with.
         """
-        from rssqa.models.clip import load_clip
-        from rssqa.tasks.sqa import clip_fingerprint
-
         folder = Path(folder)
         path = folder / CONFIG
         if not path.is_file():
@@ -148,15 +116,10 @@ class Scorer:
             raise RSSQAError(f"{path}: not a scorer config ({type(e).__name__}: {e})") from None
         if config.get("format") != FORMAT:
             raise RSSQAError(f"{path}: scorer format {config.get('format')!r}, this version reads {FORMAT}")
-        model = RSSQA(**model_kwargs)
-        weights = folder / WEIGHTS
-        try:
-            state = load_file(str(weights))
-            model.load_state_dict(state, strict=True)
-        except FileNotFoundError:
-            raise RSSQAError(f"{weights}: scorer weights not found") from None
-        except (RuntimeError, OSError) as e:
-            raise RSSQAError(f"{weights}: does not fit {path} ({str(e).splitlines()[0][:160]})") from None
+        model = _load_head(model_kwargs, folder / WEIGHTS, path)
+        agree, rank = config.get("agreement_model"), config.get("ranking_model")
+        agreement_model = _load_head(agree, folder / AGREEMENT_WEIGHTS, path) if agree else None
+        ranking_model = _load_head(rank, folder / RANKING_WEIGHTS, path) if rank else None
         clip_path = Path(clip) if clip is not None else folder / clip_cfg["path"]
         clip_model, *_ = load_clip(clip_path)
         found = clip_fingerprint(clip_model)
@@ -165,7 +128,7 @@ class Scorer:
                 f"{clip_path}: not the CLIP this scorer was trained with (fingerprint {found}, "
                 f"{path} expects {clip_cfg['fingerprint']})"
             )
-        return cls(model, clip_model, config, folder, chunk)
+        return cls(model, clip_model, config, folder, chunk, agreement_model, ranking_model)
 
     @classmethod
     def from_parts(
@@ -177,6 +140,7 @@ class Scorer:
         max_classes: int = 8,
         chunk: int = 16,
         source: str = "custom",
+        agreement_model: RSSQA | None = None,
     ) -> Scorer:
         """A scorer from models in memory (no folder): ``segmenters`` become the methods of ``source``."""
         seg = next(iter(segmenters.values()))
@@ -184,7 +148,7 @@ class Scorer:
             "format": FORMAT, "layers": list(layers), "max_classes": max_classes, "grid": seg.grid,
             "hist_bins": seg.hist_bins, "chunk": chunk, "checkpoints": {source: dict.fromkeys(segmenters, "")},
         }  # fmt: skip
-        scorer = cls(model, clip, config, Path("."), chunk)
+        scorer = cls(model, clip, config, Path("."), chunk, agreement_model)
         for name, s in segmenters.items():
             idx = int(model.method_index([name])[0])
             scorer._methods[(source, name)] = _Method(name, s.eval(), idx, model.method_weight.shape[1] if idx >= 0 else 0)
@@ -235,8 +199,6 @@ class Scorer:
         return str(path)
 
     def _load_segmenter(self, path: Path) -> Segmenter:
-        from rssqa.tasks.sqed import load_segmenter
-
         seg = load_segmenter(path)
         if seg.grid != self.config["grid"] or seg.hist_bins != self.config["hist_bins"]:
             raise RSSQAError(
@@ -262,27 +224,59 @@ class Scorer:
             )
         return np.ascontiguousarray(a)
 
-    @torch.no_grad()
-    def _score_chunk(self, images: np.ndarray, methods: Sequence[_Method]) -> np.ndarray:
-        """Scores of ``n <= chunk`` same-size images: ``n×M``. Always one forward of ``chunk`` rows."""
-        from rssqa.models.clip import to_model_input
+    def inputs(
+        self, images: Sequence[np.ndarray], methods: Sequence[str] | None = None, source: str | None = None,
+        checkpoints: Sequence[str] = (), agreement: bool = False,
+    ) -> dict[str, Any]:
+        """What the quality head reads for same-size images and each method (no scoring).
 
+        The same numbers RS-SQED caches for training (:mod:`rssqa.models.quality_inputs`); with
+        ``agreement``, also each method's agreement with the other methods given.
+
+        Returns:
+            ``sem_embed``, ``sem_tokens`` and ``methods``, one dict of segmentation inputs per method,
+            in the order of :meth:`resolve_methods`.
+        """
+        chosen = self.resolve_methods(methods, source, checkpoints)
+        imgs = [self.check_image(im, f"image {i}") for i, im in enumerate(images)]
+        if len({im.shape for im in imgs}) > 1:
+            raise RSSQAError("inputs: images of one size only (score() groups sizes itself)")
+        n = len(imgs)
+        out = self._inputs(np.stack(imgs), chosen, self.model, agreement)
+        per_method = [{k: v[:n] for k, v in m.items()} for m in out.pop("methods")]
+        return {**{k: v[:n] for k, v in out.items()}, "methods": per_method}
+
+    def _inputs(self, images: np.ndarray, methods: Sequence[_Method], head: RSSQA, agreement: bool) -> dict[str, Any]:
+        """Head inputs of ``images`` padded with zero images to whole chunks (the fixed forward batch)."""
         n = len(images)
-        if n < self.chunk:
-            images = np.concatenate([images, np.zeros((self.chunk - n, *images.shape[1:]), np.uint8)])
-        pixels = torch.from_numpy(images)
-        embed, tokens = clip_image_features(self.clip, to_model_input(self.clip, pixels), self.chunk)
-        sem = self.model.encode_semantics(embed, tokens) if self.model.uses_sem else None
-        x01 = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-        out = np.zeros((n, len(methods)))
-        for j, m in enumerate(methods):
+        rows = -(-n // self.chunk) * self.chunk
+        if n < rows:
+            images = np.concatenate([images, np.zeros((rows - n, *images.shape[1:]), np.uint8)])
+        segmenters = [m.segmenter for m in methods] if head.uses_seg else []
+        feat_dims = [m.feat_dim for m in methods] if head.uses_seg else []
+        clip = self.clip if head.uses_sem else None
+        return self.quality_inputs(images, segmenters, clip, feat_dims, agreement=agreement and head.uses_seg)
+
+    @torch.no_grad()
+    def _score_chunk(
+        self, images: np.ndarray, methods: Sequence[_Method], scored: int, agreement: bool, head: RSSQA | None = None
+    ) -> np.ndarray:
+        """Scores of ``n <= chunk`` same-size images by the first ``scored`` of ``methods`` (the rest
+        only give agreement): ``n×scored``. Always one forward of ``chunk`` rows."""
+        head = head if head is not None else self.agreement_model if agreement else self.model
+        n = len(images)
+        inp = self._inputs(images, methods, head, agreement)
+        sem = head.encode_semantics(inp["sem_embed"], inp["sem_tokens"]) if head.uses_sem else None
+        out = np.zeros((n, scored))
+        for j, m in enumerate(methods[:scored]):
             seg = None
-            if self.model.uses_seg:
-                stats = m.segmenter.describe(x01)
-                inp = segmentation_inputs(stats, self.config["layers"], self.config["max_classes"], m.feat_dim)
+            if head.uses_seg:
+                s = inp["methods"][j]
                 idx = torch.full((self.chunk,), m.adapter, dtype=torch.long)
-                seg = self.model.encode_segmentation(inp["seg_cells"], inp["seg_global"], inp.get("seg_feats"), idx)
-            out[:, j] = self.model.score(sem, seg)[:n].double().numpy()
+                seg = head.encode_segmentation(
+                    s["seg_cells"], s["seg_global"], s.get("seg_feats"), idx, s.get("agree_maps"), s.get("agree_global")
+                )
+            out[:, j] = head.score(sem, seg)[:n].double().numpy()
         return out
 
     def score(
@@ -292,6 +286,9 @@ class Scorer:
         source: str | None = None,
         checkpoints: Sequence[str] = (),
         names: Sequence[str] | None = None,
+        with_methods: Sequence[str] = (),
+        agreement: bool | None = None,
+        ranking: bool = False,
     ) -> np.ndarray:
         """Predicted OA of each method's segmentation of each image.
 
@@ -301,11 +298,23 @@ class Scorer:
             source: which source's method checkpoints to use (optional when the scorer has one).
             checkpoints: user segmenter checkpoints, scored after ``methods``.
             names: image names for error messages.
+            with_methods: other registered methods run only for their agreement with the scored ones.
+            agreement: score with the head that reads agreement between methods (default: when
+                ``with_methods`` are given and the scorer has that head). It needs at least three
+                methods in all.
+            ranking: score with the ranking head (an agreement head trained to order methods; what
+                :meth:`recommend` uses when the scorer has one). Implies ``agreement``.
 
         Returns:
             ``N×M`` scores in (0, 1), methods in the order given (then the checkpoints).
         """
         chosen = self.resolve_methods(methods, source, checkpoints)
+        if ranking and self.ranking_model is None:
+            raise RSSQAError("ranking: this scorer has no ranking head")
+        use_agreement = self.use_agreement(len(chosen), with_methods, True if ranking else agreement)
+        head = self.ranking_model if ranking else None
+        known = {id(m) for m in chosen}
+        others = [m for m in (self.method(w, source) for w in with_methods) if id(m) not in known]
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         imgs = [self.check_image(im, nm) for im, nm in zip(images, names, strict=True)]
         out = np.zeros((len(imgs), len(chosen)))
@@ -315,8 +324,23 @@ class Scorer:
         for idx in by_size.values():
             for start in range(0, len(idx), self.chunk):
                 part = idx[start : start + self.chunk]
-                out[part] = self._score_chunk(np.stack([imgs[i] for i in part]), chosen)
+                batch = np.stack([imgs[i] for i in part])
+                out[part] = self._score_chunk(batch, [*chosen, *others], len(chosen), use_agreement, head)
         return out
+
+    def use_agreement(self, n_scored: int, with_methods: Sequence[str] = (), agreement: bool | None = None) -> bool:
+        """Whether scoring uses the agreement head (see :meth:`score`); a one-line error where it cannot."""
+        wanted = bool(with_methods) if agreement is None else agreement
+        if not wanted:
+            return False
+        if self.agreement_model is None:
+            if agreement:
+                raise RSSQAError("--agreement: this scorer has no agreement head (train it with RS-SQED of >= 3 methods)")
+            return False
+        total = n_scored + len(set(with_methods))
+        if total < MIN_METHODS:
+            raise RSSQAError(f"--with: agreement needs at least {MIN_METHODS} methods in all, got {total}")
+        return True
 
     def resolve_methods(self, methods: Sequence[str] | None, source: str | None, checkpoints: Sequence[str] = ()) -> list[_Method]:
         """The methods to run: registered names of ``source`` then user checkpoints."""
@@ -342,7 +366,14 @@ class Scorer:
         self, images: Sequence[np.ndarray], methods: Sequence[str] | None = None, source: str | None = None,
         names: Sequence[str] | None = None,
     ) -> list[list[tuple[str, float]]]:
-        """Per image, the methods ranked by predicted OA: ``[[(method, score), ...], ...]``."""
+        """Per image, the methods ranked by predicted OA: ``[[(method, score), ...], ...]``.
+
+        With at least three methods, ranks with the scorer's ranking head (an agreement head trained to
+        order methods) or else its agreement head, where it has them; the paper's head otherwise.
+        """
         labels = self.method_names(methods, source)
-        scores = self.score(images, methods, source, names=names)
+        enough = len(labels) >= MIN_METHODS
+        ranking = enough and self.ranking_model is not None
+        agreement = enough and self.agreement_model is not None
+        scores = self.score(images, methods, source, names=names, agreement=agreement, ranking=ranking)
         return [rank_methods(dict(zip(labels, row.tolist(), strict=True))) for row in scores]

@@ -14,9 +14,11 @@ from rssqa.data.segsets import (
     IGNORE_INDEX,
     ISPRS_PALETTE,
     UAVID_PALETTE,
+    FilePair,
     MaskCodec,
     SegArrays,
     SegDataModule,
+    SegSource,
     SegSubset,
     build_source,
     list_layouts,
@@ -76,16 +78,19 @@ def write_loveda(root: Path, size=(32, 32)) -> dict[str, tuple[np.ndarray, str]]
     return truth
 
 
-def write_deepglobe(root: Path, n: int = 2, size=(32, 32), stray: bool = True) -> dict[str, np.ndarray]:
+def write_deepglobe(
+    root: Path, n: int = 2, size=(32, 32), stray: bool = True, images="train", masks=None, first: int = 1000
+) -> dict[str, np.ndarray]:
+    """DeepGlobe: the release's flat ``train/`` (default) or ``images``/``masks`` folders under ``root``."""
     truth = {}
     for k in range(n):
-        uid = str(1000 + k)
-        lab = _labels(*size, 7)  # 6 = unknown (black)
+        uid = str(first + k)
+        lab = (_labels(*size, 7) + k) % 7  # 6 = unknown (black); each file its own, so pairing shows
         rgb = np.asarray([*DEEPGLOBE_PALETTE, (0, 0, 0)], np.uint8)[lab]
         if stray:  # the released masks hold values near 0 and 255, not exactly them
             rgb = np.where(rgb > 128, rgb - 3, rgb + 2).astype(np.uint8)
-        _save(root / "train" / f"{uid}_sat.jpg", _image(*size), quality=90)
-        _save(root / "train" / f"{uid}_mask.png", rgb)
+        _save(root / images / f"{uid}_sat.jpg", _image(*size), quality=90)
+        _save(root / (masks or images) / f"{uid}_mask.png", rgb)
         truth[uid] = np.where(lab == 6, IGNORE_INDEX, lab).astype(np.uint8)
     return truth
 
@@ -197,6 +202,95 @@ def test_deepglobe_binarises_stray_values(tmp_path):
         np.testing.assert_array_equal(_read_all(src)[k], lab)
     with pytest.raises(RSSQAError, match=r"_mask\.png: .*outside the palette"):
         build_source("deepglobe", tmp_path, binarize=False).check()
+
+
+def write_loveda_torchgeo(root: Path, size=(16, 16)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """LoveDA as torchgeo's fake data ships it: ``01.png`` in every split/domain folder (``Test`` without
+    masks), plus stems found once (``7``) or in a read folder and the unread ``Test`` (``5``).
+
+    Returns: expected id -> (image, true class indices), for the Train and Val folders.
+    """
+    truth, k = {}, 0
+    for split in ("Train", "Val", "Test"):
+        for domain in ("Urban", "Rural"):
+            stems = ["01"] + (["7", "5"] if (split, domain) == ("Train", "Urban") else [])
+            stems += ["5"] if (split, domain) == ("Test", "Urban") else []
+            for stem in stems:
+                image, stored = _image(*size), ((_labels(*size, 8) + k) % 8).astype(np.uint8)
+                k += 1
+                _save(root / split / domain / "images_png" / f"{stem}.png", image)
+                if split == "Test":
+                    continue
+                _save(root / split / domain / "masks_png" / f"{stem}.png", stored)
+                uid = stem if stem == "7" else f"{split.lower()}-{domain.lower()}-{stem}"
+                truth[uid] = (image, np.where(stored == 0, IGNORE_INDEX, stored - 1).astype(np.uint8))
+    return truth
+
+
+def test_loveda_same_id_in_several_folders(tmp_path):
+    truth = write_loveda_torchgeo(tmp_path)
+    src = build_source("loveda", tmp_path)
+    assert sorted(s.image_id for s in src.samples) == sorted(truth) == [
+        "7", "train-rural-01", "train-urban-01", "train-urban-5", "val-rural-01", "val-urban-01",
+    ]  # fmt: skip
+    for i in range(len(src)):
+        image, lab = truth[src[i]["image_id"]]
+        np.testing.assert_array_equal(src[i]["image"], image)  # PNG: lossless, so pairing shows
+        np.testing.assert_array_equal(src[i]["mask"], lab)
+    by_id = {s.image_id: s.pair for s in src.samples}
+    val_rural = by_id["val-rural-01"]
+    assert val_rural.split == "val" and val_rural.mask.parts[-4:-2] == ("Val", "Rural")
+    # an image keeps its id whichever folders are read
+    one = build_source("loveda", tmp_path, splits=["Train"], domains=["Urban"])
+    assert [s.image_id for s in one.samples] == ["7", "train-urban-01", "train-urban-5"]
+
+
+def test_loveda_unique_ids_stay_plain(tmp_path):
+    truth = write_loveda(tmp_path)
+    _save(tmp_path / "Test" / "Urban" / "images_png" / "9.png", _image(32, 32))  # no clash: ids unchanged
+    assert sorted(s.image_id for s in build_source("loveda", tmp_path).samples) == sorted(truth)
+
+
+@pytest.mark.parametrize("given", [".", "data", "data/training_data"])
+def test_deepglobe_torchgeo_layout(tmp_path, given):
+    data = tmp_path / "data"
+    truth = write_deepglobe(data, n=3, images="training_data/images", masks="training_data/masks", first=1)
+    test_truth = write_deepglobe(data, images="test_data/images", masks="test_data/masks", first=8)
+    src = build_source("deepglobe", tmp_path / given)
+    assert src.num_classes == 6 and sorted(s.image_id for s in src.samples) == ["1", "2", "3"]
+    got = _read_all(src)
+    for k, lab in truth.items():
+        np.testing.assert_array_equal(got[k], lab)  # classes from the palette, each mask its own image's
+    for s in src.samples:
+        assert s.pair.image.name == f"{s.image_id}_sat.jpg" and s.pair.mask.name == f"{s.image_id}_mask.png"
+        assert s.pair.image.parent.name == "images" and s.pair.mask.parent.name == "masks"
+    if given != "data/training_data":
+        test = build_source("deepglobe", tmp_path / given, split="test")
+        assert set(_read_all(test)) == set(test_truth)
+        for k, lab in test_truth.items():
+            np.testing.assert_array_equal(_read_all(test)[k], lab)
+
+
+def test_deepglobe_flat_layout_given_directly_and_errors(tmp_path):
+    truth = write_deepglobe(tmp_path)
+    direct = build_source("deepglobe", tmp_path / "train")  # the split folder itself as root
+    assert set(_read_all(direct)) == set(truth)
+    write_deepglobe(tmp_path / "tg", images="data/training_data/images", masks="data/training_data/masks")
+    (tmp_path / "tg" / "data" / "training_data" / "masks" / "1000_mask.png").unlink()
+    with pytest.raises(
+        RSSQAError, match=r"1000_sat\.jpg: no mask \(expected .*training_data/masks/1000_mask\.png"
+    ):
+        build_source("deepglobe", tmp_path / "tg")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(RSSQAError, match=r"empty/train: no images found"):
+        build_source("deepglobe", tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(
+        RSSQAError, match=r"other: no DeepGlobe split folder; expected train/\*_sat\.jpg or data/"
+    ):
+        build_source("deepglobe", tmp_path / "other")
+    with pytest.raises(RSSQAError, match=r"nowhere: DeepGlobe folder not found"):
+        build_source("deepglobe", tmp_path / "nowhere")
 
 
 def test_uavid(tmp_path):
@@ -421,10 +515,10 @@ def test_unlabelled_patches_are_left_out_not_errors(tmp_path):
 
 def test_duplicate_ids_and_bad_config(tmp_path):
     write_loveda(tmp_path)
-    _save(tmp_path / "Val" / "Urban" / "images_png" / "0.png", _image(32, 32))
-    _save(tmp_path / "Val" / "Urban" / "masks_png" / "0.png", np.ones((32, 32), np.uint8))
-    with pytest.raises(RSSQAError, match=r"image ids \['0'\] occur more than once"):
-        build_source("loveda", tmp_path)
+    base = tmp_path / "Train" / "Urban"
+    pair = FilePair("0", base / "images_png" / "0.png", base / "masks_png" / "0.png")
+    with pytest.raises(RSSQAError, match=r"dup: image ids \['0'\] occur more than once"):
+        SegSource("dup", [pair, pair], MaskCodec(("a", "b")))
     with pytest.raises(RSSQAError, match="layout 'nope' unknown"):
         build_source("nope", tmp_path)
     with pytest.raises(RSSQAError, match=r"unknown options \['patchsize'\]"):

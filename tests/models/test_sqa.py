@@ -160,7 +160,7 @@ def test_full_model_learns_a_gated_target():
 
 
 def test_feature_descriptors_by_hand():
-    from rssqa.models.sqa import feature_descriptors
+    from rssqa.models.quality_inputs import feature_descriptors
 
     feat = torch.zeros(1, 2, 2, 2)
     feat[0, 0] = torch.tensor([[1.0, 1.0], [1.0, 3.0]])  # three cells along channel 0
@@ -182,8 +182,8 @@ def test_feature_descriptors_by_hand():
 def test_segmentation_inputs_same_from_segmenter_and_from_cache(tmp_path):
     """The scorer (fresh describe) and training (float16 label shard) see identical inputs."""
     from rssqa.data.sqed import read_label_shard, write_label_shard
+    from rssqa.models.quality_inputs import segmentation_input_dims, segmentation_inputs
     from rssqa.models.segmenters import build_segmenter
-    from rssqa.models.sqa import segmentation_input_dims, segmentation_inputs
 
     torch.manual_seed(0)
     seg = build_segmenter("pspnet", num_classes=5, grid=4, hist_bins=10).eval()

@@ -298,6 +298,27 @@ def test_clear_errors_before_any_work(corpus, checkpoints, tmp_path):
     assert not out.exists()
 
 
+def test_max_tokens_beyond_the_captioner_context_fails_at_start(corpus, checkpoints, tmp_path):
+    out = tmp_path / "never"
+    long = GenerationConfig(max_tokens=40, min_tokens=3, batch_size=32)
+    # a settings error: raised before any shard is listed or model built (the missing input is not reported)
+    with pytest.raises(RSSQAError, match=r"^generation\.max_tokens: 40 is more than the captioner rs-coca-tiny's context length 32$"):
+        make_task(corpus, out, None, generation=long, input=str(tmp_path / "missing"))
+    # a local checkpoint folder: the limit comes from its open_clip config
+    with pytest.raises(RSSQAError, match=r"generation\.max_tokens: 40 .*context length 32"):
+        make_task(corpus, out, checkpoints, generation=long)
+    assert make_task(corpus, out, checkpoints, generation=GenerationConfig(max_tokens=32, min_tokens=3)).cfg.generation.max_tokens == 32
+    cases = [
+        ({"generation": GenerationConfig(max_tokens=8, min_tokens=3, batch_size=0)}, "generation.batch_size: must be >= 1"),
+        ({"filter": ModelSpec("rs-tiny", None, FitConfig(batch_size=0))}, "filter.fit.batch_size: must be >= 1"),
+        ({"captioner": ModelSpec("rs-coca-tiny", None, FitConfig(batch_size=-1))}, "captioner.fit.batch_size: must be >= 1"),
+    ]
+    for over, message in cases:
+        with pytest.raises(RSSQAError, match=message):
+            make_task(corpus, out, **over)
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------ captioner
 def test_caption_vocab_round_trip(corpus):
     captions = [s["txt"] for u in list_shards(corpus["trusted"]) for s in iter_shard(u, decode=False)]
@@ -368,6 +389,18 @@ def test_stage_cli_refuses_bad_config_before_any_work(corpus, tmp_path):
     empty.mkdir()
     with pytest.raises(RSSQAError, match="purify.trusted: .*no trusted tier"):
         stage_main()(stage_args(corpus, tmp_path / "x", "--model.trusted", str(empty)))
+    assert not (tmp_path / "x").exists()
+
+
+def test_stage_checks_the_settings_for_dry_runs_too(corpus, tmp_path, capsys):
+    too_long = ("--model.generation.max_tokens", "40")
+    with pytest.raises(RSSQAError, match=r"^generation\.max_tokens: 40 is more than the captioner rs-coca-tiny's context length 32$"):
+        stage_main()(stage_args(corpus, tmp_path / "x", *too_long, "--dry_run", "true"))
+    assert "purify -> " not in capsys.readouterr().out
+    with pytest.raises(RSSQAError, match=r"generation: need 2 <= min_tokens < max_tokens, got 9, 8"):
+        stage_main()(stage_args(corpus, tmp_path / "x", "--model.generation.min_tokens", "9", "--dry_run", "true"))
+    with pytest.raises(RSSQAError, match=r"generation\.max_tokens: 40 "):  # and without --dry_run, before any work
+        stage_main()(stage_args(corpus, tmp_path / "x", *too_long))
     assert not (tmp_path / "x").exists()
 
 

@@ -37,6 +37,7 @@ def _images(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def make_fake_sqed(root: Path, seed: int = 0) -> Path:
     """A tiny RS-SQED under ``root/sqed`` plus ``root/clip_rs`` and ``root/clip_raw``."""
+    from rssqa.agreement import agreement_statistics
     from rssqa.models.clip import create_clip, export_clip
     from rssqa.models.segmenters import resolve_method
     from rssqa.tasks.sqed import SegmentationTask, per_image_oa
@@ -52,6 +53,7 @@ def make_fake_sqed(root: Path, seed: int = 0) -> Path:
         ids = [f"{source}_{i:03d}" for i in range(N_IMAGES)]
         corruption = rng.uniform(0.05, 0.6, N_IMAGES)  # how wrong the "truth" makes each image
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        probs, first_row = [], len(rows)
         for m, method in enumerate(METHODS):
             L.seed_everything(seed + m)
             task = SegmentationTask(resolve_method(method).as_dict(), n_classes, grid=GRID, hist_bins=BINS).eval()
@@ -62,7 +64,9 @@ def make_fake_sqed(root: Path, seed: int = 0) -> Path:
                 ckpt,
             )
             stats = task.segmenter.describe(x)
-            pred = stats.pop("logits").argmax(1)
+            logits = stats.pop("logits")
+            probs.append(logits.softmax(1))
+            pred = logits.argmax(1)
             flip = torch.from_numpy(rng.uniform(size=pred.shape) < corruption[:, None, None] * (1 + 0.3 * m))
             mask = torch.where(flip, torch.from_numpy(rng.integers(0, n_classes, pred.shape)), pred)
             oa, n = per_image_oa(pred, mask, n_classes)
@@ -79,6 +83,16 @@ def make_fake_sqed(root: Path, seed: int = 0) -> Path:
                     "margin": float(stats["margin"][i]), "feature_file": rel, "feature_row": i,
                     "image_file": f"pool/{source}/images.npy", "image_row": i,
                 })  # fmt: skip
+        # agreement between the source's methods, as the sqed stage writes it
+        agree = agreement_statistics(probs, GRID)
+        write_label_shard(
+            out / "features" / source / "agreement.safetensors",
+            {f"{meth}/{k}": a[k].numpy() for meth, a in zip(METHODS, agree, strict=True) for k in ("agree_maps", "agree_global")},
+            {"source": source, "methods": list(METHODS), "image_ids": ids, "grid": GRID},
+        )
+        for r in rows[first_row:]:
+            a = agree[METHODS.index(r["method"])]
+            r.update(agreement=float(a["agreement"][r["feature_row"]]), consensus=float(a["consensus"][r["feature_row"]]))
     write_table(out / TABLE, rows)
     for name, s in (("clip_rs", 1), ("clip_raw", 2)):
         torch.manual_seed(s)
@@ -103,6 +117,7 @@ def stage_args(root: Path, out: Path, epochs: int = 2) -> list[str]:
         "--data.generic_clip", str(root / "clip_raw"),
         "--trainer.max_epochs", str(epochs),
         "--wandb", "false",
+        "--loso", "true",
     ]  # fmt: skip
 
 
@@ -128,7 +143,8 @@ def test_stage_writes_the_whole_comparison(run_root):
     out = run_root / "sqa"
     s = read_summary(out)
     assert set(s["test"]) >= {"srcc", "plcc", "krcc", "rmse"}
-    assert set(s["baselines"]) == {"msp", "entropy", "margin", "atc", "image_only", "seg_only", "generic_clip", "no_gating"}
+    assert set(s["baselines"]) == {"msp", "entropy", "margin", "atc", "agreement", "consensus", "image_only", "seg_only",
+                                   "generic_clip", "no_gating", "with_agreement", "with_agreement_ranking"}  # fmt: skip
     for name, m in s["baselines"].items():
         assert set(m) >= {"srcc", "plcc", "krcc", "rmse"}, name
         assert m["rmse"] is not None and 0 <= m["rmse"] <= 1, name
@@ -144,12 +160,36 @@ def test_stage_writes_the_whole_comparison(run_root):
     assert (out / "logs" / "rs_sqa" / "metrics.csv").is_file()
     assert (out / "scorer" / "scorer.json").is_file()
     head = s["recommend_headroom"]
-    assert set(head["within_image_error"]) == {"rs_sqa", "image_only", "seg_only", "generic_clip", "no_gating"}
+    assert set(head["within_image_error"]) == {"rs_sqa", "image_only", "seg_only", "generic_clip", "no_gating", "with_agreement",
+                                               "with_agreement_ranking"}  # fmt: skip
     assert 0 <= r["top1"] <= r["top1_within"] <= 1
     assert set(s["vs_rs_sqa"]) == set(s["baselines"])
     for name, v in s["vs_rs_sqa"].items():
         assert v["srcc"]["diff"] == pytest.approx(s["test"]["srcc"] - s["baselines"][name]["srcc"], abs=1e-5), name
         assert v["srcc"]["low"] <= v["srcc"]["high"], name
+        assert v["srcc"]["verdict"] == ("ahead" if v["srcc"]["low"] > 0 else "behind" if v["srcc"]["high"] < 0 else "tie")
+    # RS-SQA with agreement: trained, compared with every other score, exported beside the paper's head
+    assert set(s["vs_with_agreement"]) == {"rs_sqa", *s["baselines"]} - {"with_agreement"}
+    agree = s["vs_with_agreement"]["consensus"]["srcc"]
+    assert agree["diff"] == pytest.approx(s["baselines"]["with_agreement"]["srcc"] - s["baselines"]["consensus"]["srcc"], abs=1e-5)
+    assert (out / "scorer" / "scorer_agreement.safetensors").is_file()
+    config = json.loads((out / "scorer" / "scorer.json").read_text())
+    assert config["agreement_model"]["agreement"] is True and config["ranking_model"]["agreement"] is True
+    assert s["ranking_hparams"] == {"w_rank_image": 4.0, "w_list": 2.0, "agreement": True}
+    loso = s["leave_one_source_out"]
+    assert set(loso) == set(SOURCES)
+    for held, fold in loso.items():
+        assert fold["n_images"] == 3, held  # the held-out source's test images only
+        assert set(fold) >= {"rs_sqa", "with_agreement", "consensus", "agreement", "msp", "atc", "best_label_free"}
+        assert fold["best_label_free"] != "consensus" and -1 <= fold["rs_sqa"]["srcc"] <= 1
+    assert set(s["loso_above_consensus"]) == {"rs_sqa", "with_agreement"}
+    assert (out / "checkpoints" / "loso_alpha_with_agreement" / "best.ckpt").is_file()
+    rec = s["recommend_baselines"]["with_agreement"]
+    gap = r["oracle_oa"] - r["best_fixed_oa"]
+    if gap > 0:
+        assert rec["gap_closed"] == pytest.approx((rec["chosen_oa"] - r["best_fixed_oa"]) / gap)
+    else:  # the best fixed method is the oracle on this tiny test set: nothing to close
+        assert rec["gap_closed"] is None
 
 
 def test_scorer_holds_the_averaged_weights(run_root):

@@ -418,7 +418,7 @@ def test_two_ranks_share_the_units_and_rank_0_waits_for_the_other(built, tiny_wo
     for shard in (copy / "features" / "loveda").iterdir():  # rank 1 of 2 owns loveda's units
         shard.unlink()
     vaihingen = {p.name: p.stat().st_mtime_ns for p in (copy / "features" / "vaihingen").iterdir()}
-    monkeypatch.setattr(sqed_task, "POLL_S", 0.05)
+    monkeypatch.setattr(sqed_task.build, "POLL_S", 0.05)
     cfg = tiny_config(tiny_world)
     with pytest.raises(RSSQAError) as e:
         build_sqed(cfg, copy, ranks=Ranks(0, 2), wait_s=0.3)

@@ -56,7 +56,9 @@ TABLE_COLUMNS = (
     "image_file",
     "image_row",
 )
-_FLOATS = {"oa", "msp", "entropy", "margin"}
+# written when the stage computed them (agreement between at least three methods of a source)
+OPTIONAL_COLUMNS = ("agreement", "consensus")
+_FLOATS = {"oa", "msp", "entropy", "margin", *OPTIONAL_COLUMNS}
 _INTS = {"n_labelled", "feature_row", "image_row"}
 HALF = ("maps", "feat/")  # shard arrays stored as float16: the bulky ones
 SPLITS = ("seg", "train", "val", "test")
@@ -157,6 +159,16 @@ def read_shard_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise RSSQAError(f"{path}: not a readable label shard ({e})") from None
 
 
+def shard_matches(path: str | os.PathLike, fingerprint: str) -> bool:
+    """Whether ``path`` is a shard written for ``fingerprint`` (a missing, foreign or torn file is not)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        return read_shard_meta(path).get("fingerprint") == fingerprint
+    except RSSQAError:
+        return False
+
+
 def read_label_shard(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays (float16 ones widened to float32) and metadata of a label shard."""
     from safetensors.numpy import load_file
@@ -168,13 +180,21 @@ def read_label_shard(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
 
 # ------------------------------------------------------------------------------------------- table
 def write_table(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Write the RS-SQED table as CSV (columns :data:`TABLE_COLUMNS`), atomically."""
+    """Write the RS-SQED table as CSV (columns :data:`TABLE_COLUMNS`, then those of
+    :data:`OPTIONAL_COLUMNS` that any row has; empty where a row has none), atomically."""
+    columns = [*TABLE_COLUMNS, *(k for k in OPTIONAL_COLUMNS if any(k in r for r in rows))]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=TABLE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (f"{r[k]:.8g}" if k in _FLOATS else r[k]) for k in TABLE_COLUMNS})
+        w.writerow({k: ("" if k not in r else f"{r[k]:.8g}" if k in _FLOATS else r[k]) for k in columns})
     atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _parse(column: str, value: str) -> Any:
+    if column in OPTIONAL_COLUMNS and value == "":
+        return math.nan
+    return float(value) if column in _FLOATS else int(value) if column in _INTS else value
 
 
 def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -191,7 +211,7 @@ def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
         for line, r in enumerate(reader, start=2):
             try:
                 rows.append(
-                    {k: float(v) if k in _FLOATS else int(v) if k in _INTS else v for k, v in r.items() if k}
+                    {k: _parse(k, v) for k, v in r.items() if k}
                 )
             except ValueError as e:
                 raise RSSQAError(f"{path}: line {line}: {e}") from None

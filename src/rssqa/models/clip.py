@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -228,6 +229,15 @@ def export_clip(
 
 
 # ------------------------------------------------------------------------------------------------ encoding
+def clip_fingerprint(clip: torch.nn.Module) -> str:
+    """SHA-1 over the names, shapes and bytes of a model's weights: which CLIP a scorer was made for."""
+    h = hashlib.sha1()
+    for name, t in sorted(clip.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def image_size(model: torch.nn.Module) -> int:
     """Side in pixels of the square images the model's visual tower takes."""
     size = model.visual.image_size

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -180,13 +181,17 @@ def _hist01(values: torch.Tensor, bins: int) -> torch.Tensor:
     return hist / values.shape[1]
 
 
-def probability_statistics(probs: torch.Tensor, grid: int = 4, bins: int = 20) -> dict[str, torch.Tensor]:
+def probability_statistics(
+    probs: torch.Tensor, grid: int = 4, bins: int = 20, keep_pred: bool = False
+) -> dict[str, torch.Tensor]:
     """What the label-free baselines and RS-SQA read off a probability map.
 
     Args:
         probs: ``B×C×H×W`` class probabilities (summing to 1 over ``C``).
         grid: side ``g`` of the pooled maps.
         bins: histogram bins ``K`` over [0, 1].
+        keep_pred: also return ``pred``, the ``B×H×W`` arg-max class (computed anyway; what
+            agreement between methods reads).
 
     Returns:
         ``msp``, ``entropy`` (``1 - mean H / log C``), ``margin``: ``B`` (as :mod:`rssqa.baselines`);
@@ -206,7 +211,7 @@ def probability_statistics(probs: torch.Tensor, grid: int = 4, bins: int = 20) -
     pred = pred.flatten(1)
     share = torch.zeros(b, c, dtype=torch.float64, device=p.device)
     share.scatter_add_(1, pred, torch.ones_like(pred, dtype=torch.float64))
-    return {
+    out = {
         "msp": conf.mean(dim=(1, 2)),
         "entropy": 1.0 - h.mean(dim=(1, 2)) / math.log(c),
         "margin": margin.mean(dim=(1, 2)),
@@ -217,6 +222,9 @@ def probability_statistics(probs: torch.Tensor, grid: int = 4, bins: int = 20) -
         "class_share": share / pred.shape[1],
         "mean_prob": p.mean(dim=(2, 3)),
     }
+    if keep_pred:
+        out["pred"] = pred.view(b, *p.shape[2:])
+    return out
 
 
 # --------------------------------------------------------------------------------------- module
@@ -294,7 +302,7 @@ class Segmenter(nn.Module):
         return self.model(x)[..., :h, :w]
 
     @torch.no_grad()
-    def describe(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def describe(self, images: torch.Tensor, keep_pred: bool = False) -> dict[str, torch.Tensor]:
         """Segment and summarise.
 
         Args:
@@ -313,7 +321,7 @@ class Segmenter(nn.Module):
         missing = set(self.spec.features) - {k[5:] for k in feats}
         if missing:
             raise RSSQAError(f"method {self.spec.name!r}: layers {sorted(missing)} produced no output")
-        stats = probability_statistics(logits.float().softmax(1), self.grid, self.hist_bins)
+        stats = probability_statistics(logits.float().softmax(1), self.grid, self.hist_bins, keep_pred)
         return {"logits": logits, **feats, **stats}
 
     def feature_shapes(self, image_size: int = 64) -> dict[str, tuple[int, ...]]:
@@ -335,6 +343,31 @@ def build_segmenter(
 ) -> Segmenter:
     """Build method ``name`` (untrained) with ``num_classes`` outputs."""
     return Segmenter(resolve_method(name, size, overrides), num_classes, grid, hist_bins)
+
+
+def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Segmenter:
+    """The trained :class:`Segmenter` of a sqed checkpoint (``methods/<source>/<method>/final.ckpt``), in eval mode.
+
+    Reads the Lightning checkpoint's hyper-parameters and weights directly, so scoring needs no
+    training code. The checkpoint holds every weight: the encoder's initial weights file is not read.
+
+    Raises:
+        RSSQAError: a missing file, or one that is not a sqed segmenter checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RSSQAError(f"{path}: segmenter checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+        seg = Segmenter(MethodSpec(**hp["spec"]), hp["num_classes"], hp["grid"], hp["hist_bins"], load_weights=False)
+        prefix = "segmenter."
+        seg.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    except RSSQAError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load and a foreign dict raise many kinds; all mean "not ours"
+        raise RSSQAError(f"{path}: not a sqed segmenter checkpoint ({type(e).__name__}: {e})") from None
+    return seg.eval()
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:

@@ -4,7 +4,7 @@ Two branches meet on a ``g×g`` grid of cells (``L = g*g`` tokens of width ``w``
 
 - semantic branch: the CLIP-RS pooled image embedding (``B×E``) and its last-layer patch tokens
   (``B×T×h×w``, resampled to ``g×g``), projected to ``w``. The CLIP encoder itself is frozen and lives
-  outside this module (see :func:`clip_image_features`), so its features can be cached once per image.
+  outside this module (:mod:`rssqa.models.quality_inputs` computes what the head reads, live or cached).
 - segmentation branch: method-agnostic inputs through one shared adapter (per-cell descriptors
   ``B×S×g×g`` such as confidence, margin and entropy maps and channel-count-free statistics of the
   method's intermediate features, plus per-image statistics ``B×G`` such as the confidence histogram),
@@ -19,14 +19,13 @@ block by plain concatenation (``no_gating``) or drop a branch (``image_only``, `
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rssqa.agreement import AGREEMENT_NAMES
 from rssqa.errors import RSSQAError
 
 Variant = Literal["full", "no_gating", "image_only", "seg_only"]
@@ -105,6 +104,9 @@ class RSSQA(nn.Module):
         methods: method names with their own adapter (empty: shared adapter only).
         feat_dim: channels ``F`` of the zero-padded raw method features the per-method adapters read.
         dropout: dropout before the last layer.
+        agreement: the segmentation branch also reads the method's agreement with the other methods
+            of the image (``agree_maps`` ``B×A×g×g`` beside the cell descriptors, ``agree_global`` ``B×A``
+            beside the global statistics; :mod:`rssqa.agreement`). Not in the paper: a variant.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class RSSQA(nn.Module):
         methods: tuple[str, ...] | list[str] = (),
         feat_dim: int = 0,
         dropout: float = 0.1,
+        agreement: bool = False,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -142,6 +145,13 @@ class RSSQA(nn.Module):
         self.seg_cells = nn.Linear(cell_dim, width)
         self.seg_global = nn.Linear(global_dim, width)
         self.seg_norm = nn.LayerNorm(width)
+        self.agreement = agreement
+        if agreement:
+            n = len(AGREEMENT_NAMES)
+            self.norm_agree_maps = Standardize(n, channel_dim=1)
+            self.norm_agree_global = Standardize(n, channel_dim=1)
+            self.agree_cells = nn.Linear(n, width)
+            self.agree_global = nn.Linear(n, width)
         # per-method adapters as one batched weight: row m maps method m's padded features to w, plus a
         # per-method offset (what is typical of the method); both start at zero = the shared adapter alone
         self.method_weight = nn.Parameter(torch.zeros(len(self.methods), feat_dim, width)) if self.methods else None
@@ -191,6 +201,8 @@ class RSSQA(nn.Module):
         seg_global: torch.Tensor,
         seg_feats: torch.Tensor | None = None,
         method_idx: torch.Tensor | None = None,
+        agree_maps: torch.Tensor | None = None,
+        agree_global: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Segmentation tokens of each (image, method).
 
@@ -199,6 +211,8 @@ class RSSQA(nn.Module):
             seg_global: ``B×G`` method-agnostic per-image statistics.
             seg_feats: ``B×F×g×g`` raw method features (zero-padded), for the per-method adapters.
             method_idx: ``B`` adapter index per row (:meth:`method_index`), ``-1`` for none.
+            agree_maps: ``B×A×g×g`` agreement with the other methods (read when ``agreement``).
+            agree_global: ``B×A`` its per-image means.
 
         Returns:
             ``B×L×w``.
@@ -207,6 +221,11 @@ class RSSQA(nn.Module):
             raise RSSQAError(f"sqa: segmentation grid {tuple(seg_cells.shape[-2:])} != model grid {self.grid}")
         cells = self.norm_cells(seg_cells).flatten(2).transpose(1, 2)
         x = self.seg_cells(cells) + self.seg_global(self.norm_global(seg_global)).unsqueeze(1)
+        if self.agreement:
+            if agree_maps is None or agree_global is None:
+                raise RSSQAError("sqa: this head reads agreement between methods; score a method among at least 3")
+            maps = self.norm_agree_maps(agree_maps).flatten(2).transpose(1, 2)
+            x = x + self.agree_cells(maps) + self.agree_global(self.norm_agree_global(agree_global)).unsqueeze(1)
         if self.method_weight is not None and seg_feats is not None and method_idx is not None:
             known = method_idx >= 0
             m = method_idx.clamp_min(0)
@@ -239,154 +258,10 @@ class RSSQA(nn.Module):
         sem = self.encode_semantics(batch["sem_embed"], batch["sem_tokens"]) if self.uses_sem else None
         seg = (
             self.encode_segmentation(
-                batch["seg_cells"], batch["seg_global"], batch.get("seg_feats"), batch.get("method_idx")
+                batch["seg_cells"], batch["seg_global"], batch.get("seg_feats"), batch.get("method_idx"),
+                batch.get("agree_maps"), batch.get("agree_global"),
             )
             if self.uses_seg
             else None
         )
         return self.score(sem, seg)
-
-
-@torch.no_grad()
-def clip_image_features(clip: nn.Module, images: torch.Tensor, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled embedding and last-layer patch tokens of an open_clip model, batch-invariant.
-
-    Images run in chunks of exactly ``chunk`` (the last one zero-padded), so an image's features are
-    bit-identical whether it is encoded alone or among others.
-
-    Args:
-        clip: an open_clip ``CLIP`` (any visual tower with ``forward_intermediates``).
-        images: ``B×3×S×S`` images, normalised the way the model's preprocessing does
-            (``rssqa.models.clip.to_model_input``).
-        chunk: forward batch size; part of the numerics.
-
-    Returns:
-        ``(embed B×E L2-normalised, tokens B×T×h×w)``, float32 on the CPU.
-    """
-    was_training = clip.training
-    clip.eval()
-    embeds, tokens = [], []
-    try:
-        for start in range(0, len(images), chunk):
-            x = images[start : start + chunk]
-            n = len(x)
-            if n < chunk:
-                x = torch.cat([x, x.new_zeros((chunk - n, *x.shape[1:]))])
-            out = clip.forward_intermediates(
-                image=x, image_indices=1, normalize=True, normalize_intermediates=True, image_output_fmt="NCHW"
-            )
-            embeds.append(out["image_features"][:n].float().cpu())
-            tokens.append(out["image_intermediates"][-1][:n].float().cpu())
-    finally:
-        clip.train(was_training)
-    if not embeds:
-        raise RSSQAError("clip features: no images")
-    return torch.cat(embeds), torch.cat(tokens)
-
-
-# ------------------------------------------------------------------------------ segmentation inputs
-MAP_NAMES = ("max_prob", "certainty", "margin")
-DESCRIPTOR_NAMES = ("energy", "to_mean", "coherence")
-HIST_NAMES = ("hist_conf", "hist_certainty", "hist_margin")
-SCALAR_NAMES = ("msp", "entropy", "margin")
-
-
-def feature_descriptors(feat: torch.Tensor) -> torch.Tensor:
-    """Channel-count-free descriptors of pooled features, so one adapter reads every method.
-
-    Args:
-        feat: ``B×C×g×g`` pooled intermediate features (any ``C``).
-
-    Returns:
-        ``B×3×g×g``: ``energy`` (cell feature norm over the image's mean norm), ``to_mean`` (cosine of
-        the cell's feature with the image's mean feature) and ``coherence`` (mean cosine with the
-        4-neighbour cells): how strong, how typical and how locally consistent the representation is.
-    """
-    f = feat.float()
-    norm = f.norm(dim=1)
-    energy = norm / (norm.mean(dim=(1, 2), keepdim=True) + 1e-6)
-    unit = f / (norm.unsqueeze(1) + 1e-6)
-    mean_dir = F.normalize(f.mean(dim=(2, 3)), dim=1)
-    to_mean = (unit * mean_dir[:, :, None, None]).sum(1)
-    horiz = (unit[..., :, 1:] * unit[..., :, :-1]).sum(1)  # B×g×(g-1)
-    vert = (unit[..., 1:, :] * unit[..., :-1, :]).sum(1)  # B×(g-1)×g
-    total = torch.zeros_like(norm)
-    count = torch.zeros_like(norm)
-    total[..., :, 1:] += horiz
-    total[..., :, :-1] += horiz
-    total[..., 1:, :] += vert
-    total[..., :-1, :] += vert
-    count[..., :, 1:] += 1
-    count[..., :, :-1] += 1
-    count[..., 1:, :] += 1
-    count[..., :-1, :] += 1
-    coherence = total / count.clamp_min(1)
-    return torch.stack([energy, to_mean, coherence], dim=1)
-
-
-def _f32(x: Any) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float32)
-
-
-def _as_cached(x: Any) -> torch.Tensor:
-    # RS-SQED stores maps and features in float16; round fresh ones the same way, so a scored image
-    # sees exactly the numbers the model was trained on.
-    return _f32(x).to(torch.float16).to(torch.float32)
-
-
-def _sorted_padded(x: torch.Tensor, width: int) -> torch.Tensor:
-    # class identities differ between sources; the sorted profile does not
-    x = x.sort(dim=1, descending=True).values[:, :width]
-    return F.pad(x, (0, width - x.shape[1]))
-
-
-def segmentation_input_dims(layers: Sequence[str], hist_bins: int, max_classes: int) -> tuple[int, int]:
-    """``(S, G)``: channels of ``seg_cells`` and ``seg_global`` from :func:`segmentation_inputs`."""
-    return len(MAP_NAMES) + len(DESCRIPTOR_NAMES) * len(layers), len(SCALAR_NAMES) + 3 * hist_bins + 2 * max_classes + 1
-
-
-def segmentation_inputs(
-    stats: Mapping[str, Any],
-    layers: Sequence[str] = ("encoder", "decoder"),
-    max_classes: int = 8,
-    feat_dim: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Turn what a segmenter reports (``Segmenter.describe`` or an RS-SQED label shard) into model inputs.
-
-    Args:
-        stats: ``maps`` ``B×3×g×g``; ``feat/<layer>`` ``B×C_l×g×g``; ``msp``, ``entropy``, ``margin`` ``B``;
-            ``hist_conf``, ``hist_certainty``, ``hist_margin`` ``B×K``; ``class_share``, ``mean_prob`` ``B×C``
-            (tensors or arrays).
-        layers: feature layers to read, in order.
-        max_classes: length the sorted class profiles are padded or cut to.
-        feat_dim: when > 0, also return the raw features of ``layers`` stacked and zero-padded to this
-            many channels (for the per-method adapters).
-
-    Returns:
-        ``seg_cells`` ``B×S×g×g``, ``seg_global`` ``B×G`` (float32) and optionally ``seg_feats`` ``B×F×g×g``.
-    """
-    need = ["maps", *SCALAR_NAMES, *HIST_NAMES, "class_share", "mean_prob", *(f"feat/{k}" for k in layers)]
-    missing = [k for k in need if k not in stats]
-    if missing:
-        raise RSSQAError(f"segmentation statistics: missing {missing}")
-    feats = [_as_cached(stats[f"feat/{k}"]) for k in layers]
-    cells = torch.cat([_as_cached(stats["maps"]), *(feature_descriptors(f) for f in feats)], dim=1)
-    share = _f32(stats["class_share"])
-    share_entropy = -(share * torch.log(share.clamp_min(1e-12))).sum(1, keepdim=True) / np.log(max(share.shape[1], 2))
-    glob = torch.cat(
-        [
-            *(_f32(stats[k]).reshape(-1, 1) for k in SCALAR_NAMES),
-            *(_f32(stats[k]) for k in HIST_NAMES),
-            _sorted_padded(share, max_classes),
-            _sorted_padded(_f32(stats["mean_prob"]), max_classes),
-            share_entropy,
-        ],
-        dim=1,
-    )
-    out = {"seg_cells": cells, "seg_global": glob}
-    if feat_dim > 0:
-        raw = torch.cat(feats, dim=1)
-        if raw.shape[1] > feat_dim:
-            raise RSSQAError(f"sqa.feat_dim: {feat_dim} is narrower than the {raw.shape[1]} feature channels of {list(layers)}")
-        out["seg_feats"] = F.pad(raw, (0, 0, 0, 0, 0, feat_dim - raw.shape[1]))
-    return out

@@ -4,6 +4,7 @@
 >>> sample = src[0]  # {"image_id", "image": H×W×3 uint8, "mask": H×W uint8 (255 = ignore)}
 """
 
+from rssqa.data.segsets import folder as _folder  # noqa: F401 - registers the folder layout
 from rssqa.data.segsets.datamodule import SegArrays, SegDataModule, SegSubset, to_tensors
 from rssqa.data.segsets.layouts import (
     DEEPGLOBE_CLASSES,

@@ -3,7 +3,8 @@
 Each layout is a function ``(root, **options) -> SegSource`` registered under a name;
 :func:`build_source` looks the name up, :func:`list_layouts` lists them. Every layout accepts the
 options of :class:`~rssqa.data.segsets.source.SegSource` (``patch_size``, ``stride``, ``bands``,
-``on_bad``, ``max_images``) and ``unknown`` (``"error"`` or ``"ignore"``, for colours and values
+``on_bad``, ``max_images``, ``scale`` / ``gsd`` / ``target_gsd``, ``group_pattern``,
+``ignore_classes``) and ``unknown`` (``"error"`` or ``"ignore"``, for colours and values
 outside the schema); the generic :func:`folder` layout takes a whole mask schema in configuration.
 
 Layouts (ignore index 255 throughout):
@@ -13,20 +14,22 @@ Layouts (ignore index 255 throughout):
 - ``vaihingen``: ISPRS Vaihingen, ``top/top_mosaic_09cm_area{N}.tif`` (IRRG) +
   ``gts_for_participants/top_mosaic_09cm_area{N}.tif``, ISPRS palette.
 - ``loveda``: LoveDA, ``{Train,Val}/{Urban,Rural}/{images_png,masks_png}/{id}.png``, values 0 = no data,
-  1..7 = classes.
-- ``deepglobe``: DeepGlobe Land Cover, ``train/{id}_sat.jpg`` + ``train/{id}_mask.png``, six colours +
+  1..7 = classes; an id found in more than one split/domain folder becomes ``{split}-{domain}-{id}``.
+- ``deepglobe``: DeepGlobe Land Cover, ``train/{id}_sat.jpg`` + ``train/{id}_mask.png`` (the challenge
+  release) or ``data/training_data/{images,masks}/`` (torchgeo, the Kaggle mirror), six colours +
   black = unknown; channels binarised at 128 as the challenge prescribes.
 - ``uavid``: UAVid, ``uavid_{train,val}/seq*/Images/*.png`` + ``Labels/*.png``, eight colours; the frames
   of one sequence share a split group.
 - ``openearthmap``: OpenEarthMap, ``<region>/images/*.tif`` + ``<region>/labels/*.tif``, values 0 = unknown,
   1..8 = classes, ``train.txt`` / ``val.txt`` name the files of each split.
-- ``folder``: any images folder + masks folder, matched by name.
+- ``folder``: any images folder + masks folder, matched by name (:mod:`rssqa.data.segsets.folder`).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,13 @@ ISPRS_PALETTE = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255,
 # The eroded ground truth of the ISPRS sets marks boundaries black: not a class.
 ISPRS_IGNORE = ((0, 0, 0),)
 LOVEDA_CLASSES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
+# Every split/domain folder of the release, read or not: ids must not change with the folders read.
+LOVEDA_SPLITS = ("Train", "Val", "Test")
+LOVEDA_DOMAINS = ("Urban", "Rural")
 DEEPGLOBE_CLASSES = ("urban_land", "agriculture_land", "rangeland", "forest_land", "water", "barren_land")
 DEEPGLOBE_PALETTE = ((0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255), (255, 255, 255))
+# torchgeo / Kaggle mirror: split -> folder under ``data/``
+DEEPGLOBE_SPLIT_DIRS = {"train": "training_data", "test": "test_data"}
 UAVID_CLASSES = ("clutter", "building", "road", "tree", "low_vegetation", "moving_car", "static_car", "human")
 UAVID_PALETTE = (
     (0, 0, 0), (128, 0, 0), (128, 64, 128), (0, 128, 0), (128, 128, 0), (64, 0, 128), (192, 0, 192), (64, 64, 0),
@@ -202,6 +210,13 @@ def loveda(
     Mask values: 0 = no data (ignored), 1..7 = background, building, road, water, barren, forest,
     agriculture (decoded to 0..6).
 
+    Image ids: the file stem (``"1366"``) when no other split/domain folder under ``root`` holds the
+    same stem (so in the release, whose stems are unique, ids are the plain stems); a stem found in
+    more than one folder (torchgeo's fake data has ``01.png`` in each) becomes
+    ``{split}-{domain}-{stem}``, lower case (``"train-urban-01"``), in every folder it is in. Every
+    ``{Train,Val,Test}/{Urban,Rural}/images_png`` folder that exists (and those of ``splits`` and
+    ``domains``) counts, read or not, so an image keeps its id whichever splits and domains are read.
+
     Args:
         root: the data set folder.
         name: the source's name.
@@ -211,6 +226,7 @@ def loveda(
         **options: :class:`SegSource` options.
     """
     root = as_path(root)
+    clashes = _loveda_clashes(root, splits, domains)
     pairs: list[FilePair] = []
     for split in splits:
         for domain in domains:
@@ -218,10 +234,32 @@ def loveda(
             img_dir, lbl_dir = require_dir(base / "images_png", "image"), base / "masks_png"
             images = _stems(files(img_dir, "*.png"))
             masks = _stems(files(lbl_dir, "*.png")) if lbl_dir.is_dir() else {}
-            pairs += _pairs(images, masks, lambda k, d=lbl_dir: d / f"{k}.png", split=split.lower())
+            plain = {k: p for k, p in images.items() if k not in clashes}
+            clashing = {k: p for k, p in images.items() if k in clashes}
+            for chosen, prefix in ((plain, ""), (clashing, f"{split.lower()}-{domain.lower()}-")):
+                pairs += _pairs(
+                    chosen, masks, lambda k, d=lbl_dir: d / f"{k}.png", split=split.lower(), id_prefix=prefix
+                )
     value_map = {0: IGNORE_INDEX, **{v: v - 1 for v in range(1, len(LOVEDA_CLASSES) + 1)}}
     codec = MaskCodec(LOVEDA_CLASSES, value_map=value_map, unknown=unknown)
     return SegSource(name, _nonempty(pairs, str(root)), codec, **options)
+
+
+def _loveda_clashes(root: Path, splits: Sequence[str], domains: Sequence[str]) -> set[str]:
+    """Image stems found in more than one ``{split}/{domain}/images_png`` folder under ``root``."""
+    counts: Counter[str] = Counter()
+    seen: set[tuple[int, int]] = set()
+    for split in dict.fromkeys((*LOVEDA_SPLITS, *splits)):
+        for domain in dict.fromkeys((*LOVEDA_DOMAINS, *domains)):
+            img_dir = root / split / domain / "images_png"
+            if not img_dir.is_dir():
+                continue
+            st = img_dir.stat()  # "train" and "Train" are one folder on a case-insensitive disk
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            counts.update(_stems(files(img_dir, "*.png")).keys())
+    return {stem for stem, n in counts.items() if n > 1}
 
 
 # --------------------------------------------------------------------------------------- DeepGlobe
@@ -234,23 +272,58 @@ def deepglobe(
     unknown: str = "error",
     **options: Any,
 ) -> SegSource:
-    """DeepGlobe Land Cover: ``{split}/{id}_sat.jpg`` and ``{split}/{id}_mask.png``.
+    """DeepGlobe Land Cover: ``{id}_sat.jpg`` images and ``{id}_mask.png`` masks, in either layout.
+
+    - the challenge release: ``{split}/{id}_sat.jpg`` and ``{split}/{id}_mask.png`` in one folder;
+    - torchgeo and the Kaggle mirror: ``data/{training_data,test_data}/images/{id}_sat.jpg`` and
+      ``.../masks/{id}_mask.png``, where ``split`` ``"train"`` is ``training_data`` and ``"test"`` is
+      ``test_data``; ``root`` may be the folder holding ``data/``, ``data/`` itself, or the split
+      folder (holding ``images/`` and ``masks/``) itself.
+
+    The first of ``{split}/``, ``data/{folder}/images/``, ``{folder}/images/``, ``images/`` and
+    ``root`` itself that holds ``*_sat.jpg`` files is read. Image ids are the file names without
+    ``_sat.jpg`` in both layouts.
 
     Args:
         root: the data set folder.
         name: the source's name.
-        split: the folder holding images and masks (only ``train`` has masks in the release).
+        split: the split to read: its folder in the release (only ``train`` has masks there), or
+            ``train`` / ``test`` (or the folder name) in the torchgeo layout.
         binarize: threshold mask channels at 128 first (the released masks carry stray values).
         unknown: colours outside the palette: ``"error"`` or ``"ignore"``. Black is "unknown" and
             always ignored.
         **options: :class:`SegSource` options.
     """
-    folder = require_dir(as_path(root) / split, "DeepGlobe split")
-    images = _stems(files(folder, "*_sat.jpg"), "_sat")
-    masks = _stems(files(folder, "*_mask.png"), "_mask")
-    pairs = _pairs(images, masks, lambda k: folder / f"{k}_mask.png")
+    img_dir, lbl_dir = _deepglobe_folders(as_path(root), split)
+    images = _stems(files(img_dir, "*_sat.jpg"), "_sat")
+    masks = _stems(files(lbl_dir, "*_mask.png"), "_mask") if lbl_dir.is_dir() else {}
+    pairs = _pairs(images, masks, lambda k: lbl_dir / f"{k}_mask.png")
     codec = MaskCodec(DEEPGLOBE_CLASSES, DEEPGLOBE_PALETTE, ((0, 0, 0),), unknown=unknown, binarize=binarize)
-    return SegSource(name, _nonempty(pairs, str(folder)), codec, **options)
+    return SegSource(name, _nonempty(pairs, str(img_dir)), codec, **options)
+
+
+def _deepglobe_folders(root: Path, split: str) -> tuple[Path, Path]:
+    """(image folder, mask folder) of a DeepGlobe split, in the first layout found under ``root``."""
+    sub = DEEPGLOBE_SPLIT_DIRS.get(split, split)
+    candidates = [
+        (root / split, root / split),
+        (root / "data" / sub / "images", root / "data" / sub / "masks"),
+        (root / sub / "images", root / sub / "masks"),
+        (root / "images", root / "masks"),
+        (root, root),
+    ]
+    existing = [(i, m) for i, m in candidates if i.is_dir()]
+    for img_dir, lbl_dir in existing:
+        if files(img_dir, "*_sat.jpg"):
+            return img_dir, lbl_dir
+    if not root.is_dir():
+        raise RSSQAError(f"{root}: DeepGlobe folder not found")
+    # nothing holds images: name the folder the user most likely meant (root itself comes last)
+    if len(existing) > 1:
+        return existing[0]
+    raise RSSQAError(
+        f"{root}: no DeepGlobe split folder; expected {split}/*_sat.jpg or data/{sub}/images/*_sat.jpg"
+    )
 
 
 # ------------------------------------------------------------------------------------------- UAVid
@@ -344,108 +417,3 @@ def openearthmap(
     value_map = {0: IGNORE_INDEX, **{v: v - 1 for v in range(1, len(OPENEARTHMAP_CLASSES) + 1)}}
     codec = MaskCodec(OPENEARTHMAP_CLASSES, value_map=value_map, unknown=unknown)
     return SegSource(name, _nonempty(pairs, str(root)), codec, **options)
-
-
-# ------------------------------------------------------------------------------------------ folder
-@register_layout("folder")
-def folder(
-    root: str | os.PathLike,
-    name: str = "folder",
-    images: str = "images",
-    masks: str = "masks",
-    image_glob: str = "*.png",
-    mask_glob: str = "*.png",
-    image_strip: str = "",
-    mask_strip: str = "",
-    classes: Sequence[str] | None = None,
-    num_classes: int | None = None,
-    palette: Sequence[Sequence[int]] | None = None,
-    ignore_colors: Sequence[Sequence[int]] = (),
-    value_map: Mapping[int, int] | None = None,
-    ignore_values: Sequence[int] = (IGNORE_INDEX,),
-    unknown: str = "error",
-    binarize: bool = False,
-    **options: Any,
-) -> SegSource:
-    """Any images folder and masks folder, matched by name.
-
-    An image and a mask match when their paths relative to their folders, without extension and
-    without the ``image_strip`` / ``mask_strip`` ending, are equal (``a/b_sat.jpg`` matches
-    ``a/b_mask.png`` with strips ``_sat`` and ``_mask``). Masks are RGB colours when a ``palette`` is
-    given, class indices otherwise (palette-mode PNGs are read as their indices).
-
-    Args:
-        root: base folder for ``images`` and ``masks``.
-        name: the source's name.
-        images: image folder, relative to ``root`` (or absolute).
-        masks: mask folder, relative to ``root`` (or absolute).
-        image_glob: image pattern (``**/*.tif`` recurses).
-        mask_glob: mask pattern.
-        image_strip: ending removed from image names before matching.
-        mask_strip: ending removed from mask names before matching.
-        classes: class names (default ``class_0``... from ``num_classes`` or the palette).
-        num_classes: number of classes, checked against ``classes`` and ``palette``.
-        palette: one ``[r, g, b]`` per class: masks are colour masks.
-        ignore_colors: colours meaning "no label".
-        value_map: stored value -> class index or 255, for index masks (e.g. ``{0: 255, 1: 0, ...}``).
-        ignore_values: stored values meaning "no label" (index masks).
-        unknown: colours or values outside the schema: ``"error"`` or ``"ignore"``.
-        binarize: threshold colour channels at 128 before matching.
-        **options: :class:`SegSource` options.
-    """
-    root = as_path(root)
-    img_dir = require_dir(root / images, "image")
-    lbl_dir = require_dir(root / masks, "mask")
-    classes = _classes(name, classes, num_classes, palette)
-
-    def keyed(folder_: Path, pattern: str, strip: str) -> dict[str, Path]:
-        out = {}
-        for p in files(folder_, pattern):
-            key = p.relative_to(folder_).with_suffix("").as_posix()
-            if strip and key.endswith(strip):
-                key = key[: -len(strip)]
-            if key in out:
-                raise RSSQAError(
-                    f"{p}: matches the same name as {out[key]}; make the patterns tell them apart"
-                )
-            out[key] = p
-        return out
-
-    image_files = keyed(img_dir, image_glob, image_strip)
-    mask_files = keyed(lbl_dir, mask_glob, mask_strip)
-    if not image_files:
-        raise RSSQAError(f"{img_dir}: no images match {image_glob!r}")
-    if not mask_files:
-        raise RSSQAError(f"{lbl_dir}: no masks match {mask_glob!r}")
-    pairs = _pairs(image_files, mask_files, lambda k: lbl_dir / f"{k}{mask_strip}{Path(mask_glob).suffix}")
-    codec = MaskCodec(
-        tuple(classes),
-        palette=tuple(tuple(c) for c in palette) if palette is not None else None,
-        ignore_colors=tuple(tuple(c) for c in ignore_colors),
-        value_map={int(k): int(v) for k, v in (value_map or {}).items()},
-        ignore_values=tuple(int(v) for v in ignore_values),
-        unknown=unknown,
-        binarize=binarize,
-    )
-    return SegSource(name, pairs, codec, **options)
-
-
-def _classes(
-    name: str, classes: Sequence[str] | None, num_classes: int | None, palette: Sequence[Any] | None
-) -> list[str]:
-    n = (
-        num_classes
-        if num_classes is not None
-        else len(classes)
-        if classes
-        else len(palette)
-        if palette
-        else None
-    )
-    if n is None:
-        raise RSSQAError(f"{name}: give classes, num_classes or a palette")
-    if classes is not None and len(classes) != n:
-        raise RSSQAError(f"{name}: num_classes is {n} but classes names {len(classes)}")
-    if palette is not None and len(palette) != n:
-        raise RSSQAError(f"{name}: num_classes is {n} but the palette has {len(palette)} colours")
-    return list(classes) if classes is not None else [f"class_{i}" for i in range(n)]

@@ -179,6 +179,59 @@ class MaskCodec:
             out[unknown] = IGNORE_INDEX
         return out.astype(np.uint8)
 
+    def without_classes(self, names: Sequence[str], where: str = "mask codec") -> MaskCodec:
+        """The same encoding with the classes ``names`` sent to :data:`IGNORE_INDEX` and removed.
+
+        For a schema's "unlabeled" / "clutter" class that should not count: its pixels become "no
+        label" and the remaining classes are renumbered ``0..n-1`` in their order. A colour codec moves
+        the classes' colours to ``ignore_colors``; an index codec maps their stored values to the
+        ignore index through ``value_map`` (every stored value that meant a class gets an entry, so the
+        renumbering never reads a stored value as a different class).
+
+        Args:
+            names: class names to drop; each must be one of :attr:`classes`.
+            where: prefix of error messages (the source's name).
+        """
+        drop = list(dict.fromkeys(names))
+        missing = [n for n in drop if n not in self.classes]
+        if missing:
+            raise RSSQAError(
+                f"{where}: ignore_classes {missing} are not classes of this schema ({', '.join(self.classes)})"
+            )
+        keep = [c for c in self.classes if c not in drop]
+        if not keep:
+            raise RSSQAError(f"{where}: ignore_classes {drop} would leave no class")
+        if not drop:
+            return self
+        new_index = {
+            old: (keep.index(c) if c in keep else IGNORE_INDEX) for old, c in enumerate(self.classes)
+        }
+        if self.palette is not None:
+            dropped = tuple(col for c, col in zip(self.classes, self.palette, strict=True) if c in drop)
+            return MaskCodec(
+                tuple(keep),
+                palette=tuple(
+                    col for c, col in zip(self.classes, self.palette, strict=True) if c not in drop
+                ),
+                ignore_colors=(*self.ignore_colors, *dropped),
+                unknown=self.unknown,
+                binarize=self.binarize,
+            )
+        # index masks: stored value -> old class (as _decode_index resolves it) -> new class
+        value_map: dict[int, int] = {}
+        for v in range(self.num_classes):
+            if v not in self.ignore_values:
+                value_map[v] = new_index[v]
+        for v, k in self.value_map.items():
+            value_map[int(v)] = IGNORE_INDEX if int(k) == IGNORE_INDEX else new_index[int(k)]
+        return MaskCodec(
+            tuple(keep),
+            value_map=value_map,
+            ignore_values=self.ignore_values,
+            unknown=self.unknown,
+            binarize=self.binarize,
+        )
+
     def encode_palette(self, index_mask: np.ndarray) -> np.ndarray:
         """Class indices ``H×W`` -> RGB ``H×W×3`` (ignored pixels get the first ignore colour or black)."""
         if self.palette is None:

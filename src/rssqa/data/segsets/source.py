@@ -7,15 +7,22 @@ images smaller than a patch); what only the pixels tell (colours outside the pal
 the configuration does not know) is checked when a sample is read. Each problem is an
 :class:`~rssqa.errors.RSSQAError` naming the file or, with ``on_bad="skip"``, a skipped and counted
 :class:`~rssqa.errors.BadSample` (see :meth:`SegSource.check`).
+
+Options every layout accepts (they live here, so a registered layout gets them without code of its
+own): ``patch_size`` / ``stride``, ``bands``, ``on_bad``, ``max_images``; resampling on read (``scale``,
+or ``target_gsd`` with the source's ``gsd``); split groups from the file name (``group_pattern``); and
+schema classes treated as "no label" (``ignore_classes``). See :class:`SegSource`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +77,20 @@ class SegSample:
 
     @property
     def group(self) -> str:
-        """Split group: all patches of one file (and of one layout group) share a split."""
+        """Split group: all patches of one file (and of one layout group, or of one ``group_pattern``
+        match) share a split."""
         return self.pair.group or self.pair.image_id
+
+
+def _group_of(pair: FilePair, rx: re.Pattern[str]) -> str:
+    """The split group ``group_pattern`` finds in an image's id (a one-line error when it finds none)."""
+    m = rx.search(pair.image_id)
+    if m is None or not m.group(1):
+        raise RSSQAError(
+            f"{pair.image}: group_pattern '{rx.pattern}' does not match its id {pair.image_id!r} "
+            "(every image needs a split group)"
+        )
+    return m.group(1)
 
 
 def patch_windows(height: int, width: int, size: int, stride: int | None = None) -> list[tuple[int, int]]:
@@ -144,6 +163,61 @@ def read_mask(path: Path, codec: MaskCodec) -> np.ndarray:
     return codec.decode(arr, path)
 
 
+def resampled_size(n: int, factor: float) -> int:
+    """A side of ``n`` pixels resampled by ``factor``: the nearest whole pixel (halves up), at least 1."""
+    if factor == 1:
+        return n
+    # the epsilon keeps a factor such as 0.3 / 1.2 (= 0.2499...) from rounding 170.5 down
+    return max(1, math.floor(n * factor + 0.5 + 1e-9))
+
+
+def resample_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``H×W×3`` uint8 resized to ``height×width``, bilinear (antialiased when it shrinks)."""
+    if image.shape[:2] == (height, width):
+        return image
+    # Pillow's bilinear filter widens its support by the reduction factor: antialiased downsampling
+    out = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(out)
+
+
+def resample_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``H×W`` class indices resized to ``height×width``, nearest neighbour (no new labels are invented)."""
+    if mask.shape == (height, width):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+
+
+def _resample_factor(name: str, scale: float | None, gsd: float | None, target_gsd: float | None) -> float:
+    """The resampling factor of the ``scale`` / ``gsd`` / ``target_gsd`` options (1: none)."""
+    for key, value in (("scale", scale), ("gsd", gsd), ("target_gsd", target_gsd)):
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise RSSQAError(f"{name}: {key} must be a positive number, got {value!r}")
+    if scale is not None and target_gsd is not None:
+        raise RSSQAError(f"{name}: give scale or target_gsd, not both")
+    if target_gsd is not None:
+        if gsd is None:
+            raise RSSQAError(
+                f"{name}: target_gsd {target_gsd:g} needs the source's gsd (metres per pixel) to compute the factor"
+            )
+        return float(gsd) / float(target_gsd)
+    return float(scale) if scale is not None else 1.0
+
+
+def _group_regex(name: str, pattern: str | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise RSSQAError(f"{name}: group_pattern '{pattern}' is not a regular expression ({e})") from None
+    if rx.groups != 1:
+        raise RSSQAError(
+            f"{name}: group_pattern '{pattern}' has {rx.groups} capture groups; it needs exactly one, "
+            r"the part of the name that is the group (e.g. '(tile\d+)_')"
+        )
+    return rx
+
+
 def _header(path: Path, what: str) -> tuple[int, int, int]:
     """``(height, width, bands)`` from the file header, without decoding the pixels."""
     try:
@@ -169,6 +243,27 @@ class SegSource(Dataset):
         on_bad: ``"error"``: the first bad file raises; ``"skip"``: bad files are dropped and counted in
             :attr:`bad` (header problems when built, pixel problems in :meth:`check`).
         max_images: keep only the first ``max_images`` files (sorted by id) before cutting patches.
+        scale: resample every image and mask by this factor when read (``0.25``: a quarter of the
+            width and height). Images bilinear (antialiased when shrinking), masks nearest neighbour
+            on the decoded classes; each side becomes ``round(side * factor)`` (halves up, at least 1 px).
+            Patches are cut from the resampled image, so ``patch_size``, ``stride``, the windows and
+            patch ids are in resampled pixels, and an image whose resampled size is smaller than a
+            patch is a bad file (an error naming it, or skipped and counted with ``on_bad="skip"``).
+        gsd: the source's ground sample distance, metres per pixel (used with ``target_gsd``).
+        target_gsd: resample to this ground sample distance: the factor is ``gsd / target_gsd``
+            (``gsd: 0.3, target_gsd: 1.2`` is ``scale: 0.25``); needs ``gsd``, excludes ``scale``.
+            Neither given (the default): no resampling.
+        group_pattern: a regular expression with one capture group, searched in each image's id
+            (for the ``folder`` layout its path under the images folder without extension, for the
+            other layouts the id they give, usually the file stem); the captured text is the image's
+            split group, so all images (and patches) of one area share a split: ``(tile\\d+)_``
+            groups ``tile3_007`` under ``tile3``. It replaces the layout's own group. An image whose
+            id it does not match is an error naming the file and the pattern, whatever ``on_bad``
+            says (a pattern that misses files is a configuration error). Default: the layout's
+            groups (each file its own group, UAVid's sequences).
+        ignore_classes: class names of the schema that mean "no label" (an ``unlabeled`` or
+            ``clutter`` class): their pixels become the ignore index 255 and the classes leave the
+            class list (the others are renumbered in order). Default: none.
 
     Samples (``__getitem__``): ``{"image_id": str, "image": H×W×3 uint8, "mask": H×W uint8}``.
     """
@@ -183,9 +278,19 @@ class SegSource(Dataset):
         bands: Sequence[int] | None = None,
         on_bad: str = "error",
         max_images: int | None = None,
+        scale: float | None = None,
+        gsd: float | None = None,
+        target_gsd: float | None = None,
+        group_pattern: str | None = None,
+        ignore_classes: Sequence[str] = (),
     ):
         if on_bad not in ON_BAD:
             raise RSSQAError(f"{name}: on_bad={on_bad!r}; choose from {ON_BAD}")
+        self.factor = _resample_factor(name, scale, gsd, target_gsd)
+        rx = _group_regex(name, group_pattern)
+        if isinstance(ignore_classes, str):
+            ignore_classes = [ignore_classes]
+        codec = codec.without_classes(ignore_classes, where=name) if ignore_classes else codec
         if patch_size is not None and patch_size < 1:
             raise RSSQAError(f"{name}: patch_size must be positive, got {patch_size}")
         if stride is not None and (patch_size is None or not 0 < stride <= patch_size):
@@ -205,6 +310,8 @@ class SegSource(Dataset):
             )
         if max_images is not None:
             pairs = pairs[:max_images]
+        if rx is not None:
+            pairs = [replace(p, group=_group_of(p, rx)) for p in pairs]
         self.samples: list[SegSample] = []
         for pair in pairs:
             try:
@@ -234,14 +341,21 @@ class SegSource(Dataset):
             raise RSSQAError(f"{pair.image}: {b} bands; expected 3 (set bands to choose three)")
         if self.bands is not None and (len(self.bands) != 3 or max(self.bands) >= b):
             raise RSSQAError(f"{pair.image}: bands {self.bands} do not pick three of its {b} bands")
-        self._sizes[pair.image] = (h, w)
+        rh, rw = resampled_size(h, self.factor), resampled_size(w, self.factor)
+        self._sizes[pair.image] = (rh, rw)  # as read: after resampling
         if self.patch_size is None:
             return [SegSample(pair.image_id, pair, None)]
-        corners = patch_windows(h, w, self.patch_size, self.stride)
+        corners = patch_windows(rh, rw, self.patch_size, self.stride)
         if not corners:
-            raise RSSQAError(f"{pair.image}: {w}x{h} is smaller than patch_size {self.patch_size}")
+            size = f"{w}x{h}" if self.factor == 1 else f"{w}x{h} resampled by {self.factor:g} to {rw}x{rh}"
+            raise RSSQAError(f"{pair.image}: {size} is smaller than patch_size {self.patch_size}")
         p = self.patch_size
         return [SegSample(f"{pair.image_id}_{top}_{left}", pair, (top, left, p, p)) for top, left in corners]
+
+    def read_options(self) -> dict[str, Any]:
+        """What changes the pixels read beyond the files and the class list: ``{}`` by default,
+        ``{"resample": factor}`` when resampling (part of the cache fingerprints of the sqed stage)."""
+        return {"resample": self.factor} if self.factor != 1 else {}
 
     def _bad(self, key: str, path: str, reason: str) -> None:
         if self.on_bad == "error":
@@ -273,6 +387,9 @@ class SegSource(Dataset):
             mask = read_mask(s.pair.mask, self.codec)
             if image.shape[:2] != mask.shape:
                 raise RSSQAError(f"{s.pair.image}: image is {image.shape[:2]} but its mask is {mask.shape}")
+            if self.factor != 1:
+                h, w = resampled_size(mask.shape[0], self.factor), resampled_size(mask.shape[1], self.factor)
+                image, mask = resample_image(image, h, w), resample_mask(mask, h, w)
             self._cache = (s.pair, image, mask)
         _, image, mask = self._cache
         if s.window is not None:

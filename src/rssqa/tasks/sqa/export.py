@@ -1,0 +1,90 @@
+"""Export the trained quality head as a scorer folder (the format :mod:`rssqa.scorer` reads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from rssqa.scorer import AGREEMENT_WEIGHTS, CONFIG, FORMAT, RANKING_WEIGHTS, WEIGHTS
+from rssqa.tasks.sqa.data import SQADataModule
+from rssqa.tasks.sqa.task import SQATask
+
+
+def _weights(task: SQATask) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in task.model.state_dict().items()}
+
+
+def _rel(path: str | os.PathLike, start: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), start.resolve())
+
+
+def export_scorer(
+    task: SQATask,
+    data: SQADataModule,
+    out_dir: str | os.PathLike,
+    best_fixed: str | None = None,
+    agreement: SQATask | None = None,
+    ranking: SQATask | None = None,
+) -> Path:
+    """Write the trained head and everything needed to run it as a scorer folder, atomically.
+
+    Args:
+        task: the trained (best validation) RS-SQA task.
+        data: its data module (CLIP path and fingerprint, layers, RS-SQED folder, methods).
+        out_dir: the scorer folder; replaced if it exists.
+        best_fixed: the method best on the train split (recorded for reports).
+        agreement: the trained RS-SQA with agreement between methods, exported beside the paper's
+            head (``agreement_model`` in ``scorer.json``, weights in ``scorer_agreement.safetensors``).
+        ranking: the agreement model trained for recommendation (``ranking_model``,
+            ``scorer_ranking.safetensors``).
+
+    Returns:
+        ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sem = data.sem["clip_rs"]
+    checkpoints: dict[str, dict[str, str]] = {}
+    for source in sorted(set(data.source_of.tolist())):
+        checkpoints[source] = {}
+        for method in data.methods:
+            path = data.sqed.folder / "methods" / source / method / "final.ckpt"
+            if path.is_file():
+                checkpoints[source][method] = _rel(path, out_dir)
+    config = {
+        "format": FORMAT,
+        "model": task.model_kwargs(),
+        "layers": list(data.hparams.layers),
+        "max_classes": data.hparams.max_classes,
+        "grid": data.grid,
+        "hist_bins": data.hist_bins,
+        "clip": {
+            "path": _rel(sem["path"], out_dir),
+            "fingerprint": sem["fingerprint"],
+            "embed_dim": int(sem["embed"].shape[1]),
+            "token_dim": int(sem["tokens"].shape[1]),
+        },
+        "chunk": data.hparams.clip_chunk,
+        "seg_chunk": data.seg_chunk,
+        "methods": list(data.methods),
+        "checkpoints": checkpoints,
+        "best_fixed_method": best_fixed,
+    }
+    if agreement is not None:
+        config["agreement_model"] = agreement.model_kwargs()
+        save_file(_weights(agreement), str(tmp / AGREEMENT_WEIGHTS))
+    if ranking is not None:
+        config["ranking_model"] = ranking.model_kwargs()
+        save_file(_weights(ranking), str(tmp / RANKING_WEIGHTS))
+    save_file(_weights(task), str(tmp / WEIGHTS))
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,331 @@
+"""The sqa stage's run: RS-SQA and its ablations, the baselines, recommendation, figures, summary."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from rssqa import baselines, metrics, recommend
+from rssqa.agreement import AGREEMENT_NAMES
+from rssqa.agreement import BASELINES as AGREEMENT_BASELINES
+from rssqa.errors import RSSQAError
+from rssqa.runs import atomic_write_json, write_summary
+from rssqa.tasks.sqa.data import SQADataModule
+from rssqa.tasks.sqa.export import export_scorer
+from rssqa.tasks.sqa.figures import plot_comparison, plot_embedding, plot_scatter
+from rssqa.tasks.sqa.loso import leave_one_source_out
+from rssqa.tasks.sqa.task import SQATask
+
+# ablation name -> (model variant, semantic features); "rs_sqa" is the configured model itself
+ABLATIONS: dict[str, tuple[str | None, str]] = {
+    "image_only": ("image_only", "clip_rs"),
+    "seg_only": ("seg_only", "clip_rs"),
+    "no_gating": ("no_gating", "clip_rs"),
+    "generic_clip": (None, "generic_clip"),
+}
+# label-free scores: the method's own softmax, and agreement with the other methods of the image
+LABEL_FREE = ("msp", "entropy", "margin", "atc", *AGREEMENT_BASELINES)
+AGREEMENT_MODEL = "with_agreement"  # RS-SQA that also reads agreement between methods (a variant)
+RANKING_MODEL = "with_agreement_ranking"  # the same, trained with stronger ranking terms, for recommendation
+BASELINE_KEYS = (*LABEL_FREE, *ABLATIONS, AGREEMENT_MODEL, RANKING_MODEL)
+SUMMARY_METRICS = ("srcc", "plcc", "krcc", "rmse")
+
+
+def fit_one(
+    task: SQATask, data: SQADataModule, trainer: L.Trainer, semantic: str = "clip_rs"
+) -> tuple[SQATask, dict[str, np.ndarray], float]:
+    """Fit ``task``, restore its best validation-SRCC weights, predict every split.
+
+    Returns:
+        ``(task, {split: predictions in table row order of the split}, best val SRCC)``.
+    """
+    data.semantic = semantic
+    if task.model is None:
+        task.build_for(data)
+    trainer.fit(task, datamodule=data)
+    ckpt = trainer.checkpoint_callback
+    best = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else float("nan")
+    if ckpt is not None and ckpt.best_model_path:
+        state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        task.load_state_dict(state)
+    task.eval()
+    preds = {}
+    with torch.no_grad():
+        for split in ("train", "val", "test"):
+            out = [task(b) for b in data.split_dataloader(split)]
+            preds[split] = torch.cat(out).numpy().astype(np.float64)
+    data.semantic = "clip_rs"
+    return task, preds, best
+
+
+def baseline_scores(data: SQADataModule) -> dict[str, dict[str, np.ndarray]]:
+    """The label-free baselines on every split: ``{name: {split: scores}}``.
+
+    ``msp``, ``entropy`` and ``margin`` are read from the table; ``atc`` uses a per-method threshold
+    fitted on the train split's confidence histograms; ``agreement`` and ``consensus`` (when RS-SQED
+    has agreement between methods) are the mean share of the other methods that agree with the
+    method's pixels, and its agreement with their majority vote.
+    """
+    out: dict[str, dict[str, np.ndarray]] = {}
+    rows = data.sqed.rows
+    for name in ("msp", "entropy", "margin"):
+        col = np.array([r[name] for r in rows], dtype=np.float64)
+        out[name] = {s: col[data.rows(s)] for s in ("train", "val", "test")}
+    atc = np.zeros(len(rows))
+    train = np.array(data.rows("train"))
+    thresholds = {}
+    for method in data.methods:
+        fit_rows = train[data.method_of[train] == method]
+        t = baselines.fit_atc_threshold(data.hist_conf[fit_rows], data.oa[fit_rows].double().numpy())
+        thresholds[method] = t
+        mine = np.flatnonzero(data.method_of == method)
+        atc[mine] = baselines.share_above(data.hist_conf[mine], t).numpy()
+    out["atc"] = {s: atc[data.rows(s)] for s in ("train", "val", "test")}
+    if data.agree is not None:  # agreement with the other methods of the image (rssqa.agreement)
+        glob = data.agree["agree_global"].double().numpy()
+        for name, channel in (("agreement", "share"), ("consensus", "majority")):
+            col = glob[:, AGREEMENT_NAMES.index(channel)]
+            out[name] = {s: col[data.rows(s)] for s in ("train", "val", "test")}
+    out["_atc_thresholds"] = thresholds  # type: ignore[assignment]
+    return out
+
+
+def _headline(pred: np.ndarray, oa: np.ndarray) -> dict[str, float]:
+    m = metrics.quality_metrics(pred, oa)
+    return {k: _finite(m[k]) for k in (*SUMMARY_METRICS, "plcc_logistic")}
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return _finite(float(obj))
+    return obj
+
+
+def evaluate(
+    data: SQADataModule, preds: dict[str, np.ndarray], split: str = "test"
+) -> dict[str, Any]:
+    """Quality metrics of ``preds[split]`` overall, per source and per method."""
+    rows = data.rows(split)
+    oa = data.oa[rows].double().numpy()
+    p = preds[split]
+    return {
+        **_headline(p, oa),
+        "per_source": _clean(metrics.grouped_metrics(p, oa, data.source_of[rows])),
+        "per_method": _clean(metrics.grouped_metrics(p, oa, data.method_of[rows])),
+        "n_rows": len(rows),
+    }
+
+
+def recommendation(data: SQADataModule, preds: dict[str, np.ndarray], split: str = "test") -> dict[str, Any]:
+    """Per-image method recommendation on ``split`` from ``preds[split]`` (fixed method from train)."""
+    train, rows = data.rows("train"), data.rows(split)
+    fixed = recommend.best_fixed_method(data.image_idx[train].tolist(), data.method_of[train], data.oa[train].tolist())
+    out = recommend.recommend_metrics(
+        data.image_idx[rows].tolist(), data.method_of[rows], data.oa[rows].double().tolist(), preds[split].tolist(), fixed
+    )
+    gap = out["oracle_oa"] - out["best_fixed_oa"]
+    # share of the best-fixed-method-to-oracle gap that the score's choices close (1: the oracle)
+    closed = (out["chosen_oa"] - out["best_fixed_oa"]) / gap if gap > 0 else float("nan")
+    return {**out, "best_fixed_method": fixed, "gap_closed": closed}
+
+
+def recommendation_headroom(data: SQADataModule, preds: dict[str, dict[str, np.ndarray]], split: str = "test") -> dict[str, Any]:
+    """How exact a score must be for top1 to reach 0.73 on ``split``, beside each learned model's
+    within-image error (:func:`rssqa.recommend.headroom`, :func:`rssqa.recommend.within_image_error`)."""
+    rows = data.rows(split)
+    images, methods = data.image_idx[rows].tolist(), data.method_of[rows]
+    oa = data.oa[rows].double().numpy()
+    out = recommend.headroom(images, methods, oa)
+    out["within_image_error"] = {k: recommend.within_image_error(images, methods, oa, p[split]) for k, p in preds.items()}
+    return out
+
+
+def run_sqa(
+    task: SQATask,
+    data: SQADataModule,
+    make_trainer: Callable[[str], L.Trainer],
+    out: str | os.PathLike,
+    ablations: Sequence[str] = tuple(ABLATIONS),
+    seed: int = 0,
+    agreement_model: bool = True,
+    agreement_overrides: dict[str, Any] | None = None,
+    loso: bool = False,
+    ranking_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole stage: RS-SQA, its ablations, the baselines, recommendation, figures, scorer, summary.
+
+    Args:
+        task: the configured RS-SQA task (its hyper-parameters are reused by the ablations).
+        data: the data module.
+        make_trainer: run name -> a fresh Trainer (loggers and a val-SRCC checkpoint callback).
+        out: the run folder; ``summary.json`` is written last.
+        ablations: which of :data:`ABLATIONS` to train.
+        seed: seeded before every fit, so each run starts from the same state.
+        agreement_model: also train RS-SQA with agreement between methods (``with_agreement``) when
+            RS-SQED has it; it is exported beside the paper's model and is what recommendation uses.
+        agreement_overrides: hyper-parameters of the agreement model that differ from RS-SQA's.
+        ranking_overrides: when given (and agreement is trained), a second agreement model with these
+            options (stronger ranking terms), trained for recommendation alone (``with_agreement_ranking``):
+            exported as the scorer's ranking head, which ``rssqa recommend`` uses.
+        loso: also train RS-SQA (and the agreement model) leaving each source out in turn
+            (:mod:`rssqa.tasks.sqa.loso`); the summary's ``leave_one_source_out``.
+
+    Returns:
+        The summary.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    unknown = set(ablations) - set(ABLATIONS)
+    if unknown:
+        raise RSSQAError(f"ablations: {sorted(unknown)} unknown; choose from {list(ABLATIONS)}")
+    data.setup("fit")
+    if "generic_clip" in ablations and "generic_clip" not in data.sem:
+        raise RSSQAError("ablations: generic_clip needs data.generic_clip (the raw-corpus CLIP, make pretrain-raw)")
+    own = set(inspect.signature(SQATask.__init__).parameters) - {"self", "dims", "methods", "feat_dim"}
+    hparams = {k: v for k, v in task.hparams.items() if k in own}
+    for key, over in (("agreement_overrides", agreement_overrides), ("ranking_overrides", ranking_overrides)):
+        bad = set(over or {}) - own
+        if bad:
+            raise RSSQAError(f"{key}: {sorted(bad)} are not model options")
+
+    L.seed_everything(seed, workers=True)
+    main, preds, best = fit_one(task, data, make_trainer("rs_sqa"))
+    runs = {"rs_sqa": {"preds": preds, "best_val_srcc": best, "variant": hparams["variant"]}}
+    for name in ablations:
+        variant, semantic = ABLATIONS[name]
+        L.seed_everything(seed, workers=True)
+        ab = SQATask(**{**hparams, "variant": variant or hparams["variant"]})
+        _, p, b = fit_one(ab, data, make_trainer(name), semantic)
+        runs[name] = {"preds": p, "best_val_srcc": b, "variant": variant or hparams["variant"]}
+    agree_task = None
+    agree_hp = {**hparams, **(agreement_overrides or {}), "agreement": True}
+    if agreement_model and data.agree is not None:
+        L.seed_everything(seed, workers=True)
+        agree_task, p, b = fit_one(SQATask(**agree_hp), data, make_trainer(AGREEMENT_MODEL))
+        runs[AGREEMENT_MODEL] = {"preds": p, "best_val_srcc": b, "variant": agree_hp["variant"]}
+    rank_task = None
+    if ranking_overrides and AGREEMENT_MODEL in runs:
+        L.seed_everything(seed, workers=True)
+        rank_hp = {**agree_hp, **ranking_overrides}
+        rank_task, p, b = fit_one(SQATask(**rank_hp), data, make_trainer(RANKING_MODEL))
+        runs[RANKING_MODEL] = {"preds": p, "best_val_srcc": b, "variant": rank_hp["variant"]}
+
+    base = baseline_scores(data)
+    thresholds = base.pop("_atc_thresholds")
+    test_rows = data.rows("test")
+    oa_test = data.oa[test_rows].double().numpy()
+    test_scores = {**{k: v["test"] for k, v in base.items()}, **{k: v["preds"]["test"] for k, v in runs.items() if k != "rs_sqa"}}
+    table: dict[str, Any] = {k: _headline(test_scores[k], oa_test) if k in test_scores else None for k in BASELINE_KEYS}
+    test = evaluate(data, preds)
+    images_test = data.image_idx[test_rows].numpy()
+
+    def versus(score: np.ndarray, skip: str) -> dict[str, Any]:
+        return {
+            k: metrics.paired_bootstrap(score, test_scores[k] if k != "rs_sqa" else preds["test"], oa_test, images_test, seed=seed)
+            for k in ("rs_sqa", *BASELINE_KEYS) if k != skip and (k in test_scores or k == "rs_sqa")
+        }  # fmt: skip
+
+    rec = recommendation(data, preds)
+    rec_baselines = {n: recommendation(data, base[n]) for n in LABEL_FREE if n in base}
+    rec_baselines.update({n: recommendation(data, runs[n]["preds"]) for n in runs if n != "rs_sqa"})
+    headroom = recommendation_headroom(data, {k: v["preds"] for k, v in runs.items()})
+
+    figures = out / "figures"
+    plot_scatter(preds["test"], oa_test, data.method_of[test_rows], figures / "scatter_test.png", title="RS-SQA on test")
+    sem = data.sem["clip_rs"]
+    per_image_oa = np.zeros(len(data.image_keys))
+    counts = np.zeros(len(data.image_keys))
+    np.add.at(per_image_oa, data.image_idx.numpy(), data.oa.double().numpy())
+    np.add.at(counts, data.image_idx.numpy(), 1)
+    plot_embedding(sem["embed"].numpy(), per_image_oa / counts, figures / "clip_embedding.png", groups=_image_sources(data))
+    plot_comparison(table, test, figures / "comparison.png")
+
+    scorer_dir = export_scorer(
+        main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task
+    )
+    ranking = sorted(
+        ((k, v["srcc"]) for k, v in {"rs_sqa": test, **{k: v for k, v in table.items() if v}}.items() if v["srcc"] is not None),
+        key=lambda kv: -kv[1],
+    )
+    label_free = max((table[k]["srcc"] for k in LABEL_FREE if table[k] and table[k]["srcc"] is not None), default=None)
+    summary = {
+        "test": {k: test[k] for k in (*SUMMARY_METRICS, "plcc_logistic", "n_rows")},
+        "test_per_source": test["per_source"],
+        "test_per_method": test["per_method"],
+        "baselines": table,
+        "recommend": {k: rec[k] for k in (*recommend.KEYS, "top1_within", "gap_closed", "n_images", "best_fixed_method")},
+        "recommend_baselines": {
+            k: {m: v[m] for m in ("top1", "top1_within", "regret", "chosen_oa", "gap_closed")} for k, v in rec_baselines.items()
+        },
+        "recommend_headroom": headroom,
+        "srcc_ranking": [k for k, _ in ranking],
+        "vs_rs_sqa": {k: v for k, v in versus(preds["test"], "rs_sqa").items() if k != "rs_sqa"},
+        "srcc_margin_over_label_free": None if label_free is None or test["srcc"] is None else test["srcc"] - label_free,
+        "val_srcc": {k: _finite(v["best_val_srcc"]) for k, v in runs.items()},
+        "atc_thresholds": thresholds,
+        "n_rows": {s: len(data.rows(s)) for s in ("train", "val", "test")},
+        "n_images": len(data.image_keys),
+        "methods": data.methods,
+        "sources": sorted(set(data.source_of.tolist())),
+        "clip": str(data.hparams.clip),
+        "generic_clip": data.hparams.generic_clip,
+        "scorer": str(scorer_dir),
+        "figures": sorted(str(p.relative_to(out)) for p in figures.glob("*.png")),
+        "hparams": {k: v for k, v in hparams.items()},
+        "seed": seed,
+    }
+    if AGREEMENT_MODEL in runs:
+        summary["vs_with_agreement"] = versus(runs[AGREEMENT_MODEL]["preds"]["test"], AGREEMENT_MODEL)
+        summary["agreement_hparams"] = {**(agreement_overrides or {}), "agreement": True}
+    if RANKING_MODEL in runs:
+        summary["ranking_hparams"] = {**(agreement_overrides or {}), **ranking_overrides, "agreement": True}
+    if loso:
+        models = {"rs_sqa": hparams, **({AGREEMENT_MODEL: agree_hp} if AGREEMENT_MODEL in runs else {})}
+        folds = leave_one_source_out(
+            models, data, make_trainer, fit_one, baseline_scores, recommendation, LABEL_FREE, seed
+        )
+        summary["leave_one_source_out"] = folds
+        if folds and all("consensus" in f for f in folds.values()):
+            # on how many held-out sources each learned model ranks better than consensus (SRCC)
+            summary["loso_above_consensus"] = {
+                m: sum(f[m]["srcc"] > f["consensus"]["srcc"] for f in folds.values()) for m in models
+            }
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(out / "predictions.json", _predictions(data, runs, base))
+    summary = _clean(summary)
+    write_summary(out, summary)
+    return summary
+
+
+def _image_sources(data: SQADataModule) -> np.ndarray:
+    src = np.empty(len(data.image_keys), dtype=object)
+    src[data.image_idx.numpy()] = data.source_of
+    return src.astype(str)
+
+
+def _predictions(data: SQADataModule, runs: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    rows = data.rows("test")
+    table = data.sqed.rows
+    return {
+        "rows": [{"key": table[i]["key"], "method": table[i]["method"], "oa": table[i]["oa"]} for i in rows],
+        "scores": {
+            **{k: v["preds"]["test"].round(6).tolist() for k, v in runs.items()},
+            **{k: np.asarray(v["test"]).round(6).tolist() for k, v in base.items()},
+        },
+    }
