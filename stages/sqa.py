@@ -145,10 +145,11 @@ def print_summary(s: dict) -> None:
         f"recommend: top1 {r['top1']:.3f}, chosen OA {r['chosen_oa']:.3f}, best fixed ({r['best_fixed_method']}) "
         f"{r['best_fixed_oa']:.3f}, oracle {r['oracle_oa']:.3f}, regret {r['regret']:.3f}; {s['seconds']} s"
     )
-    a = s.get("recommend_baselines", {}).get("with_agreement")
-    if a:
-        print(f"with agreement: top1 {a['top1']:.3f}, chosen OA {a['chosen_oa']:.3f}, regret {a['regret']:.3f}, "
-              f"gap closed {a['gap_closed']:.2f}")  # fmt: skip
+    for name in ("with_agreement", "with_agreement_ranking"):
+        a = s.get("recommend_baselines", {}).get(name)
+        if a:  # gap_closed is null where the best fixed method is already the oracle
+            gap = "-" if a["gap_closed"] is None else f"{a['gap_closed']:.2f}"
+            print(f"{name}: top1 {a['top1']:.3f}, chosen OA {a['chosen_oa']:.3f}, regret {a['regret']:.3f}, gap closed {gap}")
     h = s.get("recommend_headroom")
     if h:
         print(
