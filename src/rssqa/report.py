@@ -243,7 +243,7 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
             for held, f in loso.items():
                 best = f.get("best_label_free")
                 rows_loso.append([held, f.get("n_images"), *[f[m]["srcc"] for m in models], f.get("consensus", {}).get("srcc"),
-                                  f"{best} {f[best]['srcc']:.3f}" if best else "-",
+                                  f"{best} {_fmt(f[best]['srcc'])}" if best else "-",
                                   *[f[m]["regret"] for m in models], f.get("consensus", {}).get("regret")])  # fmt: skip
             md.append(table("sqa_leave_one_source_out", header, rows_loso))
             above = a.get("loso_above_consensus")
