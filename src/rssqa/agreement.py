@@ -53,7 +53,7 @@ def agreement_statistics(
         probs: one ``B×C×H×W`` class-probability tensor per method, same images in the same order.
         grid: side ``g`` of the pooled maps.
         preds: each method's ``B×H×W`` arg-max class, when already computed (``Segmenter.describe``
-            with ``keep_pred``); else the arg-max of ``probs`` (ties to the lowest class).
+            with ``keep_probs``); else the arg-max of ``probs`` (ties to the lowest class).
 
     Returns:
         One dict per method: ``agree_maps`` ``B×3×g×g`` and ``agree_global`` ``B×3`` (float32, in

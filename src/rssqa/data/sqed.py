@@ -39,6 +39,7 @@ from rssqa.errors import RSSQAError
 from rssqa.runs import atomic_write_bytes
 
 TABLE = "table.csv"
+AGREEMENT = "agreement.safetensors"  # features/<source>/: agreement between the source's methods
 TABLE_COLUMNS = (
     "key",
     "image_id",
@@ -328,6 +329,16 @@ class SQED:
         """Arrays and metadata of one label shard (read once, then kept)."""
         rel = f"features/{source}/{method}.safetensors"
         if rel not in self._shards:
+            self._shards[rel] = read_label_shard(self.folder / rel)
+        return self._shards[rel]
+
+    def agreement(self, source: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """Arrays and metadata of the agreement between ``source``'s methods (``<method>/agree_maps``,
+        ``<method>/agree_global`` in pool row order), or ``None`` where the stage computed none."""
+        rel = f"features/{source}/{AGREEMENT}"
+        if rel not in self._shards:
+            if not (self.folder / rel).is_file():
+                return None
             self._shards[rel] = read_label_shard(self.folder / rel)
         return self._shards[rel]
 

@@ -35,6 +35,7 @@ MAP_NAMES = ("max_prob", "certainty", "margin")
 DESCRIPTOR_NAMES = ("energy", "to_mean", "coherence")
 HIST_NAMES = ("hist_conf", "hist_certainty", "hist_margin")
 SCALAR_NAMES = ("msp", "entropy", "margin")
+_ON_DEVICE = ("logits", "probs", "pred")  # per-pixel outputs of method_statistics, left where they were made
 IMAGE_BLOCK = 256  # images preprocessed at once for CLIP: bounds memory, not part of the numerics
 
 
@@ -99,7 +100,7 @@ def semantic_features(clip: nn.Module, images: np.ndarray | torch.Tensor, chunk:
 # ------------------------------------------------------------------------------ method statistics
 @torch.no_grad()
 def method_statistics(
-    segmenter: nn.Module, images: torch.Tensor, chunk: int | None = None, keep_pred: bool = False
+    segmenter: nn.Module, images: torch.Tensor, chunk: int | None = None, keep_probs: bool = False
 ) -> dict[str, torch.Tensor]:
     """Segment ``images`` and summarise the result: what RS-SQED caches per (image, method).
 
@@ -107,22 +108,37 @@ def method_statistics(
         segmenter: a :class:`rssqa.models.segmenters.Segmenter` (its ``describe``).
         images: ``B×3×H×W`` in [0, 1].
         chunk: forward batch size (part of the numerics; ``None``: the whole batch at once).
-        keep_pred: also return ``pred``, the ``B×H×W`` arg-max class (for agreement between methods).
+        keep_probs: also return ``probs`` and ``pred``, the softmax and its arg-max (what
+            :func:`agreement_inputs` reads).
 
     Returns:
-        ``logits`` ``B×C×H×W`` (and ``pred``) on the segmenter's device; every other quantity of
-        ``describe`` (``feat/<layer>``, probability statistics) as float32 on the CPU.
+        ``logits`` ``B×C×H×W`` (and ``probs``, ``pred``) on the segmenter's device; every other
+        quantity of ``describe`` (``feat/<layer>``, probability statistics) as float32 on the CPU.
     """
     chunk = chunk or len(images)
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(images), chunk):
         n = min(chunk, len(images) - start)
         # contiguous: a channels-last view (pixels straight from H×W×3 arrays) runs other conv kernels
-        out = segmenter.describe(_padded(images[start : start + chunk], chunk).contiguous(), keep_pred=keep_pred)
-        parts.append({k: v[:n] if k in ("logits", "pred") else v[:n].float().cpu() for k, v in out.items()})
+        out = segmenter.describe(_padded(images[start : start + chunk], chunk).contiguous(), keep_probs=keep_probs)
+        parts.append({k: v[:n] if k in _ON_DEVICE else v[:n].float().cpu() for k, v in out.items()})
     if not parts:
         raise RSSQAError("method statistics: no images")
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def agreement_inputs(statistics: Sequence[dict[str, torch.Tensor]], grid: int) -> list[dict[str, torch.Tensor]]:
+    """Each method's agreement with the others, from their :func:`method_statistics` with
+    ``keep_probs`` (which it pops): ``agree_maps`` ``B×A×g×g`` and ``agree_global`` ``B×A`` on the CPU.
+
+    RS-SQED's agreement pass and the scorer both call this, so the cached and live values agree.
+    """
+    probs = [s.pop("probs") for s in statistics]
+    preds = [s.pop("pred") for s in statistics]
+    return [
+        {"agree_maps": a["agree_maps"].cpu(), "agree_global": a["agree_global"].cpu()}
+        for a in agreement_statistics(probs, grid, preds)
+    ]
 
 
 # ------------------------------------------------------------------------------ segmentation inputs
@@ -265,9 +281,9 @@ class QualityInputs:
         """:func:`semantic_features` of ``N×H×W×3`` uint8 images."""
         return semantic_features(clip, images, self.clip_chunk)
 
-    def statistics(self, segmenter: nn.Module, images01: torch.Tensor, keep_pred: bool = False) -> dict[str, torch.Tensor]:
+    def statistics(self, segmenter: nn.Module, images01: torch.Tensor, keep_probs: bool = False) -> dict[str, torch.Tensor]:
         """:func:`method_statistics` of ``B×3×H×W`` images in [0, 1]."""
-        return method_statistics(segmenter, images01, self.seg_chunk, keep_pred)
+        return method_statistics(segmenter, images01, self.seg_chunk, keep_probs)
 
     def segmentation(self, stats: Mapping[str, Any], feat_dim: int | None = None) -> dict[str, torch.Tensor]:
         """:func:`segmentation_inputs` of live or cached statistics (``feat_dim`` overrides the configured one)."""
@@ -303,18 +319,11 @@ class QualityInputs:
             out.update(sem_embed=sem["embed"], sem_tokens=sem["tokens"])
         x01 = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         dims = list(feat_dims) if feat_dims is not None else [self.feat_dim] * len(segmenters)
-        out["methods"] = []
-        probs, preds = [], []
-        for seg, dim in zip(segmenters, dims, strict=True):
-            stats = self.statistics(seg, x01.to(_device_of(seg)), keep_pred=agreement)
-            logits = stats.pop("logits")
-            if agreement:
-                probs.append(logits.float().softmax(1))
-                preds.append(stats.pop("pred"))
-            out["methods"].append(self.segmentation(stats, dim))
-        if agreement:
-            for inputs, agree in zip(out["methods"], agreement_statistics(probs, self.grid, preds), strict=True):
-                inputs.update(agree_maps=agree["agree_maps"].cpu(), agree_global=agree["agree_global"].cpu())
+        stats = [self.statistics(seg, x01.to(_device_of(seg)), keep_probs=agreement) for seg in segmenters]
+        agree = agreement_inputs(stats, self.grid) if agreement else [{} for _ in stats]
+        out["methods"] = [
+            {**self.segmentation(s, dim), **a} for s, dim, a in zip(stats, dims, agree, strict=True)
+        ]
         return out
 
 

@@ -302,11 +302,13 @@ class Segmenter(nn.Module):
         return self.model(x)[..., :h, :w]
 
     @torch.no_grad()
-    def describe(self, images: torch.Tensor, keep_pred: bool = False) -> dict[str, torch.Tensor]:
+    def describe(self, images: torch.Tensor, keep_probs: bool = False) -> dict[str, torch.Tensor]:
         """Segment and summarise.
 
         Args:
             images: ``B×3×H×W`` in [0, 1].
+            keep_probs: also return ``probs`` (the softmax, ``B×C×H×W``) and ``pred`` (its arg-max,
+                ``B×H×W``): what agreement between methods reads, computed here anyway.
 
         Returns:
             ``logits`` ``B×C×H×W``; ``feat/<layer>`` ``B×C_l×g×g`` for each configured layer; and the
@@ -321,8 +323,9 @@ class Segmenter(nn.Module):
         missing = set(self.spec.features) - {k[5:] for k in feats}
         if missing:
             raise RSSQAError(f"method {self.spec.name!r}: layers {sorted(missing)} produced no output")
-        stats = probability_statistics(logits.float().softmax(1), self.grid, self.hist_bins, keep_pred)
-        return {"logits": logits, **feats, **stats}
+        probs = logits.float().softmax(1)
+        stats = probability_statistics(probs, self.grid, self.hist_bins, keep_pred=keep_probs)
+        return {"logits": logits, **feats, **stats, **({"probs": probs} if keep_probs else {})}
 
     def feature_shapes(self, image_size: int = 64) -> dict[str, tuple[int, ...]]:
         """Shape of each cached quantity for one image (a dry run on zeros), without the batch axis."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rssqa.data.sqed import SQED, read_label_shard
+from rssqa.data.sqed import SQED
 from rssqa.errors import RSSQAError
 from rssqa.models.clip import clip_fingerprint, load_clip
 from rssqa.models.quality_inputs import QualityInputs, segmentation_input_dims
@@ -104,6 +104,14 @@ class ImageBatchSampler(Sampler[list[int]]):
             yield [pos for g in order[start : start + self.images_per_batch] for pos in self.groups[g]]
 
 
+def _rows_by_shard(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[int]]:
+    """Table row indices by (source, method): the rows one label shard holds."""
+    out: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(rows):
+        out.setdefault((r["source"], r["method"]), []).append(i)
+    return out
+
+
 class SQADataModule(L.LightningDataModule):
     """RS-SQED rows with frozen CLIP features and segmentation inputs, in memory.
 
@@ -174,9 +182,7 @@ class SQADataModule(L.LightningDataModule):
     def _segmentation_inputs(self, rows: list[dict[str, Any]]) -> None:
         hp = self.hparams
         n = len(rows)
-        by_shard: dict[tuple[str, str], list[int]] = {}
-        for i, r in enumerate(rows):
-            by_shard.setdefault((r["source"], r["method"]), []).append(i)
+        by_shard = _rows_by_shard(rows)
         feat_dim = 0
         if hp.per_method_features:
             for source, method in by_shard:
@@ -213,27 +219,23 @@ class SQADataModule(L.LightningDataModule):
         self.inputs = replace(self.inputs, seg_chunk=self.seg_chunk or hp.clip_chunk)
 
     def _agreement_inputs(self, rows: list[dict[str, Any]]) -> None:
-        """Agreement with the other methods (``features/<source>/agreement.safetensors``), when every
-        source has it; else :attr:`agree` is ``None`` and the agreement model cannot be trained."""
+        """Agreement with the other methods (:meth:`rssqa.data.sqed.SQED.agreement`), when every source
+        has it; else :attr:`agree` is ``None`` and the agreement model cannot be trained."""
         self.agree: dict[str, torch.Tensor] | None = None
-        sources = sorted({r["source"] for r in rows})
-        paths = {s: self.sqed.folder / "features" / s / "agreement.safetensors" for s in sources}
-        if not all(p.is_file() for p in paths.values()):
+        files = {s: self.sqed.agreement(s) for s in sorted({r["source"] for r in rows})}
+        if any(f is None for f in files.values()):
             return
-        files = {s: read_label_shard(p) for s, p in paths.items()}
-        first = files[sources[0]][0]
-        name = f"{rows[0]['method']}/agree_maps"
-        agree = {
-            "agree_maps": torch.zeros((len(rows), *first[name].shape[1:]), dtype=torch.float32),
-            "agree_global": torch.zeros((len(rows), first[name.replace("maps", "global")].shape[1]), dtype=torch.float32),
-        }
-        for i, r in enumerate(rows):
-            arrays, meta = files[r["source"]]
-            for k in agree:
-                key = f"{r['method']}/{k}"
-                if key not in arrays:
-                    raise RSSQAError(f"{paths[r['source']]}: no agreement of method {r['method']} (rerun the sqed stage)")
-                agree[k][i] = torch.from_numpy(np.asarray(arrays[key][r["feature_row"]]))
+        agree: dict[str, torch.Tensor] = {}
+        for (source, method), idx in sorted(_rows_by_shard(rows).items()):
+            arrays, _ = files[source]
+            feature_rows = [rows[i]["feature_row"] for i in idx]
+            for k in ("agree_maps", "agree_global"):
+                if f"{method}/{k}" not in arrays:
+                    raise RSSQAError(f"{self.sqed.folder}/features/{source}: no agreement of method {method} (rerun the sqed stage)")
+                values = torch.from_numpy(np.asarray(arrays[f"{method}/{k}"])[feature_rows])
+                if k not in agree:
+                    agree[k] = torch.zeros((len(rows), *values.shape[1:]), dtype=torch.float32)
+                agree[k][torch.tensor(idx)] = values
         self.agree = agree
 
     def _clip_features(self, name: str, path: str, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -19,19 +19,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from rssqa.agreement import AGREEMENT_NAMES, MIN_METHODS, agreement_statistics
-from rssqa.data.sqed import read_label_shard, shard_matches, write_label_shard
+from rssqa.agreement import AGREEMENT_NAMES, MIN_METHODS
+from rssqa.data.sqed import AGREEMENT, read_label_shard, shard_matches, write_label_shard
 from rssqa.errors import RSSQAError
-from rssqa.models.quality_inputs import method_statistics
+from rssqa.models.quality_inputs import agreement_inputs, method_statistics
 from rssqa.models.segmenters import load_segmenter
 from rssqa.tasks.sqed.config import SQEDConfig
 from rssqa.tasks.sqed.sources import PreparedSource, _fingerprint
 
-FILE = "agreement.safetensors"
-
 
 def agreement_path(out: Path, source: str) -> Path:
-    return out / "features" / source / FILE
+    return out / "features" / source / AGREEMENT
 
 
 def _device(accelerator: str) -> torch.device:
@@ -68,14 +66,11 @@ def agree_source(
     loader = DataLoader(prep.pool_arrays, batch_size=cfg.label.batch_size, shuffle=False)
     for batch in loader:
         x = batch["image"].to(device)
-        probs, preds = [], []
-        for s in segs:  # as the scorer computes them live (rssqa.models.quality_inputs)
-            out_ = method_statistics(s, x, cfg.label.chunk, keep_pred=True)
-            probs.append(out_["logits"].float().softmax(1))
-            preds.append(out_["pred"])
-        for m, stats in zip(methods, agreement_statistics(probs, cfg.label.grid, preds), strict=True):
-            parts[f"{m}/agree_maps"].append(stats["agree_maps"].cpu())
-            parts[f"{m}/agree_global"].append(stats["agree_global"].cpu())
+        # the scorer's own computation (rssqa.models.quality_inputs), so the cached values are the live ones
+        stats = [method_statistics(s, x, cfg.label.chunk, keep_probs=True) for s in segs]
+        for m, agree in zip(methods, agreement_inputs(stats, cfg.label.grid), strict=True):
+            for k, v in agree.items():
+                parts[f"{m}/{k}"].append(v)
     arrays = {k: torch.cat(v).numpy() for k, v in parts.items()}
     meta = {
         "source": prep.name,
