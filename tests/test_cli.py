@@ -121,6 +121,8 @@ def test_cli_score_with_other_methods_uses_agreement(run_root, folder, capsys):
     assert [r["method"] for r in with_agreement] == ["fpn"] and with_agreement[0]["score"] != paper
     assert main([*args, "--with", "pspnet"]) == 2
     assert "agreement needs at least 3 methods in all, got 2" in capsys.readouterr().err
+    assert main([*args, "--with", "fpn,pspnet"]) == 2  # the scored method named again counts once
+    assert "agreement needs at least 3 methods in all, got 2" in capsys.readouterr().err
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:

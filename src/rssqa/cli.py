@@ -100,7 +100,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     methods = args.method or None
     others = [m for part in args.with_methods for m in part.split(",") if m]
     names = scorer.method_names(methods, args.source, args.segmenter)
-    scorer.use_agreement(len(names), others)  # a one-line error before any image is read
+    scorer.use_agreement(names, others)  # a one-line error before any image is read
     results = []
     for block in _blocks(files, folder and not args.quiet):
         scores = scorer.score(

@@ -258,14 +258,11 @@ class Scorer:
         return self.quality_inputs(images, segmenters, clip, feat_dims, agreement=agreement and head.uses_seg)
 
     @torch.no_grad()
-    def _score_chunk(
-        self, images: np.ndarray, methods: Sequence[_Method], scored: int, agreement: bool, head: RSSQA | None = None
-    ) -> np.ndarray:
-        """Scores of ``n <= chunk`` same-size images by the first ``scored`` of ``methods`` (the rest
-        only give agreement): ``n×scored``. Always one forward of ``chunk`` rows."""
-        head = head if head is not None else self.agreement_model if agreement else self.model
+    def _score_chunk(self, images: np.ndarray, methods: Sequence[_Method], scored: int, head: RSSQA) -> np.ndarray:
+        """Scores by ``head`` of ``n <= chunk`` same-size images for the first ``scored`` of ``methods``
+        (the rest only give agreement): ``n×scored``. Always one forward of ``chunk`` rows."""
         n = len(images)
-        inp = self._inputs(images, methods, head, agreement)
+        inp = self._inputs(images, methods, head, head.agreement)
         sem = head.encode_semantics(inp["sem_embed"], inp["sem_tokens"]) if head.uses_sem else None
         out = np.zeros((n, scored))
         for j, m in enumerate(methods[:scored]):
@@ -311,10 +308,9 @@ class Scorer:
         chosen = self.resolve_methods(methods, source, checkpoints)
         if ranking and self.ranking_model is None:
             raise RSSQAError("ranking: this scorer has no ranking head")
-        use_agreement = self.use_agreement(len(chosen), with_methods, True if ranking else agreement)
-        head = self.ranking_model if ranking else None
-        known = {id(m) for m in chosen}
-        others = [m for m in (self.method(w, source) for w in with_methods) if id(m) not in known]
+        use_agreement = self.use_agreement([m.name for m in chosen], with_methods, True if ranking else agreement)
+        head = self.ranking_model if ranking else self.agreement_model if use_agreement else self.model
+        others = [self.method(w, source) for w in dict.fromkeys(with_methods) if w not in {m.name for m in chosen}]
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         imgs = [self.check_image(im, nm) for im, nm in zip(images, names, strict=True)]
         out = np.zeros((len(imgs), len(chosen)))
@@ -325,11 +321,12 @@ class Scorer:
             for start in range(0, len(idx), self.chunk):
                 part = idx[start : start + self.chunk]
                 batch = np.stack([imgs[i] for i in part])
-                out[part] = self._score_chunk(batch, [*chosen, *others], len(chosen), use_agreement, head)
+                out[part] = self._score_chunk(batch, [*chosen, *others], len(chosen), head)
         return out
 
-    def use_agreement(self, n_scored: int, with_methods: Sequence[str] = (), agreement: bool | None = None) -> bool:
-        """Whether scoring uses the agreement head (see :meth:`score`); a one-line error where it cannot."""
+    def use_agreement(self, scored: Sequence[str], with_methods: Sequence[str] = (), agreement: bool | None = None) -> bool:
+        """Whether scoring the methods named ``scored`` uses the agreement head (see :meth:`score`); a
+        one-line error where it cannot."""
         wanted = bool(with_methods) if agreement is None else agreement
         if not wanted:
             return False
@@ -337,7 +334,7 @@ class Scorer:
             if agreement:
                 raise RSSQAError("--agreement: this scorer has no agreement head (train it with RS-SQED of >= 3 methods)")
             return False
-        total = n_scored + len(set(with_methods))
+        total = len(set(scored) | set(with_methods))  # a method named twice counts once
         if total < MIN_METHODS:
             raise RSSQAError(f"--with: agreement needs at least {MIN_METHODS} methods in all, got {total}")
         return True
