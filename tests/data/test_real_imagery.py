@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from rssqa.data.segsets import IGNORE_INDEX, build_source
 from rssqa.data.segsets.source import resampled_size
 from rssqa.data.sqed import TABLE, read_table
 from rssqa.runs import read_summary
+from tests.tasks.test_sqed import dry_run_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = Path(
@@ -52,22 +52,7 @@ def open_real(**overrides):
 
 def test_profile_config_parses_and_plans(tmp_path, capsys):
     """conf/dubai/sqed.yaml through the stage's own entry point, as make runs it (a dry run: no data read)."""
-    from jsonargparse import CLI
-
-    spec = importlib.util.spec_from_file_location("sqed_stage", ROOT / "stages" / "sqed.py")
-    stage = importlib.util.module_from_spec(spec)
-    sys.modules["sqed_stage"] = stage  # so that its string annotations resolve
-    spec.loader.exec_module(stage)
-    args = [
-        "--config",
-        str(ROOT / "conf" / "dubai" / "sqed.yaml"),
-        "--data_root",
-        str(tmp_path),
-        "--dry_run",
-        "true",
-    ]
-    CLI(stage.main, args=args, as_positional=False)
-    plan = json.loads(capsys.readouterr().out)
+    plan = dry_run_plan("dubai", tmp_path, capsys)
     assert len(plan["methods"]) == 8 and plan["sources"] == {
         "dubai": {"layout": "folder", "root": str(tmp_path), "exists": True}
     }

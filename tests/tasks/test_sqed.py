@@ -518,9 +518,8 @@ def test_table_columns_are_the_documented_ones():
     assert TABLE_COLUMNS[:6] == ("key", "image_id", "source", "method", "oa", "split")
 
 
-@pytest.mark.parametrize("profile", ["smoke", "demo", "paper"])
-def test_profile_configs_parse_and_plan(profile, tmp_path, capsys):
-    """Each profile's config through the stage's own entry point, as a dry run (no data read)."""
+def dry_run_plan(profile: str, data_root: Path, capsys) -> dict:
+    """``conf/<profile>/sqed.yaml`` through the stage's own entry point as a dry run (no data read): its plan."""
     import importlib.util
 
     from jsonargparse import CLI
@@ -529,16 +528,15 @@ def test_profile_configs_parse_and_plan(profile, tmp_path, capsys):
     stage = importlib.util.module_from_spec(spec)
     sys.modules["sqed_stage"] = stage  # so that its string annotations resolve
     spec.loader.exec_module(stage)
-    args = [
-        "--config",
-        str(ROOT / "conf" / profile / "sqed.yaml"),
-        "--data_root",
-        str(tmp_path),
-        "--dry_run",
-        "true",
-    ]
+    args = ["--config", str(ROOT / "conf" / profile / "sqed.yaml"), "--data_root", str(data_root), "--dry_run", "true"]
     CLI(stage.main, args=args, as_positional=False)
-    plan = json.loads(capsys.readouterr().out)
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "demo", "paper"])
+def test_profile_configs_parse_and_plan(profile, tmp_path, capsys):
+    """Each profile's config through the stage's own entry point, as a dry run (no data read)."""
+    plan = dry_run_plan(profile, tmp_path, capsys)
     assert len(plan["methods"]) == 8 and set(plan["sources"]) == {
         "vaihingen",
         "potsdam",
