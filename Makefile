@@ -64,7 +64,7 @@ CLIP_OUT := $(RUNS)/$(CLIP_PROFILE)
 GPUS ?= 8
 LAUNCHER ?= slurm
 
-.PHONY: $(STAGES) report
+.PHONY: $(STAGES) report scenes
 ifdef NODES
 $(STAGES): | $(STAMP)
 	$(PY) -m rssqa.launch $(subst -,_,$@) --profile $(PROFILE) --nodes $(NODES) --gpus $(GPUS) --launcher $(LAUNCHER) \
@@ -97,6 +97,11 @@ $(CLIP_OUT)/pretrain_raw/summary.json: | $(CLIP_OUT)/pretrain/summary.json
 	$(MAKE) --no-print-directory pretrain-raw PROFILE=$(CLIP_PROFILE)
 endif
 
+# whole scenes: the world's large GeoTIFF scenes scored window by window (rssqa scene), measured against their truth
+scenes: $(OUT)/scenes/summary.json ## rssqa scene on the world's scenes: quality, best-method, fused and error maps
+$(OUT)/scenes/summary.json: $(OUT)/sqa/summary.json $(WORLD) | $(STAMP)
+	$(PY) stages/scenes.py --scorer $(OUT)/sqa/scorer --index $(OUT)/world/scenes/scenes.json --out $(OUT)/scenes --workers 2
+
 report: | $(STAMP) ## runs/<profile>/report.md from whatever stages have finished
 	$(PY) -m rssqa.report --runs $(RUNS) --profile $(PROFILE) $(if $(PIPELINE_SECONDS),--pipeline-seconds $(PIPELINE_SECONDS))
 
@@ -106,7 +111,7 @@ JOBS ?= 2
 demo: setup ## the whole pipeline on the embedded world, then the report (PROFILE=demo unless given; JOBS=2)
 	@export RSSQA_RUN_GROUP=$${RSSQA_RUN_GROUP:-$(DEMO_PROFILE)-$$(date +%Y%m%d-%H%M%S)}; \
 	start=$$(date +%s); \
-	$(MAKE) --no-print-directory -j$(JOBS) sqa PROFILE=$(DEMO_PROFILE) && \
+	$(MAKE) --no-print-directory -j$(JOBS) $(if $(wildcard conf/$(DEMO_PROFILE)/world.yaml),scenes,sqa) PROFILE=$(DEMO_PROFILE) && \
 	$(MAKE) --no-print-directory report PROFILE=$(DEMO_PROFILE) PIPELINE_SECONDS=$$(( $$(date +%s) - start )) && \
 	echo "demo ($(DEMO_PROFILE)) done in $$(( $$(date +%s) - start )) s: $(RUNS)/$(DEMO_PROFILE)/report.md"
 

@@ -23,6 +23,7 @@ from rssqa.errors import RSSQAError
 from rssqa.progress import ProgressLog
 from rssqa.runs import is_done
 from rssqa.tasks.sqa import ABLATIONS, SQADataModule, SQATask, run_sqa
+from rssqa.tasks.sqa.pixel import PixelConfig
 from rssqa.tracking import finish_runs, make_loggers, publish, quiet_lightning
 
 
@@ -47,6 +48,10 @@ class SQACLI(LightningCLI):
         parser.add_argument(
             "--loso", type=bool, default=False,
             help="also leave each source out in turn: train on the others, test on it (the summary's leave_one_source_out)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--pixel", type=PixelConfig, default=PixelConfig(),
+            help="the pixel error head: trained on RS-SQED's pool, tested against per-pixel baselines, exported",
         )  # fmt: skip
         parser.add_argument("--wandb", type=bool, default=True, help="log to Weights & Biases too (offline by default)")
         parser.add_argument("--force", type=bool, default=False, help="run again even when out holds a summary")
@@ -84,6 +89,7 @@ def main(args: list[str] | None = None) -> dict | None:
             cli.model, cli.datamodule, trainers, out, cli.config.ablations, cli.config.seed_everything,
             agreement_model=cli.config.agreement_model, agreement_overrides=dict(cli.config.agreement_overrides or {}),
             loso=cli.config.loso, ranking_overrides=dict(cli.config.ranking_overrides or {}),
+            pixel=PixelConfig.of(cli.config.pixel.as_dict() if cli.config.pixel is not None else None),
         )  # fmt: skip
     finally:
         trainers.close()
@@ -109,6 +115,11 @@ def comparison_tables(s: dict) -> dict[str, tuple[list[str], list[list]]]:
                   for name, v in s[key].items()]  # fmt: skip
             cols = [f"{m}_{k}" for m in ("srcc", "plcc") for k in ("diff", "low", "high", "share_ahead", "verdict")]
             tables[key] = (["against", *cols], vs)
+    px = s.get("pixel_error")
+    if px:
+        rows_px = [["pixel_error_head", px["auroc"], px["ap"]]]
+        rows_px += [[name, b["auroc"], b["ap"]] for name, b in px["baselines"].items() if b]
+        tables["pixel_comparison"] = (["score", "auroc", "ap"], rows_px)  # beside the summary keys pixel_error/*
     return tables
 
 
@@ -150,6 +161,13 @@ def print_summary(s: dict) -> None:
         if a:  # gap_closed is null where the best fixed method is already the oracle
             gap = "-" if a["gap_closed"] is None else f"{a['gap_closed']:.2f}"
             print(f"{name}: top1 {a['top1']:.3f}, chosen OA {a['chosen_oa']:.3f}, regret {a['regret']:.3f}, gap closed {gap}")
+    px = s.get("pixel_error")
+    if px:
+        v = px["vs_best_baseline"]
+        best = px["best_baseline"]
+        num = lambda x, f=".3f": "-" if x is None else format(x, f)  # noqa: E731 - undefined figures are null
+        vs = f"; minus {best}: {num(v['diff'], '+.3f')} [{num(v['low'], '+.3f')}, {num(v['high'], '+.3f')}] {v['verdict']}" if v else ""
+        print(f"pixel error head: AUROC {num(px['auroc'])}, AP {num(px['ap'])}{vs} ({px['n_pixels']} test pixels)")
     h = s.get("recommend_headroom")
     if h:
         print(

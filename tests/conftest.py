@@ -36,3 +36,19 @@ def tiny_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")
     generate_world(tiny_world_config(), out, workers=1)
     return out
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory) -> Path:
+    """A tiny RS-SQED + one sqa stage run (its scorer folder under ``sqa/scorer``), built once per session."""
+    from tests.tasks.test_sqa import trained_run
+
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def scorer(run_root):
+    """The scorer that run exported."""
+    from rssqa.scorer import Scorer
+
+    return Scorer.load(run_root / "sqa" / "scorer")

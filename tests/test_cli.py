@@ -14,19 +14,7 @@ from PIL import Image
 
 from rssqa.cli import main
 from rssqa.errors import RSSQAError
-from tests.tasks.test_sqa import METHODS, trained_run
-
-
-@pytest.fixture(scope="module")
-def run_root(tmp_path_factory) -> Path:
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def scorer(run_root):
-    from rssqa.scorer import Scorer
-
-    return Scorer.load(run_root / "sqa" / "scorer")
+from tests.tasks.test_sqa import METHODS
 
 
 def _image(seed: int, size: int = 64) -> np.ndarray:

@@ -22,7 +22,7 @@ def test_make_demo_smoke_end_to_end(tmp_path):
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     root = tmp_path / "smoke"
     summaries = {s: json.loads((root / s / "summary.json").read_text()) for s in
-                 ("world", "purify", "pretrain", "pretrain_raw", "sqed", "sqa")}  # fmt: skip
+                 ("world", "purify", "pretrain", "pretrain_raw", "sqed", "sqa", "scenes")}  # fmt: skip
     p = summaries["purify"]
     assert p["n_in"] == p["n_kept"] + p["n_rewritten"] + p["n_dropped"] + p["n_bad"]
     assert summaries["sqed"]["n_rows"] == summaries["sqed"]["n_images"] * 8
@@ -33,8 +33,16 @@ def test_make_demo_smoke_end_to_end(tmp_path):
     # eight methods: agreement between them is computed, and the agreement model trained and compared
     assert all(summaries["sqa"]["baselines"][k] is not None for k in ("agreement", "consensus", "with_agreement"))
     assert summaries["sqed"]["agreement"]["computed"] == sorted(summaries["sqed"]["sources"])
+    # whole scenes: every world scene scored into four rasters and measured against its truth
+    scenes = summaries["scenes"]
+    assert scenes["overall"]["n_scenes"] == summaries["world"]["scenes"]["n"] == len(summaries["sqed"]["sources"])
+    for row in scenes["scenes"]:
+        ev = row["evaluation"]
+        assert ev["oracle_oa"] >= max(ev["per_method_oa"].values()) - 1e-9
+        assert ev["fused_vs_best_single"]["verdict"] in ("ahead", "tie", "behind")
+        assert all((root / "scenes" / row["folder"] / f"{n}.tif").is_file() for n in ("quality", "best_method", "fused", "error"))
     report = (root / "report.md").read_text()
-    for section in ("Purification", "CLIP-RS", "RS-SQED", "RS-SQA against", "Method recommendation"):
+    for section in ("Purification", "CLIP-RS", "RS-SQED", "RS-SQA against", "Method recommendation", "Whole scenes"):
         assert section in report
     # numbers come from the summaries, not typed by hand
     assert f"{summaries['sqa']['test']['srcc']:.3f}" in report

@@ -44,20 +44,16 @@ def _first_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def agreement_statistics(
-    probs: Sequence[torch.Tensor], grid: int = 4, preds: Sequence[torch.Tensor] | None = None
-) -> list[dict[str, torch.Tensor]]:
-    """Per-pixel agreement of each method with the others, pooled.
+def agreement_maps(probs: Sequence[torch.Tensor], preds: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Per-pixel agreement of each method with the others, at full resolution.
 
     Args:
         probs: one ``B×C×H×W`` class-probability tensor per method, same images in the same order.
-        grid: side ``g`` of the pooled maps.
         preds: each method's ``B×H×W`` arg-max class, when already computed (``Segmenter.describe``
             with ``keep_probs``); else the arg-max of ``probs`` (ties to the lowest class).
 
     Returns:
-        One dict per method: ``agree_maps`` ``B×3×g×g`` and ``agree_global`` ``B×3`` (float32, in
-        [0, 1], channels as :data:`AGREEMENT_NAMES`), ``agreement`` and ``consensus`` ``B``.
+        One ``B×3×H×W`` float32 tensor per method, channels as :data:`AGREEMENT_NAMES`.
     """
     if len(probs) < MIN_METHODS:
         raise RSSQAError(f"agreement: needs at least {MIN_METHODS} methods on the same images, got {len(probs)}")
@@ -86,9 +82,33 @@ def agreement_statistics(
         majority = ((pred == i1) & leader_holds).float()
         support = (prob_sum.gather(1, idx) - p.float().gather(1, idx)).squeeze(1) / others
         maps.append(torch.stack([share, majority, support], 1))
+    return maps
+
+
+@torch.no_grad()
+def agreement_statistics(
+    probs: Sequence[torch.Tensor], grid: int = 4, preds: Sequence[torch.Tensor] | None = None,
+    keep_maps: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Per-pixel agreement of each method with the others (:func:`agreement_maps`), pooled.
+
+    Args:
+        probs: one ``B×C×H×W`` class-probability tensor per method, same images in the same order.
+        grid: side ``g`` of the pooled maps.
+        preds: each method's ``B×H×W`` arg-max class, when already computed.
+        keep_maps: also return ``pixels``, the full-resolution ``B×3×H×W`` maps (what the pixel
+            error head reads).
+
+    Returns:
+        One dict per method: ``agree_maps`` ``B×3×g×g`` and ``agree_global`` ``B×3`` (float32, in
+        [0, 1], channels as :data:`AGREEMENT_NAMES`), ``agreement`` and ``consensus`` ``B``.
+    """
+    maps = agreement_maps(probs, preds)
+    b = probs[0].shape[0]
     pooled = F.adaptive_avg_pool2d(torch.cat(maps), grid).split(b)
     out = []
     for cells, full in zip(pooled, maps, strict=True):
         glob = full.mean(dim=(2, 3))
-        out.append({"agree_maps": cells, "agree_global": glob, "agreement": glob[:, 0], "consensus": glob[:, 1]})
+        one = {"agree_maps": cells, "agree_global": glob, "agreement": glob[:, 0], "consensus": glob[:, 1]}
+        out.append({**one, "pixels": full} if keep_maps else one)
     return out

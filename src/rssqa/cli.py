@@ -154,6 +154,34 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scene(args: argparse.Namespace) -> int:
+    """``rssqa scene``: quality, best-method, fused and error maps of a whole (Geo)TIFF scene."""
+    from rssqa.scene import SceneOptions, score_scene_file
+
+    bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+    scorer = _load_scorer(args)
+    options = SceneOptions(
+        source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, truth=args.truth,
+        progress=not args.quiet, resume=not args.restart,
+    )
+    summary = score_scene_file(scorer, args.scene, args.out, options)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=float))
+        return 0
+    win = summary["windows"]
+    print(f"{args.scene}: {win['scored']} windows scored ({win['skipped_nodata']} all nodata), "
+          f"{summary['timings']['total_s']:.1f} s; outputs in {args.out}")  # fmt: skip
+    _table(
+        ["method", "mean predicted OA", "recommended share"],
+        [[m, f"{summary['mean_predicted_oa'][m]:.3f}", f"{summary['chosen_share'][m]:.1%}"] for m in summary["methods"]],
+    )
+    ev = summary.get("evaluation")
+    if ev:
+        print(f"fused OA {ev['fused_oa']:.4f}, best single method {ev['best_single_method']} {ev['best_single_oa']:.4f}, "
+              f"oracle {ev['oracle_oa']:.4f}")  # fmt: skip
+    return 0
+
+
 def _table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for line in [header, *rows]:
@@ -206,7 +234,28 @@ def _add_methods(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_methods)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_score, _add_recommend, _add_methods]
+def _add_scene(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scene", help="quality, best-method, fused and error maps of a whole GeoTIFF scene")
+    p.add_argument("scene", help="a (Geo)TIFF or any raster GDAL reads: three 8-bit bands, or choose them with --bands")
+    p.add_argument("--out", required=True, help="output folder (quality.tif, best_method.tif, fused.tif, error.tif, scene.json)")
+    p.add_argument("--scorer", default=DEFAULT_SCORER, help="scorer folder written by the sqa stage (default: %(default)s)")
+    p.add_argument("--clip", default=None, help="CLIP-RS folder, if not where the scorer recorded it")
+    p.add_argument("--source", default=None, help="which source's method checkpoints to use")
+    p.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all of the source)")
+    p.add_argument("--tile", type=int, default=None, help="window side in px (default: the scorer's training tile)")
+    p.add_argument("--overlap", type=int, default=None, help="px shared by neighbouring windows (default: a quarter tile)")
+    p.add_argument("--bands", default=None, metavar="R,G,B", help="1-based band numbers of red, green, blue")
+    p.add_argument("--truth", default=None, help="a ground-truth class raster on the same grid: also measure the maps")
+    p.add_argument("--restart", action="store_true", help="start over instead of resuming unfinished work in --out")
+    p.add_argument("--chunk", type=int, default=None, help="forward batch size (default: the scorer's)")
+    p.add_argument("--json", action="store_true", help="print scene.json instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    _debug(p)
+    p.set_defaults(func=cmd_scene)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_score, _add_recommend, _add_methods, _add_scene]
 
 
 def build_parser() -> argparse.ArgumentParser:

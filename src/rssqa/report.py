@@ -16,7 +16,7 @@ from typing import Any
 from rssqa.runs import atomic_write_bytes, atomic_write_json, is_done, read_summary
 from rssqa.tracking import make_loggers, publish
 
-STAGES = ("world", "purify", "pretrain", "pretrain_raw", "sqed", "sqa")
+STAGES = ("world", "purify", "pretrain", "pretrain_raw", "sqed", "sqa", "scenes")
 METRICS = ("srcc", "plcc", "krcc", "rmse")
 
 
@@ -122,11 +122,74 @@ def _stage_speeds(s: dict[str, dict[str, Any]]) -> list[list[Any]]:
 def _stage_times(s: dict[str, dict[str, Any]]) -> list[list[Any]]:
     """Each stage's wall time, CPU time and CPU share (of one core) from its summary."""
     rows = []
-    for name in ("world", "purify", "pretrain_raw", "pretrain", "sqed", "sqa"):
+    for name in ("world", "purify", "pretrain_raw", "pretrain", "sqed", "sqa", "scenes"):
         t = s.get(name, {})
         if t.get("wall_s"):
             rows.append([name, t["wall_s"], t.get("cpu_s"), round(t["cpu_s"] / t["wall_s"], 2) if t.get("cpu_s") is not None else None])
     return rows
+
+
+def _pixel_section(px: dict[str, Any], table: Any) -> str:
+    """The pixel error head against the per-pixel label-free baselines (the sqa summary's ``pixel_error``)."""
+    rows = [["pixel error head", px.get("auroc"), px.get("ap")]]
+    rows += [[n, b.get("auroc"), b.get("ap")] for n, b in px.get("baselines", {}).items() if b]
+    out = ["## Where a segmentation is wrong: pixel error maps\n",
+           f"Per pixel, the probability that a method's class is wrong, on every (image, method) of the test split "
+           f"({px.get('n_test_images')} images, {px.get('n_pixels')} labelled pixels: {px.get('pixels_per_row')} drawn "
+           f"per image and method, seeded); the head trained on {px.get('train_images')} train images (all their "
+           f"methods), its epoch chosen on val. Beside it the label-free per-pixel scores it reads "
+           "(1 - max probability, entropy, the share of the other methods that disagree):\n\n",
+           table("sqa_pixel_error", ["score", "pixel AUROC", "average precision"], rows)]  # fmt: skip
+    v, best = px.get("vs_best_baseline"), px.get("best_baseline")
+    if v and best:
+        interval = "-" if v.get("low") is None or v.get("high") is None else f"[{v['low']:+.3f}, {v['high']:+.3f}]"
+        diff = "-" if v.get("diff") is None else f"{v['diff']:+.3f}"
+        out.append(f"\nHead minus the best baseline ({best}) in pixel AUROC: {diff}, 95% interval {interval} "
+                   f"(paired bootstrap over test images), verdict: {v.get('verdict')}.\n")  # fmt: skip
+    return "".join(out)
+
+
+def _interval(d: dict[str, Any] | None) -> str:
+    if not d:
+        return ""
+    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['verdict']}"
+
+
+def _scenes_section(sc: dict[str, Any], root: Path, plots: Path, table: Any, img: Any) -> str:
+    """Whole scenes: the fused map against each single method and the oracle, the error map's AUROC."""
+    out = ["## Whole scenes (`rssqa scene`)\n",
+           "The world's large scenes (GeoTIFF, own seed), scored window by window; the maps measured against "
+           "their truth on the same pixels. Intervals: 95%, bootstrap over windows.\n\n"]  # fmt: skip
+    rows, err_rows = [], []
+    for r in sc.get("scenes", []):
+        e = r.get("evaluation") or {}
+        if "fused_oa" not in e:
+            continue
+        gap = e.get("gap_closed")
+        rows.append([f"{r['source']}/{r['id']}", r["windows"], e["fused_oa"], f"{e['best_single_method']} {e['best_single_oa']:.3f}",
+                     _interval(e.get("fused_vs_best_single")), e["oracle_oa"], "" if gap is None else f"{gap:.2f}", r["seconds"]])  # fmt: skip
+        au = e.get("error_auroc")
+        if au:
+            err_rows.append([f"{r['source']}/{r['id']}", r["error_model"], *[au.get(k) for k in ("error_head", "max_prob", "entropy", "disagreement")],
+                             _interval(e.get("error_auroc_margin"))])  # fmt: skip
+    out.append(table("scenes_fused", ["scene", "windows", "fused OA", "best single method", "fused minus it [95%]", "oracle OA",
+                                      "gap closed", "seconds"], rows))  # fmt: skip
+    ov = sc.get("overall", {})
+    if "fused_ahead" in ov:
+        out.append(f"Fused map against the best single method of each scene: {ov['fused_ahead']} ahead, {ov['fused_tie']} tie, "
+                   f"{ov['fused_behind']} behind; mean margin {ov['mean_fused_minus_best_single']:+.3f} OA "
+                   f"(the oracle's {ov['mean_oracle_minus_best_single']:+.3f}).\n\n")  # fmt: skip
+    if err_rows:
+        out.append("Per-pixel error map (is the fused class wrong here?), pixel AUROC on a sample of each window's pixels:\n\n")
+        out.append(table("scenes_error_auroc", ["scene", "error map", "error map AUROC", "1 - max prob", "entropy",
+                                                "disagreement", "margin over the best baseline [95%]"], err_rows))  # fmt: skip
+    for r in sc.get("scenes", []):
+        q = root / "scenes" / r["folder"] / "quicklook.png"
+        if q.is_file():
+            dst = plots / f"scene_{r['source']}_{r['id']}.png"
+            dst.write_bytes(q.read_bytes())
+            out.append(img(dst, f"{r['source']}/{r['id']}"))
+    return "\n".join(out) + "\n"
 
 
 def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_seconds: float | None = None) -> Path:
@@ -251,6 +314,10 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
                 md.append("Held-out sources on which each model is above consensus in SRCC: "
                           + ", ".join(f"{m} {n} of {len(loso)}" for m, n in above.items()) + ".\n")
             data["sqa_leave_one_source_out"] = loso
+        px = a.get("pixel_error")
+        if px:
+            md.append(_pixel_section(px, table))
+            data["sqa_pixel_error"] = px
         md.append("## Method recommendation\n")
         rk = ["top1", "top1_within", "chosen_oa", "best_fixed_oa", "oracle_oa", "regret", "gap_closed"]
         rec = a.get("recommend", {})
@@ -280,6 +347,10 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
         for pth in _copy_plots(root / "sqa", plots, "sqa"):
             md.append(img(pth, pth.stem))
         data["sqa"] = {"test": a["test"], "baselines": a.get("baselines", {}), "recommend": a.get("recommend", {})}
+
+    if "scenes" in s:
+        md.append(_scenes_section(s["scenes"], root, plots, table, img))
+        data["scenes"] = {"overall": s["scenes"].get("overall", {}), "scenes": s["scenes"].get("scenes", [])}
 
     md.append("## Benchmarks\n")
     times = _stage_times(s)

@@ -3,7 +3,9 @@
 A scorer folder (what the sqa stage exports under ``runs/<profile>/sqa/scorer/``) holds
 ``scorer.json`` (the head's configuration, the CLIP-RS it was trained with and its fingerprint, the
 segmentation methods and their checkpoints, relative to the folder) and ``scorer.safetensors`` (the
-quality head's weights, input standardisation included).
+quality head's weights, input standardisation included); where the stage trained them, also the
+agreement and ranking heads and ``scorer_pixel.safetensors``, the pixel error head
+(:mod:`rssqa.models.pixel_error`, :meth:`Scorer.pixel_error`).
 
 Scoring runs CLIP-RS once per image and then every requested method on it. Deterministic: no random
 crops or augmentation, and every forward pass has the same batch size (``chunk``, the last chunk
@@ -32,6 +34,7 @@ from safetensors.torch import load_file
 from rssqa.agreement import MIN_METHODS
 from rssqa.errors import RSSQAError
 from rssqa.models.clip import clip_fingerprint, image_size, load_clip
+from rssqa.models.pixel_error import PixelErrorHead, load_pixel_head, pixel_inputs
 from rssqa.models.quality_inputs import QualityInputs
 from rssqa.models.segmenters import Segmenter, load_segmenter
 from rssqa.models.sqa import RSSQA
@@ -41,6 +44,7 @@ CONFIG = "scorer.json"
 WEIGHTS = "scorer.safetensors"
 AGREEMENT_WEIGHTS = "scorer_agreement.safetensors"  # RS-SQA with agreement between methods, when trained
 RANKING_WEIGHTS = "scorer_ranking.safetensors"  # the same trained for ranking methods (recommendation)
+PIXEL_WEIGHTS = "scorer_pixel.safetensors"  # the pixel error head, when trained
 FORMAT = 1
 
 
@@ -54,6 +58,17 @@ def _load_head(kwargs: dict[str, Any], weights: Path, config: Path) -> RSSQA:
     except (RuntimeError, OSError) as e:
         raise RSSQAError(f"{weights}: does not fit {config} ({str(e).splitlines()[0][:160]})") from None
     return model
+
+
+def _load_pixel_head(kwargs: dict[str, Any], weights: Path) -> PixelErrorHead:
+    """The pixel error head from its arguments and weights file, or a one-line error naming the file."""
+    try:
+        state = load_file(str(weights))
+    except FileNotFoundError:
+        raise RSSQAError(f"{weights}: pixel error head weights not found") from None
+    except (RuntimeError, OSError) as e:
+        raise RSSQAError(f"{weights}: not readable ({str(e).splitlines()[0][:160]})") from None
+    return load_pixel_head(kwargs, state, str(weights))
 
 
 @dataclass
@@ -75,16 +90,19 @@ class Scorer:
         chunk: forward batch size; part of the numerics.
         agreement_model: the head that also reads agreement between methods (optional).
         ranking_model: an agreement head trained to rank methods, used by :meth:`recommend` (optional).
+        pixel_model: the pixel error head, used by :meth:`pixel_error` (optional).
     """
 
     def __init__(
         self, model: RSSQA, clip: torch.nn.Module, config: dict[str, Any], folder: Path, chunk: int | None = None,
         agreement_model: RSSQA | None = None,
         ranking_model: RSSQA | None = None,
+        pixel_model: PixelErrorHead | None = None,
     ):
         self.model, self.clip, self.config, self.folder = model.eval(), clip.eval(), config, folder
         self.agreement_model = agreement_model.eval() if agreement_model is not None else None
         self.ranking_model = ranking_model.eval() if ranking_model is not None else None
+        self.pixel_model = pixel_model.eval() if pixel_model is not None else None
         self.chunk = int(chunk or config.get("chunk", 8))
         if self.chunk < 1:
             raise RSSQAError(f"chunk: must be positive, got {self.chunk}")
@@ -120,6 +138,8 @@ class Scorer:
         agree, rank = config.get("agreement_model"), config.get("ranking_model")
         agreement_model = _load_head(agree, folder / AGREEMENT_WEIGHTS, path) if agree else None
         ranking_model = _load_head(rank, folder / RANKING_WEIGHTS, path) if rank else None
+        pixel = config.get("pixel_model")
+        pixel_model = _load_pixel_head(pixel, folder / PIXEL_WEIGHTS) if pixel else None
         clip_path = Path(clip) if clip is not None else folder / clip_cfg["path"]
         clip_model, *_ = load_clip(clip_path)
         found = clip_fingerprint(clip_model)
@@ -128,7 +148,7 @@ class Scorer:
                 f"{clip_path}: not the CLIP this scorer was trained with (fingerprint {found}, "
                 f"{path} expects {clip_cfg['fingerprint']})"
             )
-        return cls(model, clip_model, config, folder, chunk, agreement_model, ranking_model)
+        return cls(model, clip_model, config, folder, chunk, agreement_model, ranking_model, pixel_model)
 
     @classmethod
     def from_parts(
@@ -246,23 +266,31 @@ class Scorer:
         per_method = [{k: v[:n] for k, v in m.items()} for m in out.pop("methods")]
         return {**{k: v[:n] for k, v in out.items()}, "methods": per_method}
 
-    def _inputs(self, images: np.ndarray, methods: Sequence[_Method], head: RSSQA, agreement: bool) -> dict[str, Any]:
-        """Head inputs of ``images`` padded with zero images to whole chunks (the fixed forward batch)."""
+    def _inputs(
+        self, images: np.ndarray, methods: Sequence[_Method], head: RSSQA, agreement: bool, pixels: bool = False
+    ) -> dict[str, Any]:
+        """Head inputs of ``images`` padded with zero images to whole chunks (the fixed forward batch);
+        with ``pixels``, also every method's per-pixel outputs (``QualityInputs`` ``pixels``)."""
         n = len(images)
         rows = -(-n // self.chunk) * self.chunk
         if n < rows:
             images = np.concatenate([images, np.zeros((rows - n, *images.shape[1:]), np.uint8)])
-        segmenters = [m.segmenter for m in methods] if head.uses_seg else []
-        feat_dims = [m.feat_dim for m in methods] if head.uses_seg else []
-        clip = self.clip if head.uses_sem else None
-        return self.quality_inputs(images, segmenters, clip, feat_dims, agreement=agreement and head.uses_seg)
+        segmenters = [m.segmenter for m in methods] if head.uses_seg or pixels else []
+        feat_dims = [m.feat_dim for m in methods] if head.uses_seg or pixels else []
+        clip = self.clip if head.uses_sem or pixels else None
+        agreement = agreement and (head.uses_seg or pixels)
+        return self.quality_inputs(images, segmenters, clip, feat_dims, agreement=agreement, pixels=pixels)
 
     @torch.no_grad()
     def _score_chunk(self, images: np.ndarray, methods: Sequence[_Method], scored: int, head: RSSQA) -> np.ndarray:
         """Scores by ``head`` of ``n <= chunk`` same-size images for the first ``scored`` of ``methods``
         (the rest only give agreement): ``n×scored``. Always one forward of ``chunk`` rows."""
-        n = len(images)
-        inp = self._inputs(images, methods, head, head.agreement)
+        return self.head_scores(self._inputs(images, methods, head, head.agreement), methods, scored, head, len(images))
+
+    @torch.no_grad()
+    def head_scores(self, inp: dict[str, Any], methods: Sequence[_Method], scored: int, head: RSSQA, n: int) -> np.ndarray:
+        """Scores by ``head`` of the first ``n`` rows of head inputs ``inp`` (one chunk, from
+        :meth:`_inputs` or :class:`QualityInputs`) for the first ``scored`` of ``methods``: ``n×scored``."""
         sem = head.encode_semantics(inp["sem_embed"], inp["sem_tokens"]) if head.uses_sem else None
         out = np.zeros((n, scored))
         for j, m in enumerate(methods[:scored]):
@@ -314,14 +342,64 @@ class Scorer:
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         imgs = [self.check_image(im, nm) for im, nm in zip(images, names, strict=True)]
         out = np.zeros((len(imgs), len(chosen)))
+        for part, batch in self._same_size_chunks(imgs):
+            out[part] = self._score_chunk(batch, [*chosen, *others], len(chosen), head)
+        return out
+
+    def _same_size_chunks(self, imgs: Sequence[np.ndarray]):
+        """``(indexes, N×H×W×3 batch)`` of at most ``chunk`` same-size images, in order of first size seen."""
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(imgs):
             by_size.setdefault(im.shape[:2], []).append(i)
         for idx in by_size.values():
             for start in range(0, len(idx), self.chunk):
                 part = idx[start : start + self.chunk]
-                batch = np.stack([imgs[i] for i in part])
-                out[part] = self._score_chunk(batch, [*chosen, *others], len(chosen), head)
+                yield part, np.stack([imgs[i] for i in part])
+
+    @torch.no_grad()
+    def pixel_error(
+        self, images: Sequence[np.ndarray], methods: Sequence[str] | None = None, source: str | None = None,
+        with_methods: Sequence[str] = (), names: Sequence[str] | None = None,
+    ) -> list[np.ndarray]:
+        """Per-pixel probability that each method's class is wrong (the pixel error head).
+
+        Args:
+            images: ``H×W×3`` uint8 images (sizes may differ).
+            methods: registered method names of ``source`` (default: all of them).
+            source: which source's method checkpoints to use (optional when the scorer has one).
+            with_methods: other registered methods run only for their agreement with these.
+            names: image names for error messages.
+
+        Returns:
+            Per image, an ``M×H×W`` float32 array in [0, 1], methods in the order given.
+        """
+        head = self.pixel_model
+        if head is None:
+            raise RSSQAError("pixel error: this scorer has no pixel error head (the sqa stage's pixel.enabled)")
+        chosen = self.resolve_methods(methods, source)
+        others = [self.method(w, source) for w in dict.fromkeys(with_methods) if w not in {m.name for m in chosen}]
+        run = [*chosen, *others]
+        if head.agreement and len(run) < MIN_METHODS:
+            raise RSSQAError(f"--with: the pixel error head reads agreement; it needs at least {MIN_METHODS} methods in all, got {len(run)}")
+        names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+        imgs = [self.check_image(im, nm) for im, nm in zip(images, names, strict=True)]
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(imgs)
+        for part, batch in self._same_size_chunks(imgs):
+            n = len(batch)
+            if n < self.chunk:  # the fixed forward batch, as scoring
+                batch = np.concatenate([batch, np.zeros((self.chunk - n, *batch.shape[1:]), np.uint8)])
+            inp = self.quality_inputs(
+                batch, [m.segmenter for m in run], self.clip if head.token_dim > 0 else None, [0] * len(run),
+                agreement=head.agreement, pixels=True,
+            )  # fmt: skip
+            tokens = inp.get("sem_tokens")
+            maps = []
+            for p in inp["pixels"][: len(chosen)]:
+                x = pixel_inputs(p["probs"].cpu(), p["agree"].cpu() if head.agreement else None)
+                maps.append(head.probability(x, tokens)[:n])
+            stacked = torch.stack(maps, 1).numpy().astype(np.float32)
+            for j, i in enumerate(part):
+                out[i] = stacked[j]
         return out
 
     def use_agreement(self, scored: Sequence[str], with_methods: Sequence[str] = (), agreement: bool | None = None) -> bool:

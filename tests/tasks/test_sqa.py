@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rssqa.data.sqed import TABLE, write_label_shard, write_table
 from rssqa.errors import RSSQAError
@@ -53,7 +54,7 @@ def make_fake_sqed(root: Path, seed: int = 0) -> Path:
         ids = [f"{source}_{i:03d}" for i in range(N_IMAGES)]
         corruption = rng.uniform(0.05, 0.6, N_IMAGES)  # how wrong the "truth" makes each image
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-        probs, first_row = [], len(rows)
+        probs, first_row, described = [], len(rows), []
         for m, method in enumerate(METHODS):
             L.seed_everything(seed + m)
             task = SegmentationTask(resolve_method(method).as_dict(), n_classes, grid=GRID, hist_bins=BINS).eval()
@@ -66,10 +67,15 @@ def make_fake_sqed(root: Path, seed: int = 0) -> Path:
             stats = task.segmenter.describe(x)
             logits = stats.pop("logits")
             probs.append(logits.softmax(1))
-            pred = logits.argmax(1)
-            flip = torch.from_numpy(rng.uniform(size=pred.shape) < corruption[:, None, None] * (1 + 0.3 * m))
-            mask = torch.where(flip, torch.from_numpy(rng.integers(0, n_classes, pred.shape)), pred)
-            oa, n = per_image_oa(pred, mask, n_classes)
+            described.append((method, stats, logits.argmax(1)))
+        # one truth per image: the methods' majority vote, corrupted at the image's rate, a strip unlabelled
+        votes = torch.stack([F.one_hot(p, n_classes) for _, _, p in described]).sum(0)
+        flip = torch.from_numpy(rng.uniform(size=votes.shape[:3]) < corruption[:, None, None])
+        truth = torch.where(flip, torch.from_numpy(rng.integers(0, n_classes, votes.shape[:3])), votes.argmax(-1))
+        truth[:, :, :4] = 255
+        np.save(out / "pool" / source / "masks.npy", truth.numpy().astype(np.uint8))
+        for method, stats, pred in described:
+            oa, n = per_image_oa(pred, truth, n_classes)
             arrays = {"oa": oa.numpy(), "n_labelled": n.numpy(), **{k: v.float().numpy() for k, v in stats.items()}}
             rel = f"features/{source}/{method}.safetensors"
             meta = {"source": source, "method": method, "image_ids": ids, "grid": GRID, "hist_bins": BINS,
@@ -239,11 +245,13 @@ def test_rerun_is_a_no_op(run_root, capsys):
 def test_same_seed_same_numbers(run_root, tmp_path):
     """A second run from scratch (no cache) reproduces the first run's test figures exactly."""
     torch.set_num_threads(1)
-    args = [*stage_args(run_root, tmp_path / "again"), "--ablations", "[]"]
+    args = [*stage_args(run_root, tmp_path / "again"), "--ablations", "[]", "--pixel.enabled", "false"]
     summary = _stage_main()(args)
     first = read_summary(run_root / "sqa")
     assert summary["test"]["srcc"] == first["test"]["srcc"]
     assert summary["recommend"]["top1"] == first["recommend"]["top1"]
+    # the pixel error head switched off: none in the summary, none in the scorer
+    assert summary["pixel_error"] is None and not (tmp_path / "again" / "scorer" / "scorer_pixel.safetensors").exists()
 
 
 def test_datamodule_batches_whole_images(run_root):
@@ -300,6 +308,10 @@ def test_stage_on_a_real_sqed_build(tiny_world, tmp_path):
     args = [*stage_args(tmp_path, tmp_path / "sqa"), "--data.generic_clip", "null", "--ablations", "[seg_only]"]
     summary = _stage_main()(args)
     assert summary["baselines"]["generic_clip"] is None and summary["baselines"]["seg_only"] is not None
+    # two methods: the pixel error head reads each method's own softmax only, no disagreement baseline
+    px = summary["pixel_error"]
+    assert px["agreement"] is False and px["model"]["agreement"] is False and px["baselines"]["disagreement"] is None
+    assert 0 <= px["auroc"] <= 1 and px["best_baseline"] in ("max_prob", "entropy")
     assert summary["recommend"]["n_images"] == summary["n_rows"]["test"] // 2
     tile = sorted((tiny_world / "sources" / "vaihingen" / "top").glob("*.tif"))[0]
     assert cli(["recommend", str(tile), "--scorer", str(tmp_path / "sqa" / "scorer"), "--source", "vaihingen"]) == 0

@@ -127,18 +127,22 @@ def method_statistics(
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def agreement_inputs(statistics: Sequence[dict[str, torch.Tensor]], grid: int) -> list[dict[str, torch.Tensor]]:
+def agreement_inputs(
+    statistics: Sequence[dict[str, torch.Tensor]], grid: int, keep_maps: bool = False
+) -> list[dict[str, torch.Tensor]]:
     """Each method's agreement with the others, from their :func:`method_statistics` with
-    ``keep_probs`` (which it pops): ``agree_maps`` ``B×A×g×g`` and ``agree_global`` ``B×A`` on the CPU.
+    ``keep_probs`` (which it pops): ``agree_maps`` ``B×A×g×g`` and ``agree_global`` ``B×A`` on the CPU
+    (with ``keep_maps``, also ``agree_pixels``, the full-resolution ``B×A×H×W`` maps, left on their device).
 
     RS-SQED's agreement pass and the scorer both call this, so the cached and live values agree.
     """
     probs = [s.pop("probs") for s in statistics]
     preds = [s.pop("pred") for s in statistics]
     return [
-        {"agree_maps": a["agree_maps"].cpu(), "agree_global": a["agree_global"].cpu()}
-        for a in agreement_statistics(probs, grid, preds)
-    ]
+        {"agree_maps": a["agree_maps"].cpu(), "agree_global": a["agree_global"].cpu(),
+         **({"agree_pixels": a["pixels"]} if keep_maps else {})}
+        for a in agreement_statistics(probs, grid, preds, keep_maps=keep_maps)
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ segmentation inputs
@@ -296,6 +300,7 @@ class QualityInputs:
         clip: nn.Module | None = None,
         feat_dims: Sequence[int] | None = None,
         agreement: bool = False,
+        pixels: bool = False,
     ) -> dict[str, Any]:
         """Every head input for ``N×H×W×3`` uint8 images of one size and each of ``segmenters``.
 
@@ -307,6 +312,10 @@ class QualityInputs:
                 default: the configured ``feat_dim`` for every one.
             agreement: also each method's agreement with the others (``agree_maps``, ``agree_global``;
                 :func:`rssqa.agreement.agreement_statistics`, at least three segmenters).
+            pixels: also each method's per-pixel outputs under ``pixels`` (``probs`` ``N×C×H×W``,
+                ``pred`` ``N×H×W`` and, with ``agreement``, ``agree`` ``N×3×H×W``): what the
+                pixel error head (:mod:`rssqa.models.pixel_error`) and a fused map read. Computed in
+                the same forward pass as the statistics.
 
         Returns:
             ``sem_embed`` ``N×E`` and ``sem_tokens`` ``N×T×h×w`` (when ``clip`` is given), and
@@ -319,11 +328,20 @@ class QualityInputs:
             out.update(sem_embed=sem["embed"], sem_tokens=sem["tokens"])
         x01 = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         dims = list(feat_dims) if feat_dims is not None else [self.feat_dim] * len(segmenters)
-        stats = [self.statistics(seg, x01.to(_device_of(seg)), keep_probs=agreement) for seg in segmenters]
-        agree = agreement_inputs(stats, self.grid) if agreement else [{} for _ in stats]
+        stats = [self.statistics(seg, x01.to(_device_of(seg)), keep_probs=agreement or pixels) for seg in segmenters]
+        kept = [{"probs": s["probs"], "pred": s["pred"]} for s in stats] if pixels else []
+        agree = agreement_inputs(stats, self.grid, keep_maps=pixels) if agreement else [{} for _ in stats]
+        for s in stats:  # without agreement the kept softmax is not an input of the head
+            s.pop("probs", None), s.pop("pred", None)
         out["methods"] = [
-            {**self.segmentation(s, dim), **a} for s, dim, a in zip(stats, dims, agree, strict=True)
+            {**self.segmentation(s, dim), **{k: v for k, v in a.items() if k != "agree_pixels"}}
+            for s, dim, a in zip(stats, dims, agree, strict=True)
         ]
+        if pixels:
+            for k, a in zip(kept, agree, strict=True):
+                if "agree_pixels" in a:
+                    k["agree"] = a["agree_pixels"]
+            out["pixels"] = kept
         return out
 
 

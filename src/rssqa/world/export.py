@@ -1,7 +1,8 @@
-"""Write the world to disk: corpus shards per tier, and each source in its real data set's layout.
+"""Write the world to disk: corpus shards per tier, each source in its real data set's layout, and
+large georeferenced scenes per source (:mod:`rssqa.world.geoscenes`).
 
-Work is split into independent jobs (one shard, or one block of tiles), run in a process pool; the
-output is byte-identical whatever the number of workers.
+Work is split into independent jobs (one shard, one block of tiles, or one block of a scene), run in
+a process pool; the output is byte-identical whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from rssqa.data.shards import write_shard, write_sizes
 from rssqa.runs import atomic_write_json, write_summary
 from rssqa.world.generate import CorpusConfig, Tile, make_pair, make_tile
+from rssqa.world.geoscenes import ScenesConfig, export_scenes
 from rssqa.world.sources import DEEPGLOBE_PALETTE, DEEPGLOBE_UNKNOWN, IGNORE_INDEX, ISPRS_PALETTE, SOURCES
 
 _URBAN = {"dense_urban", "suburban", "industrial"}
@@ -49,11 +51,12 @@ class SourcesConfig:
 
 @dataclass
 class WorldConfig:
-    """The whole embedded world: one seed, a corpus and the segmentation sources."""
+    """The whole embedded world: one seed, a corpus, the segmentation sources and their large scenes."""
 
     seed: int = 0
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
 
 
 # --------------------------------------------------------------------------------------------- corpus
@@ -185,7 +188,7 @@ def _run(jobs: list, fn, workers: int, desc: str):
 
 
 def generate_world(cfg: WorldConfig, out: str | os.PathLike, workers: int = 1) -> dict[str, Any]:
-    """Write the corpus and the sources under ``out`` and, last, ``out/summary.json``.
+    """Write the corpus, the sources and the scenes under ``out`` and, last, ``out/summary.json``.
 
     Args:
         cfg: the world's configuration.
@@ -193,7 +196,8 @@ def generate_world(cfg: WorldConfig, out: str | os.PathLike, workers: int = 1) -
         workers: processes to use; the output does not depend on it.
 
     Returns:
-        The summary: counts per tier and noise kind, per source and class, and timing.
+        The summary: counts per tier and noise kind, per source and class, the scenes (counts,
+        sizes, bytes), and timing.
     """
     out = Path(out)
     t0 = time.perf_counter()
@@ -201,16 +205,20 @@ def generate_world(cfg: WorldConfig, out: str | os.PathLike, workers: int = 1) -
     t1 = time.perf_counter()
     sources = export_sources(cfg.sources, cfg.seed, out / "sources", workers)
     t2 = time.perf_counter()
+    scenes = export_scenes(cfg.scenes, cfg.seed, cfg.sources.names, out, workers)
+    t3 = time.perf_counter()
     n_tiles = sum(s["n_images"] for s in sources.values())
     summary = {
         "seed": cfg.seed,
         "config": asdict(cfg),
         "corpus": corpus,
         "sources": sources,
+        "scenes": scenes,
         "workers": workers,
         "corpus_samples_per_s": round(cfg.corpus.n_samples / max(t1 - t0, 1e-9), 1),
         "source_tiles_per_s": round(n_tiles / max(t2 - t1, 1e-9), 1),
-        "seconds": round(t2 - t0, 2),
+        "scene_seconds": round(t3 - t2, 2),
+        "seconds": round(t3 - t0, 2),
     }
     write_summary(out, summary)
     return summary

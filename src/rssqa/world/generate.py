@@ -18,7 +18,7 @@ from rssqa.world.render import SensorStyle, render, sample_sensor
 from rssqa.world.scene import Scene, generate_scene
 from rssqa.world.sources import IGNORE_INDEX, SourceSpec
 
-STREAMS = {"trusted": 1, "coarse": 2, "eval_scenes": 100, "eval_pairs": 101, "source": 10}
+STREAMS = {"trusted": 1, "coarse": 2, "eval_scenes": 100, "eval_pairs": 101, "source": 10, "geo_scenes": 200}
 
 # Web imagery: every kind of sensor, from crisp aerial to hazy, compressed satellite.
 CORPUS_STYLE = SensorStyle(bands="RGB", difficulty=(2.0, 3.0), haze=(0.0, 0.45), blur=(0.0, 1.5),

@@ -21,6 +21,8 @@ IGNORE_INDEX = 255
 ISPRS_CLASSES = ("impervious_surfaces", "building", "low_vegetation", "tree", "car", "clutter")
 ISPRS_PALETTE = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
 LOVEDA_CLASSES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
+LOVEDA_PALETTE = ((255, 255, 255), (255, 0, 0), (255, 255, 0), (0, 0, 255), (159, 129, 183), (0, 255, 0),
+                  (255, 195, 128))  # fmt: skip
 DEEPGLOBE_CLASSES = ("urban_land", "agriculture_land", "rangeland", "forest_land", "water", "barren_land")
 DEEPGLOBE_PALETTE = ((0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255), (255, 255, 255))
 DEEPGLOBE_UNKNOWN = (0, 0, 0)
@@ -41,6 +43,7 @@ class SourceSpec:
         scene_mix: scene type -> weight.
         style: the source's sensor.
         class_ranges: source class -> (low, high) expected mean pixel share (checked by the tests).
+        palette: one RGB colour per class, in class order (the real set's colour code).
     """
 
     name: str
@@ -52,6 +55,7 @@ class SourceSpec:
     style: SensorStyle
     scene_overrides: dict[str, dict[str, str]] = field(default_factory=dict)
     class_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    palette: tuple[tuple[int, int, int], ...] = ()
 
     def lookup(self, scene_type: str) -> np.ndarray:
         """Master-class -> source-class index table for one scene type, shape ``(NUM_CLASSES,)``."""
@@ -80,6 +84,7 @@ SOURCES: dict[str, SourceSpec] = {
         name="vaihingen",
         layout="ISPRS Vaihingen",
         classes=ISPRS_CLASSES,
+        palette=ISPRS_PALETTE,
         mapping=_ISPRS_MAP,
         gsd_m=(0.35, 0.55),
         scene_mix={"suburban": 0.5, "dense_urban": 0.3, "industrial": 0.1, "rural": 0.1},
@@ -92,6 +97,7 @@ SOURCES: dict[str, SourceSpec] = {
         name="potsdam",
         layout="ISPRS Potsdam",
         classes=ISPRS_CLASSES,
+        palette=ISPRS_PALETTE,
         mapping=_ISPRS_MAP,
         gsd_m=(0.25, 0.4),
         scene_mix={"dense_urban": 0.45, "suburban": 0.25, "industrial": 0.3},
@@ -104,6 +110,7 @@ SOURCES: dict[str, SourceSpec] = {
         name="loveda",
         layout="LoveDA",
         classes=LOVEDA_CLASSES,
+        palette=LOVEDA_PALETTE,
         mapping={"impervious": "road", "building": "building", "low_vegetation": "agriculture", "tree": "forest",
                  "car": "background", "water": "water", "bare_soil": "barren", "clutter": "background"},
         scene_overrides={s: {"low_vegetation": "background"} for s in URBAN_SCENES},
@@ -119,6 +126,7 @@ SOURCES: dict[str, SourceSpec] = {
         name="deepglobe",
         layout="DeepGlobe Land Cover",
         classes=DEEPGLOBE_CLASSES,
+        palette=DEEPGLOBE_PALETTE,
         mapping={"impervious": "urban_land", "building": "urban_land", "low_vegetation": "agriculture_land",
                  "tree": "forest_land", "car": "urban_land", "water": "water", "bare_soil": "barren_land",
                  "clutter": "urban_land"},
@@ -133,3 +141,4 @@ SOURCES: dict[str, SourceSpec] = {
 }  # fmt: skip
 
 assert all(len(s.lookup(t)) == NUM_CLASSES for s in SOURCES.values() for t in SCENE_TYPES)
+assert all(len(s.palette) == len(s.classes) for s in SOURCES.values())

@@ -7,7 +7,8 @@ the method-agnostic segmentation inputs of every (image, method) row, both throu
 with the configured loss terms; the model is selected on validation SRCC.
 :func:`~rssqa.tasks.sqa.run.run_sqa` trains RS-SQA and its ablations in one run under the same seed,
 scores the label-free baselines on the same test rows, evaluates recommendation, draws the figures
-(:mod:`~rssqa.tasks.sqa.figures`), exports the deployable scorer (:mod:`~rssqa.tasks.sqa.export`)
+(:mod:`~rssqa.tasks.sqa.figures`), trains and tests the pixel error head
+(:mod:`~rssqa.tasks.sqa.pixel`), exports the deployable scorer (:mod:`~rssqa.tasks.sqa.export`)
 and writes ``summary.json`` last.
 """
 

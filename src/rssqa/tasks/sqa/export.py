@@ -6,10 +6,13 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import save_file
 
-from rssqa.scorer import AGREEMENT_WEIGHTS, CONFIG, FORMAT, RANKING_WEIGHTS, WEIGHTS
+from rssqa.errors import RSSQAError
+from rssqa.models.pixel_error import PixelErrorHead
+from rssqa.scorer import AGREEMENT_WEIGHTS, CONFIG, FORMAT, PIXEL_WEIGHTS, RANKING_WEIGHTS, WEIGHTS
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.task import SQATask
 
@@ -22,6 +25,25 @@ def _rel(path: str | os.PathLike, start: Path) -> str:
     return os.path.relpath(Path(path).resolve(), start.resolve())
 
 
+def _image_sizes(data: SQADataModule) -> dict[str, Any]:
+    """``image_sizes`` (source -> ``[H, W]`` of its RS-SQED pool images, the tiles the heads were trained
+    on) and ``image_size``, that size where every source has the same (else ``None``)."""
+    sizes = {s: [int(v) for v in data.sqed.images(s).shape[1:3]] for s in sorted(set(data.source_of.tolist()))}
+    one = {tuple(v) for v in sizes.values()}
+    return {"image_size": list(one.pop()) if len(one) == 1 else None, "image_sizes": sizes}
+
+
+def _classes(data: SQADataModule) -> dict[str, dict[str, list[str]]]:
+    """Per source, the class names of its masks (``rssqa scene`` names the fused map's classes with them)."""
+    out = {}
+    for s in sorted(set(data.source_of.tolist())):
+        try:
+            out[s] = {"names": list(data.sqed.pool(s).get("classes") or [])}
+        except RSSQAError:  # an RS-SQED without pool metadata: the classes stay unnamed
+            out[s] = {"names": []}
+    return out
+
+
 def export_scorer(
     task: SQATask,
     data: SQADataModule,
@@ -29,6 +51,7 @@ def export_scorer(
     best_fixed: str | None = None,
     agreement: SQATask | None = None,
     ranking: SQATask | None = None,
+    pixel: PixelErrorHead | None = None,
 ) -> Path:
     """Write the trained head and everything needed to run it as a scorer folder, atomically.
 
@@ -41,6 +64,8 @@ def export_scorer(
             head (``agreement_model`` in ``scorer.json``, weights in ``scorer_agreement.safetensors``).
         ranking: the agreement model trained for recommendation (``ranking_model``,
             ``scorer_ranking.safetensors``).
+        pixel: the trained pixel error head (``pixel_model`` in ``scorer.json``, its weights, input
+            standardisation included, in ``scorer_pixel.safetensors``).
 
     Returns:
         ``out_dir``.
@@ -75,6 +100,8 @@ def export_scorer(
         "methods": list(data.methods),
         "checkpoints": checkpoints,
         "best_fixed_method": best_fixed,
+        **_image_sizes(data),
+        "classes": _classes(data),
     }
     if agreement is not None:
         config["agreement_model"] = agreement.model_kwargs()
@@ -82,6 +109,9 @@ def export_scorer(
     if ranking is not None:
         config["ranking_model"] = ranking.model_kwargs()
         save_file(_weights(ranking), str(tmp / RANKING_WEIGHTS))
+    if pixel is not None:
+        config["pixel_model"] = pixel.kwargs
+        save_file({k: v.detach().cpu().contiguous() for k, v in pixel.state_dict().items()}, str(tmp / PIXEL_WEIGHTS))
     save_file(_weights(task), str(tmp / WEIGHTS))
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if out_dir.exists():

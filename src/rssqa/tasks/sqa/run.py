@@ -22,6 +22,7 @@ from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.export import export_scorer
 from rssqa.tasks.sqa.figures import plot_comparison, plot_embedding, plot_scatter
 from rssqa.tasks.sqa.loso import leave_one_source_out
+from rssqa.tasks.sqa.pixel import PixelConfig, run_pixel
 from rssqa.tasks.sqa.task import SQATask
 
 # ablation name -> (model variant, semantic features); "rs_sqa" is the configured model itself
@@ -167,6 +168,7 @@ def run_sqa(
     agreement_overrides: dict[str, Any] | None = None,
     loso: bool = False,
     ranking_overrides: dict[str, Any] | None = None,
+    pixel: PixelConfig | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole stage: RS-SQA, its ablations, the baselines, recommendation, figures, scorer, summary.
 
@@ -185,12 +187,16 @@ def run_sqa(
             exported as the scorer's ranking head, which ``rssqa recommend`` uses.
         loso: also train RS-SQA (and the agreement model) leaving each source out in turn
             (:mod:`rssqa.tasks.sqa.loso`); the summary's ``leave_one_source_out``.
+        pixel: the pixel error head's config (:class:`~rssqa.tasks.sqa.pixel.PixelConfig`; ``None``:
+            its defaults): trained, tested against the per-pixel baselines (the summary's
+            ``pixel_error``, null when disabled) and exported into the scorer.
 
     Returns:
         The summary.
     """
     t0 = time.perf_counter()
     out = Path(out)
+    pixel = PixelConfig.of(pixel)
     unknown = set(ablations) - set(ABLATIONS)
     if unknown:
         raise RSSQAError(f"ablations: {sorted(unknown)} unknown; choose from {list(ABLATIONS)}")
@@ -256,9 +262,11 @@ def run_sqa(
     plot_embedding(sem["embed"].numpy(), per_image_oa / counts, figures / "clip_embedding.png", groups=_image_sources(data))
     plot_comparison(table, test, figures / "comparison.png")
 
+    pixel_head, pixel_error = run_pixel(data, pixel, seed) if pixel.enabled else (None, None)
     scorer_dir = export_scorer(
-        main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task
-    )
+        main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task,
+        pixel=pixel_head,
+    )  # fmt: skip
     ranking = sorted(
         ((k, v["srcc"]) for k, v in {"rs_sqa": test, **{k: v for k, v in table.items() if v}}.items() if v["srcc"] is not None),
         key=lambda kv: -kv[1],
@@ -274,6 +282,7 @@ def run_sqa(
             k: {m: v[m] for m in ("top1", "top1_within", "regret", "chosen_oa", "gap_closed")} for k, v in rec_baselines.items()
         },
         "recommend_headroom": headroom,
+        "pixel_error": pixel_error,
         "srcc_ranking": [k for k, _ in ranking],
         "vs_rs_sqa": {k: v for k, v in versus(preds["test"], "rs_sqa").items() if k != "rs_sqa"},
         "srcc_margin_over_label_free": None if label_free is None or test["srcc"] is None else test["srcc"] - label_free,

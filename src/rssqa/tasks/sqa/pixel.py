@@ -1,0 +1,478 @@
+"""The pixel-level error head: where a method's segmentation is wrong, trained and tested on RS-SQED.
+
+For every (image, method) of RS-SQED's pool, the methods of the image's source run through the one
+seam (:class:`rssqa.models.quality_inputs.QualityInputs` with ``pixels=True``), which hands back each
+method's softmax and its full-resolution agreement with the others; :func:`rssqa.models.pixel_error.pixel_inputs`
+turns them into per-pixel channels and the target is ``pred != mask`` where the mask is labelled
+(255, the ignore index, is left out of the loss and of every metric).
+
+:func:`fit_pixel_head` trains :class:`~rssqa.models.pixel_error.PixelErrorHead` with binary cross
+entropy on a configurable number of train-split images per source (input standardisation from their
+labelled pixels) and keeps the epoch of best pixel AUROC on val-split images.
+:func:`evaluate_pixel_head` scores every (image, method) row of the test split with the head and the
+label-free per-pixel baselines (:data:`rssqa.models.pixel_error.BASELINES`) on the same fixed, seeded
+subsample of labelled pixels per row, pools the pixels, and compares the head with the best baseline
+by a paired bootstrap over test images (:func:`rssqa.tasks.sqa.pixel_auroc.auroc_bootstrap`, the
+verdict words of :func:`rssqa.metrics.verdict`). :func:`run_pixel` does both and returns the summary's ``pixel_error``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+from rssqa.agreement import MIN_METHODS
+from rssqa.errors import RSSQAError
+from rssqa.models.pixel_error import BASELINES, PixelErrorHead, pixel_inputs
+from rssqa.models.segmenters import load_segmenter
+from rssqa.progress import eta, line
+from rssqa.tasks.sqa.data import SQADataModule
+from rssqa.tasks.sqa.pixel_auroc import auroc_bootstrap
+
+IGNORE = 255  # the ignore index of RS-SQED's masks
+HEAD = "head"
+LABEL = "sqa/pixel"
+STANDARDISE_PIXELS = 4096  # labelled pixels per training row the input standardisation is fitted on
+
+
+def _device() -> torch.device:
+    """Where the methods run and the head trains: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Progress:
+    """``[sqa/pixel] what done/total unit, eta`` at most every ``every_s`` seconds, and at the end."""
+
+    def __init__(self, what: str, total: int, unit: str = "rows", every_s: float = 10.0):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int, extra: str = "") -> None:
+        now = time.perf_counter()
+        if done >= self.total or now - self.last >= self.every_s:
+            self.last = now
+            line(LABEL, f"{self.what} {done}/{self.total} {self.unit}{extra}{eta(done, self.total, now - self.t0)}")
+
+
+@dataclass(frozen=True)
+class PixelConfig:
+    """The ``pixel:`` block of the sqa config.
+
+    Args:
+        enabled: train, test and export the pixel error head.
+        train_images: train-split images per source (seeded choice; 0: all of them).
+        val_images: val-split images per source for epoch selection (0: all of them).
+        epochs: passes over the training rows; the epoch of best val AUROC is kept.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        batch: (image, method) rows per optimisation step.
+        pixels_per_row: labelled pixels drawn (seeded, without replacement) per (image, method) row for
+            the val and test metrics; 0: every labelled pixel.
+        hidden: channels of the head's 3×3 convolutions.
+        token_channels: channels the CLIP-RS patch tokens are projected to.
+        tokens: read the CLIP-RS patch tokens (the data module's cached features).
+        block: images per pass through the seam (rounded up to whole segmenter chunks); bounds memory.
+        n_boot: bootstrap draws of the head-versus-best-baseline comparison.
+    """
+
+    enabled: bool = True
+    train_images: int = 32
+    val_images: int = 16
+    epochs: int = 4
+    lr: float = 3.0e-3
+    weight_decay: float = 1.0e-4
+    batch: int = 16
+    pixels_per_row: int = 512
+    hidden: int = 16
+    token_channels: int = 8
+    tokens: bool = True
+    block: int = 32
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch", "hidden", "block", "n_boot"):
+            if getattr(self, key) < 1:
+                raise RSSQAError(f"pixel.{key}: must be positive, got {getattr(self, key)}")
+        for key in ("train_images", "val_images", "pixels_per_row", "token_channels"):
+            if getattr(self, key) < 0:
+                raise RSSQAError(f"pixel.{key}: must not be negative, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise RSSQAError(f"pixel.lr: must be positive, got {self.lr}")
+
+    @classmethod
+    def of(cls, value: PixelConfig | Mapping[str, Any] | None) -> PixelConfig:
+        """A config from a mapping (unknown keys are a one-line error), ``None`` (the defaults) or itself."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        known = set(cls.__dataclass_fields__)
+        bad = set(value) - known
+        if bad:
+            raise RSSQAError(f"pixel: unknown keys {sorted(bad)}; known: {sorted(known)}")
+        return cls(**dict(value))
+
+
+# --------------------------------------------------------------------------------------- the rows
+@dataclass
+class _Rows:
+    """Per-pixel inputs of (image, method) rows at full resolution.
+
+    ``x``: ``6×H×W`` per row, float16 (stored rows serve training and epoch selection; the test
+    split is scored on the float32 inputs, as the scorer computes them); ``target``: ``H×W`` uint8
+    per row (0 right, 1 wrong, 255 unlabelled); ``image``: the data module's image index (for the
+    tokens); ``method``: index into the data module's methods; ``source``: the source's name.
+    """
+
+    x: list[torch.Tensor]
+    target: list[torch.Tensor]
+    image: list[int]
+    method: list[int]
+    source: list[str]
+
+
+def _choose(data: SQADataModule, source: str, split: str, n: int, seed: int) -> list[tuple[int, int]]:
+    """``(pool image_row, data image index)`` of ``n`` seeded images of ``split`` in ``source`` (0: all)."""
+    key_index = {k: i for i, k in enumerate(data.image_keys)}
+    rows = {r["key"]: r["image_row"] for r in data.sqed.rows if r["source"] == source and r["split"] == split}
+    keys = sorted(rows, key=lambda k: rows[k])
+    if n and n < len(keys):
+        pick = np.random.default_rng([seed, zlib.crc32(f"{source}/{split}".encode())]).permutation(len(keys))[:n]
+        keys = [keys[i] for i in sorted(pick)]
+    return [(rows[k], key_index[k]) for k in keys]
+
+
+def _methods_of(data: SQADataModule) -> dict[str, list[str]]:
+    out: dict[str, set[str]] = {}
+    for r in data.sqed.rows:
+        out.setdefault(r["source"], set()).add(r["method"])
+    return {s: sorted(m) for s, m in sorted(out.items())}
+
+
+def _seam_blocks(
+    data: SQADataModule, source: str, methods: Sequence[str], chosen: Sequence[tuple[int, int]], agreement: bool, block: int
+) -> Iterator[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Per block of images: their data image indices and, per method, :func:`pixel_inputs` ``B×6×H×W``
+    with the target ``B×H×W`` (uint8: 1 wrong, 0 right, 255 unlabelled); the block's methods all go
+    through the one seam at once (agreement between them included)."""
+    segmenters = [load_segmenter(data.sqed.checkpoint(source, m), map_location=_device()) for m in methods]
+    inputs = replace(data.inputs, grid=data.grid, feat_dim=0)
+    block = -(-block // inputs.seg_chunk) * inputs.seg_chunk  # whole segmenter chunks: no padded forwards
+    images, masks = data.sqed.images(source), data.sqed.masks(source)
+    for start in range(0, len(chosen), block):
+        part = chosen[start : start + block]
+        pool_rows = [r for r, _ in part]
+        imgs = np.ascontiguousarray(images[pool_rows])
+        mask = torch.from_numpy(np.ascontiguousarray(masks[pool_rows]))
+        if mask.shape != imgs.shape[:3]:
+            raise RSSQAError(f"{data.sqed.folder}/pool/{source}: masks {tuple(mask.shape)} do not fit images {imgs.shape}")
+        out = inputs(imgs, segmenters, None, [0] * len(segmenters), agreement=agreement, pixels=True)
+        per_method = []
+        for p in out["pixels"]:
+            x = pixel_inputs(p["probs"].cpu(), p["agree"].cpu() if agreement else None)
+            wrong = (p["pred"].cpu() != mask.long()).to(torch.uint8)
+            per_method.append((x, torch.where(mask == IGNORE, torch.full_like(wrong, IGNORE), wrong)))
+        yield [i for _, i in part], per_method
+
+
+def collect_rows(data: SQADataModule, split: str, per_source: int, agreement: bool, cfg: PixelConfig, seed: int) -> _Rows:
+    """Every method's per-pixel inputs and targets on ``per_source`` images of ``split`` per source."""
+    rows = _Rows([], [], [], [], [])
+    plan = {s: _choose(data, s, split, per_source, seed) for s in _methods_of(data)}
+    progress = _Progress(f"{split} inputs", sum(len(c) * len(_methods_of(data)[s]) for s, c in plan.items()))
+    done = 0
+    for source, methods in _methods_of(data).items():
+        for image_idx, per_method in _seam_blocks(data, source, methods, plan[source], agreement, cfg.block):
+            for m, (x, t) in zip(methods, per_method, strict=True):
+                for b, img in enumerate(image_idx):
+                    rows.x.append(x[b].half())
+                    rows.target.append(t[b].clone())
+                    rows.image.append(img)
+                    rows.method.append(data.methods.index(m))
+                    rows.source.append(source)
+            done += len(image_idx) * len(methods)
+            progress(done)
+    if not rows.x:
+        raise RSSQAError(f"{data.sqed.folder}: no {split} images for the pixel error head")
+    return rows
+
+
+# -------------------------------------------------------------------------------------- sampling
+def sample_pixels(target: torch.Tensor, n: int, seed: int, image: int, method: int) -> torch.Tensor:
+    """Flat indices of ``n`` labelled pixels of one row (all when ``n`` is 0 or above the labelled
+    count), drawn without replacement by a generator seeded with the row's image and method, sorted."""
+    labelled = torch.nonzero(target.reshape(-1) != IGNORE).squeeze(1).numpy()
+    if n and n < len(labelled):
+        labelled = np.sort(np.random.default_rng([seed, image, method]).choice(labelled, n, replace=False))
+    return torch.from_numpy(labelled)
+
+
+@dataclass
+class _Sample:
+    """Scores of the sampled pixels, pooled: ``scores`` {name: N}, ``target`` N bool, ``image`` N, ``source`` N."""
+
+    scores: dict[str, list[torch.Tensor]]
+    target: list[torch.Tensor]
+    image: list[np.ndarray]
+    source: list[np.ndarray]
+
+    def pooled(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray, np.ndarray]:
+        return (
+            {k: torch.cat(v) for k, v in self.scores.items()},
+            torch.cat(self.target),
+            np.concatenate(self.image),
+            np.concatenate(self.source),
+        )
+
+
+def _score_rows(
+    head: PixelErrorHead | None,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    tokens: torch.Tensor | None,
+    images: Sequence[int],
+    methods: Sequence[int],
+    sources: Sequence[str],
+    names: Sequence[str],
+    cfg: PixelConfig,
+    seed: int,
+    sample: _Sample,
+) -> None:
+    """Score ``B`` rows (``x`` ``B×6×H×W``) by the head and the baselines ``names``; keep the sampled pixels."""
+    x = x.float()
+    scores = {}
+    if head is not None:
+        at = next(head.parameters()).device
+        scores[HEAD] = head.probability(x.to(at), None if tokens is None else tokens.to(at)).cpu()
+    for name in names:
+        scores[name] = BASELINES[name](x)
+    for b in range(len(x)):
+        idx = sample_pixels(target[b], cfg.pixels_per_row, seed, images[b], methods[b])
+        for k, v in scores.items():
+            sample.scores.setdefault(k, []).append(v[b].reshape(-1)[idx])
+        sample.target.append(target[b].reshape(-1)[idx] == 1)
+        sample.image.append(np.full(len(idx), images[b]))
+        sample.source.append(np.full(len(idx), sources[b], dtype=object))
+
+
+def _tokens(tokens: torch.Tensor | None, images: Sequence[int]) -> torch.Tensor | None:
+    return None if tokens is None else tokens[torch.as_tensor(list(images), dtype=torch.long)]
+
+
+# -------------------------------------------------------------------------------------- training
+def _standardisation_pixels(rows: _Rows, seed: int) -> torch.Tensor:
+    """``P×6``: up to :data:`STANDARDISE_PIXELS` seeded labelled pixels of every training row."""
+    out = []
+    for x, t, img, m in zip(rows.x, rows.target, rows.image, rows.method, strict=True):
+        idx = sample_pixels(t, STANDARDISE_PIXELS, seed, img, m)
+        out.append(x.reshape(x.shape[0], -1)[:, idx].T.float())
+    return torch.cat(out)
+
+
+def fit_pixel_head(
+    train: _Rows, val: _Rows, tokens: torch.Tensor | None, agreement: bool, cfg: PixelConfig, seed: int
+) -> tuple[PixelErrorHead, dict[str, Any]]:
+    """Train the head on ``train`` rows (BCE on labelled pixels), keep the epoch of best val AUROC.
+
+    Args:
+        train: training rows (:func:`collect_rows`).
+        val: validation rows.
+        tokens: the data module's CLIP-RS patch tokens ``I×T×h×w`` (``None``: the head reads none).
+        agreement: the head reads the agreement channels.
+        cfg: the ``pixel:`` config.
+        seed: seeds the initial weights, the order of the rows and the pixels standardisation reads.
+
+    Returns:
+        ``(head in eval mode on the CPU, {val_auroc, val_auroc_per_epoch, best_epoch, val_baselines,
+        train_images, train_rows, train_pixels, val_rows, fit_seconds})``.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    head = PixelErrorHead(
+        agreement=agreement, token_dim=int(tokens.shape[1]) if tokens is not None else 0,
+        token_channels=cfg.token_channels, hidden=cfg.hidden,
+    )  # fmt: skip
+    head.fit_standardisation(_standardisation_pixels(train, seed))
+    device = _device()
+    head.to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    order = torch.Generator().manual_seed(seed)
+    names = _baseline_names(agreement)
+    best, best_epoch, best_state, history, val_baselines = -math.inf, 0, None, [], {}
+    steps = -(-len(train.x) // cfg.batch)
+    progress = _Progress("fit", cfg.epochs * steps, "steps")
+    for epoch in range(cfg.epochs):
+        head.train()
+        total = 0.0
+        for step, rows in enumerate(torch.randperm(len(train.x), generator=order).split(cfg.batch)):
+            pick = rows.tolist()
+            x = torch.stack([train.x[i] for i in pick]).to(device).float()
+            y = torch.stack([train.target[i] for i in pick]).to(device)
+            keep = y != IGNORE
+            if not keep.any():
+                continue
+            t = _tokens(tokens, [train.image[i] for i in pick])
+            logits = head(x, None if t is None else t.to(device))
+            loss = F.binary_cross_entropy_with_logits(logits[keep], y[keep].float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            progress(epoch * steps + step + 1, f", epoch {epoch + 1}/{cfg.epochs}, loss {total / (step + 1):.4f}")
+        head.eval()
+        scores, target, _, _ = score_split(head, val, tokens, names if epoch == 0 else (), cfg, seed).pooled()
+        auroc = _auroc(scores[HEAD], target)
+        history.append(auroc)
+        if epoch == 0:
+            val_baselines = {k: _auroc(scores[k], target) for k in names}
+        if np.nan_to_num(auroc, nan=-1.0) > np.nan_to_num(best, nan=-1.0):  # undefined val AUROC: the first epoch
+            best, best_epoch = auroc, epoch + 1
+            best_state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+        line(LABEL, f"epoch {epoch + 1}: val AUROC {auroc:.4f} (best {best:.4f}, epoch {best_epoch})")
+    head.cpu()
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    info = {
+        "val_auroc": best, "val_auroc_per_epoch": history, "best_epoch": best_epoch, "val_baselines": val_baselines,
+        "train_images": len(set(train.image)), "train_rows": len(train.x),
+        "train_pixels": int(sum(int((t != IGNORE).sum()) for t in train.target)), "val_rows": len(val.x),
+        "fit_seconds": round(time.perf_counter() - t0, 2),
+    }  # fmt: skip
+    return head.eval(), info
+
+
+def _baseline_names(agreement: bool) -> list[str]:
+    # disagreement reads the agreement channels: only where every source has at least three methods
+    return [k for k in BASELINES if agreement or k != "disagreement"]
+
+
+@torch.no_grad()
+def score_split(
+    head: PixelErrorHead | None, rows: _Rows, tokens: torch.Tensor | None, names: Sequence[str], cfg: PixelConfig, seed: int
+) -> _Sample:
+    """The head's and the baselines' scores on the sampled labelled pixels of stored ``rows``."""
+    sample = _Sample({}, [], [], [])
+    for start in range(0, len(rows.x), cfg.batch):
+        sl = slice(start, start + cfg.batch)
+        _score_rows(
+            head, torch.stack(rows.x[sl]), torch.stack(rows.target[sl]), _tokens(tokens, rows.image[sl]),
+            rows.image[sl], rows.method[sl], rows.source[sl], names, cfg, seed, sample,
+        )  # fmt: skip
+    return sample
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def _auroc(score: torch.Tensor, target: torch.Tensor) -> float:
+    if target.all() or not target.any():
+        return math.nan
+    return float(binary_auroc(score.double(), target.long(), thresholds=None))
+
+
+def _ap(score: torch.Tensor, target: torch.Tensor) -> float:
+    if not target.any():
+        return math.nan
+    return float(binary_average_precision(score.double(), target.long(), thresholds=None))
+
+
+def evaluate_pixel_head(
+    data: SQADataModule, head: PixelErrorHead, tokens: torch.Tensor | None, agreement: bool, cfg: PixelConfig, seed: int
+) -> dict[str, Any]:
+    """AUROC and AP of the head and of each baseline on every (image, method) row of the test split.
+
+    Rows are streamed through the seam block by block (nothing but the sampled pixels is kept).
+    """
+    names = _baseline_names(agreement)
+    sample = _Sample({}, [], [], [])
+    methods = _methods_of(data)
+    plan = {s: _choose(data, s, "test", 0, seed) for s in methods}
+    total = sum(len(c) * len(methods[s]) for s, c in plan.items())
+    progress, done = _Progress("test", total), 0
+    head = head.to(_device())
+    with torch.no_grad():
+        for source, of_source in methods.items():
+            for image_idx, per_method in _seam_blocks(data, source, of_source, plan[source], agreement, cfg.block):
+                n = len(image_idx)
+                for m, (x, t) in zip(of_source, per_method, strict=True):
+                    _score_rows(head, x, t, _tokens(tokens, image_idx), image_idx, [data.methods.index(m)] * n,
+                                [source] * n, names, cfg, seed, sample)  # fmt: skip
+                done += n * len(of_source)
+                progress(done)
+    head.cpu()
+    scores, target, image, source = sample.pooled()
+    out: dict[str, Any] = {"auroc": _auroc(scores[HEAD], target), "ap": _ap(scores[HEAD], target)}
+    out["baselines"] = {k: ({"auroc": _auroc(scores[k], target), "ap": _ap(scores[k], target)} if k in scores else None)
+                        for k in BASELINES}  # fmt: skip
+    ranked = [k for k in names if math.isfinite(out["baselines"][k]["auroc"])]
+    best = max(ranked, key=lambda k: out["baselines"][k]["auroc"]) if ranked else None
+    out["best_baseline"] = best
+    out["vs_best_baseline"] = (
+        auroc_bootstrap(scores[HEAD].numpy(), scores[best].numpy(), target.numpy(), image, cfg.n_boot, seed) if best else None
+    )
+    out["per_source"] = {
+        s: {k: _auroc(v[torch.from_numpy(source == s)], target[torch.from_numpy(source == s)]) for k, v in scores.items()}
+        for s in methods
+    }
+    out["error_rate"] = float(target.double().mean())
+    out["n_test_images"] = len(np.unique(image))
+    out["n_test_rows"] = total
+    out["n_pixels"] = len(target)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- run
+def run_pixel(data: SQADataModule, cfg: PixelConfig | Mapping[str, Any] | None, seed: int = 0) -> tuple[PixelErrorHead, dict[str, Any]]:
+    """Train, select and test the pixel error head on the data module's RS-SQED.
+
+    Args:
+        data: the prepared :class:`SQADataModule` (its RS-SQED folder, methods, CLIP-RS tokens).
+        cfg: the ``pixel:`` config.
+        seed: seeds the image choice, the weights, the order of the rows and the pixel subsample.
+
+    Returns:
+        ``(the trained head, the summary's pixel_error)``.
+    """
+    t0 = time.perf_counter()
+    cfg = PixelConfig.of(cfg)
+    methods = _methods_of(data)
+    agreement = all(len(m) >= MIN_METHODS for m in methods.values())
+    tokens = data.sem["clip_rs"]["tokens"] if cfg.tokens else None
+    for source in methods:
+        data.sqed.masks(source)  # a one-line error naming the file before any work
+    train = collect_rows(data, "train", cfg.train_images, agreement, cfg, seed)
+    val = collect_rows(data, "val", cfg.val_images, agreement, cfg, seed)
+    head, info = fit_pixel_head(train, val, tokens, agreement, cfg, seed)
+    del train, val
+    test = evaluate_pixel_head(data, head, tokens, agreement, cfg, seed)
+    summary = {
+        **{k: test[k] for k in ("auroc", "ap", "baselines", "best_baseline", "vs_best_baseline")},
+        "per_source": test["per_source"],
+        "val_auroc": info["val_auroc"],
+        "val_auroc_per_epoch": info["val_auroc_per_epoch"],
+        "val_baselines": info["val_baselines"],
+        "best_epoch": info["best_epoch"],
+        "error_rate": test["error_rate"],
+        "n_test_images": test["n_test_images"],
+        "n_test_rows": test["n_test_rows"],
+        "n_pixels": test["n_pixels"],
+        "pixels_per_row": cfg.pixels_per_row,
+        "train_images": info["train_images"],
+        "train_rows": info["train_rows"],
+        "train_pixels": info["train_pixels"],
+        "val_rows": info["val_rows"],
+        "agreement": agreement,
+        "model": head.kwargs,
+        "config": asdict(cfg),
+        "fit_seconds": info["fit_seconds"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    line(LABEL, f"test AUROC {summary['auroc']:.4f}, best baseline {summary['best_baseline']}; {summary['seconds']} s")
+    return head, summary

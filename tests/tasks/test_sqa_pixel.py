@@ -1,0 +1,118 @@
+"""The pixel error head in the sqa stage: its AUROC bootstrap, and the stage run of tests/tasks/test_sqa.py."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from rssqa.errors import RSSQAError
+from rssqa.runs import read_summary
+from rssqa.tasks.sqa.pixel import PixelConfig, sample_pixels
+from rssqa.tasks.sqa.pixel_auroc import auroc_bootstrap, pair_counts
+from tests.tasks.test_sqa import METHODS, SIZE, SOURCES, trained_run
+
+
+def _pixels(seed: int, n_images: int = 12, per_image: int = 50) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    image = np.repeat(np.arange(n_images), per_image)
+    target = rng.uniform(size=len(image)) < 0.3
+    score = np.round(target * 0.5 + rng.uniform(size=len(image)), 1)  # rounded: many ties
+    return score, target, image
+
+
+def test_pair_counts_give_the_pooled_auroc_of_any_reweighting():
+    score, target, image = _pixels(0)
+    pairs = pair_counts(score, target, image, 12, step=5)
+    pos, neg = np.bincount(image, target, 12), np.bincount(image, ~target, 12)
+    ones = np.ones(12)
+    exact = float(binary_auroc(torch.from_numpy(score), torch.from_numpy(target).long(), thresholds=None))
+    assert ones @ pairs @ ones / (pos.sum() * neg.sum()) == pytest.approx(exact, abs=1e-6)
+    # image 3 drawn twice, image 5 not at all: the same as the pixels written out that way
+    c = ones.copy()
+    c[3], c[5] = 2, 0
+    keep = np.concatenate([np.flatnonzero(image == i) for i in range(12) for _ in range(int(c[i]))])
+    drawn = float(binary_auroc(torch.from_numpy(score[keep]), torch.from_numpy(target[keep]).long(), thresholds=None))
+    assert c @ pairs @ c / ((c @ pos) * (c @ neg)) == pytest.approx(drawn, abs=1e-6)
+
+
+def test_auroc_bootstrap_verdicts():
+    score, target, image = _pixels(1)
+    noise = np.random.default_rng(2).uniform(size=len(score))
+    ahead = auroc_bootstrap(score, noise, target, image, n_boot=200)
+    assert ahead["verdict"] == "ahead" and ahead["low"] > 0 and ahead["a_better"] == 1.0
+    same = auroc_bootstrap(score, score, target, image, n_boot=200)
+    assert same["diff"] == 0 and same["verdict"] == "tie"
+    with pytest.raises(RSSQAError, match="at least two test images"):
+        auroc_bootstrap(score, noise, target, np.zeros(len(score)))
+
+
+def test_pixel_sample_is_fixed_and_labelled_only():
+    target = torch.zeros(16, 16, dtype=torch.uint8)
+    target[:, :4] = 255
+    a = sample_pixels(target, 20, 0, 3, 1)
+    assert len(a) == 20 and torch.equal(a, sample_pixels(target, 20, 0, 3, 1))
+    assert not torch.equal(a, sample_pixels(target, 20, 0, 4, 1))  # another row, another draw
+    assert (target.reshape(-1)[a] != 255).all()
+    assert len(sample_pixels(target, 0, 0, 3, 1)) == 16 * 12
+
+
+def test_pixel_config_refuses_unknown_keys_and_bad_values():
+    assert PixelConfig.of(None) == PixelConfig() and PixelConfig.of({"epochs": 2}).epochs == 2
+    with pytest.raises(RSSQAError, match="pixel: unknown keys"):
+        PixelConfig.of({"epoch": 2})
+    with pytest.raises(RSSQAError, match="pixel.batch"):
+        PixelConfig(batch=0)
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+def test_stage_tests_and_exports_the_pixel_error_head(run_root):
+    out = run_root / "sqa"
+    px = read_summary(out)["pixel_error"]
+    for name, m in {"head": {"auroc": px["auroc"], "ap": px["ap"]}, **px["baselines"]}.items():
+        assert m is not None and all(0 <= m[k] <= 1 for k in ("auroc", "ap")), name
+    assert px["best_baseline"] == max(px["baselines"], key=lambda k: px["baselines"][k]["auroc"])
+    v = px["vs_best_baseline"]
+    assert v["diff"] == pytest.approx(px["auroc"] - px["baselines"][px["best_baseline"]]["auroc"], abs=1e-6)
+    assert v["low"] <= v["high"] and v["verdict"] == ("ahead" if v["low"] > 0 else "behind" if v["high"] < 0 else "tie")
+    n_test = 3 * len(SOURCES)
+    assert px["n_test_images"] == n_test and px["n_test_rows"] == n_test * len(METHODS)
+    # every test row draws pixels_per_row of its labelled pixels (the fixture leaves a strip unlabelled)
+    assert px["n_pixels"] == n_test * len(METHODS) * min(px["pixels_per_row"], SIZE * (SIZE - 4))
+    assert px["agreement"] is True and px["train_images"] == 6 * len(SOURCES) and 1 <= px["best_epoch"] <= px["config"]["epochs"]
+    assert set(px["per_source"]) == set(SOURCES) and math.isfinite(px["val_auroc"])
+
+    from rssqa.scorer import Scorer
+
+    config = json.loads((out / "scorer" / "scorer.json").read_text())
+    assert (out / "scorer" / "scorer_pixel.safetensors").is_file()
+    assert config["pixel_model"] == px["model"] and config["pixel_model"]["token_dim"] == 128
+    assert config["image_size"] == [SIZE, SIZE] and config["image_sizes"] == dict.fromkeys(SOURCES, [SIZE, SIZE])
+    scorer = Scorer.load(out / "scorer")
+    assert scorer.pixel_model is not None and scorer.pixel_model.kwargs == px["model"]
+    image = np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    maps = scorer.pixel_error([image, image[:, ::-1].copy()], source="alpha")
+    assert len(maps) == 2 and maps[0].shape == (len(METHODS), SIZE, SIZE)
+    assert np.all((maps[0] >= 0) & (maps[0] <= 1))
+    assert np.array_equal(scorer.pixel_error([image], source="alpha")[0], maps[0])  # alone or batched, the same
+    with pytest.raises(RSSQAError, match="needs at least 3 methods"):
+        scorer.pixel_error([image], ["fpn"], source="alpha")
+
+
+def test_report_has_the_pixel_error_section(run_root):
+    from rssqa.report import build_report
+
+    px = read_summary(run_root / "sqa")["pixel_error"]
+    md = build_report(run_root.parent, run_root.name, wandb=False).read_text()
+    section = md[md.index("## Where a segmentation is wrong") : md.index("## Method recommendation")]
+    assert f"| pixel error head | {px['auroc']:.3f} | {px['ap']:.3f} |" in section
+    assert f"verdict: {px['vs_best_baseline']['verdict']}" in section
+    assert json.loads((run_root / "report.json").read_text())["sqa_pixel_error"]["auroc"] == px["auroc"]

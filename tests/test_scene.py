@@ -1,0 +1,208 @@
+"""``rssqa scene``: windowed scoring of a georeferenced scene, on the scorer a tiny stage run exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+rasterio = pytest.importorskip("rasterio")
+from rasterio.crs import CRS  # noqa: E402
+from rasterio.transform import from_origin  # noqa: E402
+
+from rssqa.cli import main  # noqa: E402
+from rssqa.scene import LAYERS, NODATA, owned_bounds, taper, window_offsets  # noqa: E402
+
+TRANSFORM = from_origin(500000.0, 5800000.0, 0.5, 0.5)
+CRS_UTM = CRS.from_epsg(32633)
+
+
+def _tile(scorer) -> int:
+    return int(min(scorer.config.get("image_size") or [scorer.min_size]))
+
+
+def write_scene(path: Path, h: int, w: int, bands: int = 3, dtype: str = "uint8", georef: bool = True, seed: int = 0) -> np.ndarray:
+    """A smooth random scene with a nodata triangle in the upper-left corner (all bands 0)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(1, 255, (bands, h // 8 + 1, w // 8 + 1)).astype(np.float32)
+    img = np.repeat(np.repeat(coarse, 8, 1), 8, 2)[:, :h, :w] + rng.normal(0, 12, (bands, h, w))
+    img = np.clip(img, 1, 250).astype(dtype)
+    yy, xx = np.mgrid[:h, :w]
+    img[:, (yy + xx) < min(h, w) // 3] = 0
+    kw = {"crs": CRS_UTM, "transform": TRANSFORM} if georef else {}
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=bands, dtype=dtype, nodata=0, **kw) as d:
+        d.write(img)
+    return img
+
+
+def test_windows_cover_the_scene_and_owners_partition_it():
+    offs = window_offsets(200, 64, 16)
+    assert offs[0] == 0 and offs[-1] == 200 - 64
+    assert all(b - a <= 48 for a, b in zip(offs, offs[1:], strict=False))
+    own = owned_bounds(offs, 64, 200)
+    assert own[0][0] == 0 and own[-1][1] == 200
+    assert all(a[1] == b[0] for a, b in zip(own, own[1:], strict=False))
+    assert all(o <= lo and hi <= o + 64 for o, (lo, hi) in zip(offs, own, strict=True))
+    assert np.all(taper(8, 0) == 1) and taper(8, 3)[0, 0] < taper(8, 3)[4, 4] == 1
+    with pytest.raises(Exception, match="smaller than one"):
+        window_offsets(50, 64, 0)
+
+
+def test_scene_outputs_are_georeferenced_and_fused_is_the_chosen_methods(scorer, run_root, tmp_path):
+    tile = _tile(scorer)
+    h, w = 2 * tile, 3 * tile
+    scene = tmp_path / "scene.tif"
+    img = write_scene(scene, h, w)
+    valid = img.any(0)
+    n_classes = scorer.method(scorer.methods("alpha")[0], "alpha").segmenter.num_classes
+    gt = np.random.default_rng(5).integers(0, n_classes, (h, w)).astype(np.uint8)
+    gt[~valid] = 255
+    gt[: tile // 2, -tile // 2 :] = 255  # an unlabelled patch inside the data
+    truth = tmp_path / "truth.tif"
+    with rasterio.open(truth, "w", driver="GTiff", width=w, height=h, count=1, dtype="uint8", nodata=255,
+                       crs=CRS_UTM, transform=TRANSFORM) as d:  # fmt: skip
+        d.write(gt, 1)
+    out = tmp_path / "out"
+    rc = main(["scene", str(scene), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--out", str(out),
+               "--overlap", "0", "--tile", str(tile), "--truth", str(truth), "--quiet"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "scene.json").read_text())
+    assert summary["windows"]["total"] == 6 and summary["georeferenced"]
+    assert not (out / ".scene-work").exists()
+    for name in LAYERS:
+        with rasterio.open(out / f"{name}.tif") as d:
+            assert d.crs == CRS_UTM and d.transform == TRANSFORM
+            assert (d.height, d.width, d.count) == (h, w, 1)
+            assert d.dtypes[0] == {"quality": "float32", "best_method": "uint8", "fused": "uint8", "error": "float32"}[name]
+            assert d.nodata == NODATA[name]
+            a = d.read(1)
+            assert np.all(a[~valid] == NODATA[name]) and np.all(a[valid] != NODATA[name])
+            if name == "best_method":
+                assert json.loads(d.tags()["methods"]) == summary["methods"]
+                assert d.colormap(1)[0][:3] != (0, 0, 0)
+            if name in ("quality", "error"):
+                assert np.all((a[valid] >= 0) & (a[valid] <= 1))
+    with rasterio.open(out / "fused.tif") as d:
+        fused = d.read(1)
+    with rasterio.open(out / "best_method.tif") as d:
+        best = d.read(1)
+    # window by window: the fused classes are the recommended method's prediction of that window
+    pixels = img.transpose(1, 2, 0)
+    names = summary["methods"]
+    hits, chosen_hits, oracle_hits, labelled = np.zeros(len(names)), 0, 0, 0
+    for r in range(0, h, tile):
+        for c in range(0, w, tile):
+            win = np.ascontiguousarray(pixels[r : r + tile, c : c + tile])
+            ranked = scorer.recommend([win], names, summary["source"])[0]
+            chosen = ranked[0][0]
+            owned = best[r : r + tile, c : c + tile][valid[r : r + tile, c : c + tile]]
+            assert set(owned.tolist()) == {names.index(chosen)}
+            seg = scorer.method(chosen, summary["source"]).segmenter
+            x = torch.from_numpy(win).permute(2, 0, 1)[None].float().div(255).contiguous()
+            with torch.no_grad():
+                pred = scorer.quality_inputs.statistics(seg, x, keep_probs=True)["pred"][0].numpy()
+            v = valid[r : r + tile, c : c + tile]
+            assert np.array_equal(fused[r : r + tile, c : c + tile][v], pred[v])
+            # the evaluation, recomputed: every method's correct pixels in the window
+            g = gt[r : r + tile, c : c + tile]
+            lab = g != 255
+            correct = []
+            for m in names:
+                xs = scorer.quality_inputs.statistics(scorer.method(m, "alpha").segmenter, x, keep_probs=True)
+                correct.append(int((xs["pred"][0].numpy()[lab] == g[lab]).sum()))
+            hits += correct
+            chosen_hits += correct[names.index(chosen)]
+            oracle_hits += max(correct)
+            labelled += int(lab.sum())
+    ev = summary["evaluation"]
+    assert ev["labelled_pixels"] == labelled
+    assert ev["per_method_oa"] == pytest.approx(dict(zip(names, hits / labelled, strict=True)))
+    assert ev["chosen_oa"] == pytest.approx(chosen_hits / labelled) == pytest.approx(ev["fused_oa"])
+    assert ev["oracle_oa"] == pytest.approx(oracle_hits / labelled)
+    assert ev["fused_vs_best_single"]["low"] <= ev["fused_vs_best_single"]["diff"] <= ev["fused_vs_best_single"]["high"]
+    assert set(ev["error_auroc"]) == {"error_head", "max_prob", "entropy", "disagreement"}
+    assert (out / "quicklook.png").is_file()
+
+
+def test_scene_resumes_after_an_interruption(scorer, run_root, tmp_path, monkeypatch):
+    from rssqa import scene as scene_mod
+
+    tile = _tile(scorer)
+    path = tmp_path / "scene.tif"
+    write_scene(path, 3 * tile, 2 * tile, seed=3)
+    out = tmp_path / "out"
+    args = ["scene", str(path), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--out", str(out), "--tile", str(tile), "--quiet"]
+    assert main(args) == 0
+    first = {n: rasterio.open(out / f"{n}.tif").read(1) for n in LAYERS}
+    shutil_out = tmp_path / "out2"
+    calls = {"n": 0, "fail_at": 3}
+    real = scene_mod.SceneJob._judge
+
+    def failing(self, images, evaluate=False):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise KeyboardInterrupt
+        return real(self, images, evaluate)
+
+    monkeypatch.setattr(scene_mod, "CHECKPOINT_S", 0.0)
+    monkeypatch.setattr(scene_mod.SceneJob, "_judge", failing)
+    at = args.index("--out") + 1
+    args2 = [*args[:at], str(shutil_out), *args[at + 1 :]]
+    assert main(args2) == 130
+    assert not any((shutil_out / f"{n}.tif").exists() for n in LAYERS)  # nothing under a final name
+    assert json.loads((shutil_out / ".scene-work" / "state.json").read_text())["strips_done"] == 2
+    calls.update(n=0, fail_at=-1)
+    assert main(args2) == 0
+    strips = len(window_offsets(3 * tile, tile, tile // 4))
+    assert calls["n"] == strips - 2  # only the unfinished strips ran again
+    for n in LAYERS:
+        assert np.array_equal(rasterio.open(shutil_out / f"{n}.tif").read(1), first[n]), n
+
+
+def test_scene_without_georeferencing_warns_once_and_works(run_root, scorer, tmp_path, capsys):
+    tile = _tile(scorer)
+    path = tmp_path / "plain.tif"
+    write_scene(path, tile + 10, tile + 20, georef=False)
+    out = tmp_path / "out"
+    assert main(["scene", str(path), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("no georeferencing") == 1
+    assert json.loads((out / "scene.json").read_text())["georeferenced"] is False
+
+
+def _bad_scenes(tmp: Path, tile: int) -> dict[str, tuple[Path, list[str], str]]:
+    four = tmp / "four.tif"
+    write_scene(four, tile, tile, bands=4)
+    u16 = tmp / "u16.tif"
+    write_scene(u16, tile, tile, dtype="uint16")
+    small = tmp / "small.tif"
+    write_scene(small, tile - 1, tile + 5)
+    trunc = tmp / "trunc.tif"
+    write_scene(trunc, 4 * tile, 4 * tile)
+    data = trunc.read_bytes()
+    trunc.write_bytes(data[: len(data) // 2])
+    text = tmp / "notes.tif"
+    text.write_text("not a raster")
+    return {
+        "bands": (four, [], "4 band(s)"),
+        "bands_option": (four, ["--bands", "1,2,9"], "--bands"),
+        "dtype": (u16, [], "uint16"),
+        "small": (small, [], "smaller than one"),
+        "truncated": (trunc, [], "trunc.tif"),
+        "unreadable": (text, [], "not a readable raster"),
+        "missing": (tmp / "nope.tif", [], "not found"),
+    }
+
+
+@pytest.mark.parametrize("case", ["bands", "bands_option", "dtype", "small", "truncated", "unreadable", "missing"])
+def test_bad_scenes_are_one_line_errors_and_leave_nothing(run_root, scorer, tmp_path, capsys, case):
+    path, extra, words = _bad_scenes(tmp_path, _tile(scorer))[case]
+    out = tmp_path / "out"
+    rc = main(["scene", str(path), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--out", str(out), "--quiet", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+    assert not any((out / f"{n}.tif").exists() for n in LAYERS) and not (out / "scene.json").exists()
