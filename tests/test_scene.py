@@ -189,7 +189,8 @@ def _bad_scenes(tmp: Path, tile: int) -> dict[str, tuple[Path, list[str], str]]:
     return {
         "bands": (four, [], "4 band(s)"),
         "bands_option": (four, ["--bands", "1,2,9"], "--bands"),
-        "dtype": (u16, [], "uint16"),
+        "dtype": (u16, [], "--rescale"),
+        "rescale_order": (u16, ["--rescale", "900,100"], "HIGH must be above LOW"),
         "small": (small, [], "smaller than one"),
         "truncated": (trunc, [], "trunc.tif"),
         "unreadable": (text, [], "not a readable raster"),
@@ -197,7 +198,7 @@ def _bad_scenes(tmp: Path, tile: int) -> dict[str, tuple[Path, list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["bands", "bands_option", "dtype", "small", "truncated", "unreadable", "missing"])
+@pytest.mark.parametrize("case", ["bands", "bands_option", "dtype", "rescale_order", "small", "truncated", "unreadable", "missing"])
 def test_bad_scenes_are_one_line_errors_and_leave_nothing(run_root, scorer, tmp_path, capsys, case):
     path, extra, words = _bad_scenes(tmp_path, _tile(scorer))[case]
     out = tmp_path / "out"
@@ -206,3 +207,20 @@ def test_bad_scenes_are_one_line_errors_and_leave_nothing(run_root, scorer, tmp_
     assert rc == 2, err
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
     assert not any((out / f"{n}.tif").exists() for n in LAYERS) and not (out / "scene.json").exists()
+
+
+def test_sixteen_bit_scene_is_rescaled_to_what_the_scorer_reads(run_root, scorer, tmp_path):
+    """A uint16 scene with --rescale LOW,HIGH scores as the same scene in 8 bits (v -> (v - LOW) * 255 / (HIGH - LOW))."""
+    tile = _tile(scorer)
+    eight = tmp_path / "eight.tif"
+    img = write_scene(eight, tile, 2 * tile, seed=7)
+    sixteen = tmp_path / "sixteen.tif"
+    with rasterio.open(sixteen, "w", driver="GTiff", width=2 * tile, height=tile, count=3, dtype="uint16", nodata=0,
+                       crs=CRS_UTM, transform=TRANSFORM) as d:  # fmt: skip
+        d.write(np.where(img > 0, img.astype(np.uint16) * 4 + 100, 0).astype(np.uint16))
+    common = ["--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--quiet"]
+    assert main(["scene", str(eight), "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["scene", str(sixteen), "--out", str(tmp_path / "b"), "--rescale", "100,1120", *common]) == 0
+    for n in LAYERS:
+        with rasterio.open(tmp_path / "a" / f"{n}.tif") as a, rasterio.open(tmp_path / "b" / f"{n}.tif") as b:
+            assert np.array_equal(a.read(1), b.read(1)), n

@@ -158,10 +158,16 @@ def cmd_scene(args: argparse.Namespace) -> int:
     """``rssqa scene``: quality, best-method, fused and error maps of a whole (Geo)TIFF scene."""
     from rssqa.scene import SceneOptions, score_scene_file
 
-    bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+    try:
+        bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+        rescale = tuple(float(v) for v in args.rescale.split(",")) if args.rescale else None
+    except ValueError:
+        raise RSSQAError(f"--bands {args.bands!r} / --rescale {args.rescale!r}: comma-separated numbers expected") from None
+    if rescale is not None and len(rescale) != 2:
+        raise RSSQAError(f"--rescale: {args.rescale!r}: two numbers, LOW,HIGH")
     scorer = _load_scorer(args)
     options = SceneOptions(
-        source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, truth=args.truth,
+        source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, rescale=rescale, truth=args.truth,
         progress=not args.quiet, resume=not args.restart,
     )
     summary = score_scene_file(scorer, args.scene, args.out, options)
@@ -245,6 +251,8 @@ def _add_scene(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, default=None, help="window side in px (default: the scorer's training tile)")
     p.add_argument("--overlap", type=int, default=None, help="px shared by neighbouring windows (default: a quarter tile)")
     p.add_argument("--bands", default=None, metavar="R,G,B", help="1-based band numbers of red, green, blue")
+    p.add_argument("--rescale", default=None, metavar="LOW,HIGH",
+                   help="pixels that are not 8-bit (e.g. uint16) mapped linearly from LOW..HIGH to 0..255")
     p.add_argument("--truth", default=None, help="a ground-truth class raster on the same grid: also measure the maps")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming unfinished work in --out")
     p.add_argument("--chunk", type=int, default=None, help="forward batch size (default: the scorer's)")

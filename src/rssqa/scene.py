@@ -111,6 +111,7 @@ class SceneOptions:
     tile: int | None = None
     overlap: int | None = None
     bands: Sequence[int] | None = None  # 1-based band indexes of red, green, blue
+    rescale: tuple[float, float] | None = None  # (low, high): other pixel types mapped linearly to 0-255
     truth: str | None = None
     classes: Sequence[str] | None = None  # class names and palette of fused.tif (default: the scorer's record)
     palette: Sequence[Sequence[int]] | None = None
@@ -211,8 +212,12 @@ class SceneJob:
         if len(bands) != 3 or not all(1 <= b <= src.count for b in bands):
             raise RSSQAError(f"--bands: {bands} must be three band numbers between 1 and {src.count} in {self.path}")
         dtypes = {src.dtypes[b - 1] for b in bands}
-        if dtypes != {"uint8"}:
-            raise RSSQAError(f"{self.path}: {sorted(dtypes)} pixels; the scorer reads 8-bit (uint8) bands: rescale to 8 bits first")
+        if dtypes != {"uint8"} and self.opt.rescale is None:
+            raise RSSQAError(
+                f"{self.path}: {sorted(dtypes)} pixels; the scorer reads 8-bit bands: give --rescale LOW,HIGH (mapped to 0-255)"
+            )
+        if self.opt.rescale is not None and not self.opt.rescale[1] > self.opt.rescale[0]:
+            raise RSSQAError(f"--rescale: {list(self.opt.rescale)}: HIGH must be above LOW")
         if src.height < self.tile or src.width < self.tile:
             raise RSSQAError(f"{self.path}: {src.width}x{src.height} px is smaller than one {self.tile}x{self.tile} px window")
         georef = src.crs is not None and not src.transform.is_identity
@@ -226,6 +231,9 @@ class SceneJob:
             valid = src.dataset_mask(window=win) > 0
         except rasterio.errors.RasterioIOError as e:
             raise RSSQAError(f"{self.path}: unreadable at rows {row}-{row + self.tile} ({str(e).splitlines()[0][:120]})") from None
+        if self.opt.rescale is not None:
+            lo, hi = self.opt.rescale
+            pixels = np.clip((pixels.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
         return np.ascontiguousarray(pixels.transpose(1, 2, 0)), valid
 
     # ---------------------------------------------------------------------------------- judging
