@@ -132,9 +132,15 @@ def test_scene_resumes_after_an_interruption(scorer, run_root, tmp_path, monkeyp
 
     tile = _tile(scorer)
     path = tmp_path / "scene.tif"
-    write_scene(path, 3 * tile, 2 * tile, seed=3)
+    img = write_scene(path, 3 * tile, 2 * tile, seed=3)
+    truth = tmp_path / "truth.tif"
+    gt = np.where(img.any(0), (img[0] // 64) % 3, 255).astype(np.uint8)
+    with rasterio.open(truth, "w", driver="GTiff", width=2 * tile, height=3 * tile, count=1, dtype="uint8", nodata=255,
+                       crs=CRS_UTM, transform=TRANSFORM) as d:  # fmt: skip
+        d.write(gt, 1)
     out = tmp_path / "out"
-    args = ["scene", str(path), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--out", str(out), "--tile", str(tile), "--quiet"]
+    args = ["scene", str(path), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--out", str(out),
+            "--tile", str(tile), "--truth", str(truth), "--quiet"]  # fmt: skip
     assert main(args) == 0
     first = {n: rasterio.open(out / f"{n}.tif").read(1) for n in LAYERS}
     shutil_out = tmp_path / "out2"
@@ -160,6 +166,9 @@ def test_scene_resumes_after_an_interruption(scorer, run_root, tmp_path, monkeyp
     assert calls["n"] == strips - 2  # only the unfinished strips ran again
     for n in LAYERS:
         assert np.array_equal(rasterio.open(shutil_out / f"{n}.tif").read(1), first[n]), n
+    # the evaluation carried over the interruption: the same figures as the uninterrupted run
+    resumed = json.loads((shutil_out / "scene.json").read_text())["evaluation"]
+    assert resumed == json.loads((out / "scene.json").read_text())["evaluation"]
 
 
 def test_scene_without_georeferencing_warns_once_and_works(run_root, scorer, tmp_path, capsys):

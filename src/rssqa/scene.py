@@ -331,15 +331,18 @@ class SceneJob:
             n_classes = state["n_classes"]
             if n_classes is not None and (work / "carry.npz").is_file():
                 carry = dict(np.load(work / "carry.npz"))
-        ev = state["eval"] or _new_eval(len(self.names))
+        ev = _new_eval(len(self.names))
+        if carry is not None and "eval_windows" in carry:  # the evaluation so far, saved with the rows
+            ev["windows"] = carry.pop("eval_windows").tolist()
+            ends = np.cumsum(carry.pop("eval_counts"))
+            ev["pixels"] = np.split(carry.pop("eval_pixels"), ends[:-1]) if len(ends) else []
         t_start = time.perf_counter()
         strip = None
         if carry is not None:
             strip = _Strip(tile, w, n_classes)
             for k, a in strip.arrays().items():
-                a[...] = carry[k]
+                a[...] = carry.pop(k)
         bar = _bar(len(rows_off), state["strips_done"], self.opt.progress, str(self.path.name))
-        rng = np.random.default_rng(0)
         parts = {name: rasterio.open(work / f"{name}.tif", "r+") for name in LAYERS}
         saved = time.perf_counter()
         try:
@@ -356,7 +359,7 @@ class SceneJob:
                         strip = _Strip(tile, w, n_classes)
                     self._accumulate(strip, judged, windows, weight, row_own[i], r0, col_own, state)
                     if gt is not None:
-                        _evaluate_windows(ev, judged, windows, gt, valid, row_own[i], r0, col_own, tile, rng, i)
+                        _evaluate_windows(ev, judged, windows, gt, valid, row_own[i], r0, col_own, tile, i)
                 elif strip is None:
                     pass  # nothing valid yet: the rows are written as nodata below
                 last = i == len(rows_off) - 1
@@ -365,11 +368,11 @@ class SceneJob:
                 if strip is not None and not last:
                     strip.shift(done_to - r0)
                 state["strips_done"] = i + 1
-                state["eval"] = ev if truth is not None else None
+                state["eval"] = truth is not None
                 state["seconds"] += time.perf_counter() - t_start
                 t_start = time.perf_counter()
                 if last or t_start - saved >= CHECKPOINT_S:
-                    parts = self._checkpoint(parts, work, strip, state)
+                    parts = self._checkpoint(parts, work, strip, state, ev if truth is not None else None)
                     saved = time.perf_counter()
                 if bar is not None:
                     bar.update(1)
@@ -442,14 +445,23 @@ class SceneJob:
         for name, a in out.items():
             parts[name].write(a, 1, window=win)
 
-    def _checkpoint(self, parts, work: Path, strip: _Strip | None, state: dict[str, Any]):
-        """Flush the parts (close and reopen), then save the carried rows and the state, in that order."""
+    def _checkpoint(self, parts, work: Path, strip: _Strip | None, state: dict[str, Any], ev: dict[str, Any] | None):
+        """Flush the parts (close and reopen), then save the carried rows (and the evaluation so far)
+        and the state, in that order."""
         rasterio = _rasterio()
         for d in parts.values():
             d.close()
         if strip is not None:
             tmp = work / "carry.tmp.npz"
-            np.savez(tmp, **strip.arrays())
+            extra = {}
+            if ev is not None:
+                width = 4 + len(self.names)
+                extra = {
+                    "eval_windows": np.asarray(ev["windows"], np.int64).reshape(-1, width),
+                    "eval_counts": np.asarray([len(b) for b in ev["pixels"]], np.int64),
+                    "eval_pixels": np.concatenate(ev["pixels"]) if ev["pixels"] else np.zeros((0, 5), np.float32),
+                }  # fmt: skip
+            np.savez(tmp, **strip.arrays(), **extra)
             os.replace(tmp, work / "carry.npz")
         _save_json(work / STATE, state)
         return {name: rasterio.open(work / f"{name}.tif", "r+") for name in LAYERS}
@@ -514,7 +526,7 @@ def _new_eval(m: int) -> dict[str, Any]:
     return {"windows": [], "pixels": []}
 
 
-def _evaluate_windows(ev, judged, windows, gt, valid, row_own, r0, col_own, tile, rng, row_index: int) -> None:
+def _evaluate_windows(ev, judged, windows, gt, valid, row_own, r0, col_own, tile, row_index: int) -> None:
     """Per window, on the pixels it owns: each method's correct pixels, the chosen one's and the
     best one's; and a sample of pixels (error probability, baselines, whether the chosen one is wrong)."""
     a, b = row_own[0] - r0, row_own[1] - r0
@@ -532,11 +544,12 @@ def _evaluate_windows(ev, judged, windows, gt, valid, row_own, r0, col_own, tile
         gw = np.full((tile, tile), 255, np.uint8)
         gw[a:b, c0 - c : c1 - c] = np.where(lab, g, 255)
         idx = np.flatnonzero(gw != 255)
-        take = rng.choice(idx, size=min(EVAL_PIXELS, idx.size), replace=False)
+        # seeded by the window, so that a resumed run samples what an uninterrupted one does
+        take = np.random.default_rng([row_index, j]).choice(idx, size=min(EVAL_PIXELS, idx.size), replace=False)
         wrong = (judged["preds"][k][choice].ravel()[take] != gw.ravel()[take]).astype(np.float32)
         err = judged["error"][k].ravel()[take]
         base = judged["baselines"][k].reshape(judged["baselines"].shape[1], -1)[:, take]
-        ev["pixels"].append(np.concatenate([[wrong], [err], base]).T.round(5).tolist())
+        ev["pixels"].append(np.concatenate([[wrong], [err], base]).T.astype(np.float32))
 
 
 def fused_per_window(fused_path: Path, truth, valid_mask_src, rows_off, cols_off, row_own, col_own) -> np.ndarray:
