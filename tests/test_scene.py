@@ -128,7 +128,7 @@ def test_scene_outputs_are_georeferenced_and_fused_is_the_chosen_methods(scorer,
 
 
 def test_scene_resumes_after_an_interruption(scorer, run_root, tmp_path, monkeypatch):
-    from rssqa import scene as scene_mod
+    from rssqa.scene import job as scene_mod
 
     tile = _tile(scorer)
     path = tmp_path / "scene.tif"

@@ -1,38 +1,9 @@
-"""Whole scenes: a GeoTIFF in; quality, best-method, fused and error maps out, georeferenced.
-
-A scene is read in overlapping windows of the size the scorer was trained on, one row of windows
-(a strip) at a time, so memory stays bounded whatever the scene's size. For every window, every
-method of the source segments it once (:class:`rssqa.models.quality_inputs.QualityInputs` with
-``pixels``): the same pass gives the quality head its inputs, the recommendation (the ranking head
-where the scorer has one and three methods or more run), the chosen method's class probabilities
-and its per-pixel error probability (the scorer's pixel error head).
-
-Outputs (Cloud-Optimised GeoTIFFs with the input's CRS and transform; nodata where the input has none):
-
-- ``quality.tif`` float32: the recommended method's predicted OA, per window (each pixel takes the
-  window whose centre is nearest); nodata -1;
-- ``best_method.tif`` uint8: the recommended method's index (colour table; names in the metadata
-  ``methods`` tag and ``scene.json``); nodata 255;
-- ``fused.tif`` uint8: classes from each window's recommended method, its probabilities blended
-  with a taper where windows overlap (class names and the source's palette when known); nodata 255;
-- ``error.tif`` float32: per pixel, the predicted probability that ``fused.tif`` is wrong there
-  (blended like the classes); nodata -1;
-- ``scene.json`` (written last) and ``quicklook.png``.
-
-Resumable: work in progress sits under ``<out>/.scene-work/``; after every strip the rows that no
-later window touches are written there and the state is saved, so a rerun continues after the last
-finished strip. Final names appear only when complete (``os.replace``).
-
-With ``truth`` (a ground-truth raster on the same grid), the run also measures what the maps are
-worth: OA of the fused map, of each single method and of the oracle (best method per window) on the
-same pixels, and the error map's pixel AUROC against per-pixel label-free baselines.
-"""
+"""One scene scored by one scorer: :class:`SceneJob` (windowed reading, judging, blending, writing, resuming)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -50,55 +21,24 @@ from rssqa.agreement import MIN_METHODS
 from rssqa.errors import RSSQAError
 from rssqa.models.pixel_error import BASELINES as PIXEL_BASELINES
 from rssqa.models.pixel_error import pixel_inputs
+from rssqa.scene.common import (
+    CLASS_COLOURS,
+    DTYPES,
+    GDAL_CACHE_MB,
+    LAYERS,
+    METHOD_COLOURS,
+    NODATA,
+    STATE,
+    WORK,
+    _open,
+    _rasterio,
+    _save_json,
+)
+from rssqa.scene.evaluate import _evaluate_windows, _finish_eval, _new_eval, fused_per_window
+from rssqa.scene.quicklook import quicklook
+from rssqa.scene.windows import owned_bounds, taper, window_offsets
 
-LAYERS = ("quality", "best_method", "fused", "error")
-NODATA = {"quality": -1.0, "best_method": 255, "fused": 255, "error": -1.0}
-DTYPES = {"quality": "float32", "best_method": "uint8", "fused": "uint8", "error": "float32"}
-WORK = ".scene-work"
-STATE = "state.json"
-EVAL_PIXELS = 64  # pixels per window sampled for the error map's AUROC (with a truth raster)
 CHECKPOINT_S = 20.0  # seconds between two saved states (a rerun continues from the last one)
-GDAL_CACHE_MB = 128  # bounds GDAL's block cache (its default is a share of the machine's memory)
-METHOD_COLOURS = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-)  # fmt: skip
-
-
-CLASS_COLOURS = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
-)  # fmt: skip  (classes without a palette)
-
-
-# ------------------------------------------------------------------------------------------ windows
-def window_offsets(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of windows of ``tile`` px covering ``length`` px with at least ``overlap`` px shared.
-
-    The last window is aligned to the end, so every pixel is covered and no window leaves the scene.
-    """
-    if tile > length:
-        raise RSSQAError(f"scene: {length} px is smaller than one {tile} px window")
-    if not 0 <= overlap < tile:
-        raise RSSQAError(f"--overlap: {overlap} px must be at least 0 and smaller than the {tile} px window")
-    stride = tile - overlap
-    n = max(1, math.ceil((length - tile) / stride) + 1)
-    offsets = [min(i * stride, length - tile) for i in range(n)]
-    return sorted(set(offsets))
-
-
-def owned_bounds(offsets: Sequence[int], tile: int, length: int) -> list[tuple[int, int]]:
-    """Per window, the pixel range it owns along one axis: pixels nearest to its centre."""
-    centres = [o + tile / 2 for o in offsets]
-    cuts = [0, *(math.ceil((a + b) / 2 - 0.5) for a, b in zip(centres, centres[1:], strict=False)), length]
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
-
-
-def taper(tile: int, overlap: int) -> np.ndarray:
-    """``tile×tile`` blending weights: 1 inside, falling linearly over the ``overlap`` px at the edges."""
-    x = np.arange(tile, dtype=np.float32)
-    w = np.minimum(1.0, (np.minimum(x, tile - 1 - x) + 1.0) / (overlap + 1.0))
-    return np.outer(w, w)
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -120,34 +60,10 @@ class SceneOptions:
     quicklook: bool = True
 
 
-def _rasterio():
-    try:
-        import rasterio
-    except ImportError:  # pragma: no cover - a dependency of the package
-        raise RSSQAError("scene: rasterio is not installed (pip install rasterio)") from None
-    return rasterio
-
-
-def _open(path: Path, what: str):
-    rasterio = _rasterio()
-    if not path.is_file():
-        raise RSSQAError(f"{path}: {what} not found")
-    try:
-        return rasterio.open(path)
-    except rasterio.errors.RasterioIOError as e:
-        raise RSSQAError(f"{path}: not a readable raster ({str(e).splitlines()[0][:160]})") from None
-
-
 def _fingerprint(path: Path, scorer_config: dict[str, Any], settings: dict[str, Any]) -> str:
     st = path.stat()
     blob = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, scorer_config, settings], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _save_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- core
@@ -194,6 +110,7 @@ class SceneJob:
         self.pixel_head = getattr(scorer, "pixel_model", None)
         if self.pixel_head is not None and self.pixel_head.agreement and not self.agreement:
             self.pixel_head = None
+        self.error_model = "pixel error head" if self.pixel_head is not None else "1 - max probability"
         size = (scorer.config.get("image_sizes") or {}).get(self.source) or scorer.config.get("image_size") or [scorer.min_size] * 2
         self.tile = int(self.opt.tile or min(size))
         if self.tile < scorer.min_size:
@@ -325,7 +242,7 @@ class SceneJob:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             state = {"key": key, "strips_done": 0, "n_windows": 0, "n_skipped": 0, "score_sum": [0.0] * len(self.names),
-                     "chosen_count": [0] * len(self.names), "eval": None, "seconds": 0.0, "n_classes": None}  # fmt: skip
+                     "chosen_count": [0] * len(self.names), "seconds": 0.0, "n_classes": None}  # fmt: skip
             self._create_parts(work, profile)
         else:
             n_classes = state["n_classes"]
@@ -360,15 +277,12 @@ class SceneJob:
                     self._accumulate(strip, judged, windows, weight, row_own[i], r0, col_own, state)
                     if gt is not None:
                         _evaluate_windows(ev, judged, windows, gt, valid, row_own[i], r0, col_own, tile, i)
-                elif strip is None:
-                    pass  # nothing valid yet: the rows are written as nodata below
                 last = i == len(rows_off) - 1
                 done_to = h if last else rows_off[i + 1]
                 self._write_rows(parts, strip, r0, done_to - r0, valid, w)
                 if strip is not None and not last:
                     strip.shift(done_to - r0)
                 state["strips_done"] = i + 1
-                state["eval"] = truth is not None
                 state["seconds"] += time.perf_counter() - t_start
                 t_start = time.perf_counter()
                 if last or t_start - saved >= CHECKPOINT_S:
@@ -385,7 +299,16 @@ class SceneJob:
         self._finish(work, georef)
         finish_s = time.perf_counter() - t_cog
         shutil.rmtree(work, ignore_errors=True)
-        return self._summary(state, ev if truth is not None else None, src, georef, rows_off, cols_off, finish_s)
+        summary = self._summary(state, src, georef, rows_off, cols_off, finish_s)
+        if truth is not None:
+            fused = fused_per_window(self.out / "fused.tif", truth, src, row_own, col_own)
+            summary["evaluation"] = _finish_eval(ev, self.names, self.agreement, fused)
+        if self.opt.quicklook:
+            try:
+                summary["outputs"]["quicklook"] = quicklook(self.out, self.path, self.names)
+            except Exception as e:  # noqa: BLE001 - a missing picture must not fail a finished scene
+                print(f"warning: quicklook not written ({type(e).__name__}: {e})", file=sys.stderr)
+        return summary
 
     def _load_state(self, work: Path, key: str) -> dict[str, Any] | None:
         path = work / STATE
@@ -482,8 +405,7 @@ class SceneJob:
         with rasterio.open(work / "quality.tif", "r+") as d:
             d.update_tags(meaning="predicted overall accuracy of the recommended method, per window", head=self.head_name)
         with rasterio.open(work / "error.tif", "r+") as d:
-            d.update_tags(meaning="predicted probability that fused.tif is wrong at the pixel",
-                          model="pixel error head" if self.pixel_head is not None else "1 - max probability")  # fmt: skip
+            d.update_tags(meaning="predicted probability that fused.tif is wrong at the pixel", model=self.error_model)
         for name in LAYERS:
             categorical = name in ("best_method", "fused")
             tmp = self.out / f".{name}.tif.tmp"
@@ -491,13 +413,13 @@ class SceneJob:
                      overview_resampling="NEAREST" if categorical else "AVERAGE")  # fmt: skip
             os.replace(tmp, self.out / f"{name}.tif")
 
-    def _summary(self, state, ev, src, georef, rows_off, cols_off, finish_s) -> dict[str, Any]:
+    def _summary(self, state, src, georef, rows_off, cols_off, finish_s) -> dict[str, Any]:
         n = max(state["n_windows"], 1)
         out: dict[str, Any] = {
             "scene": str(self.path), "size": [src.height, src.width], "crs": str(src.crs) if georef else None,
             "transform": list(src.transform)[:6] if georef else None, "georeferenced": georef,
             "source": self.source, "methods": self.names, "head": self.head_name,
-            "error_model": "pixel error head" if self.pixel_head is not None else "1 - max probability",
+            "error_model": self.error_model,
             "tile": self.tile, "overlap": self.overlap,
             "windows": {"total": len(rows_off) * len(cols_off), "scored": state["n_windows"], "skipped_nodata": state["n_skipped"],
                         "rows": len(rows_off), "cols": len(cols_off)},
@@ -507,124 +429,9 @@ class SceneJob:
             "timings": {"scoring_s": round(state["seconds"], 3), "cog_s": round(finish_s, 3),
                         "windows_per_s": state["n_windows"] / max(state["seconds"], 1e-9)},
         }  # fmt: skip
-        if ev is not None:
-            with _open(Path(self.opt.truth), "truth raster") as truth:
-                fused = fused_per_window(self.out / "fused.tif", truth, src, rows_off, cols_off,
-                                         owned_bounds(rows_off, self.tile, src.height), owned_bounds(cols_off, self.tile, src.width))  # fmt: skip
-            out["evaluation"] = _finish_eval(ev, self.names, self.agreement, fused)
-        if self.opt.quicklook:
-            try:
-                out["outputs"]["quicklook"] = quicklook(self.out, self.path, self.names)
-            except Exception as e:  # noqa: BLE001 - a missing picture must not fail a finished scene
-                print(f"warning: quicklook not written ({type(e).__name__}: {e})", file=sys.stderr)
         return out
 
 
-# ----------------------------------------------------------------------------------- evaluation
-def _new_eval(m: int) -> dict[str, Any]:
-    # windows: per scored window [row, col, labelled, chosen correct, correct of each method] (owned pixels)
-    return {"windows": [], "pixels": []}
-
-
-def _evaluate_windows(ev, judged, windows, gt, valid, row_own, r0, col_own, tile, row_index: int) -> None:
-    """Per window, on the pixels it owns: each method's correct pixels, the chosen one's and the
-    best one's; and a sample of pixels (error probability, baselines, whether the chosen one is wrong)."""
-    a, b = row_own[0] - r0, row_own[1] - r0
-    for k, (j, c) in enumerate(windows):
-        c0, c1 = col_own[j]
-        g = gt[a:b, c0:c1]
-        lab = (g != 255) & valid[a:b, c0:c1]
-        if not lab.any():
-            continue
-        preds = judged["preds"][k][:, a:b, c0 - c : c1 - c]  # M×h×w
-        correct = [int((p[lab] == g[lab]).sum()) for p in preds]
-        choice = int(judged["scores"][k].argmax())
-        ev["windows"].append([int(row_index), int(j), int(lab.sum()), correct[choice], *correct])
-        # the error map's sample: the chosen method's pixels (the fused map's source in the window)
-        gw = np.full((tile, tile), 255, np.uint8)
-        gw[a:b, c0 - c : c1 - c] = np.where(lab, g, 255)
-        idx = np.flatnonzero(gw != 255)
-        # seeded by the window, so that a resumed run samples what an uninterrupted one does
-        take = np.random.default_rng([row_index, j]).choice(idx, size=min(EVAL_PIXELS, idx.size), replace=False)
-        wrong = (judged["preds"][k][choice].ravel()[take] != gw.ravel()[take]).astype(np.float32)
-        err = judged["error"][k].ravel()[take]
-        base = judged["baselines"][k].reshape(judged["baselines"].shape[1], -1)[:, take]
-        ev["pixels"].append(np.concatenate([[wrong], [err], base]).T.astype(np.float32))
-
-
-def fused_per_window(fused_path: Path, truth, valid_mask_src, rows_off, cols_off, row_own, col_own) -> np.ndarray:
-    """Correct and labelled pixels of ``fused.tif`` in each window's owned pixels: ``R×C×2``."""
-    rasterio = _rasterio()
-    out = np.zeros((len(rows_off), len(cols_off), 2), np.int64)
-    with rasterio.open(fused_path) as f:
-        for i, (lo, hi) in enumerate(row_own):
-            win = rasterio.windows.Window(0, lo, f.width, hi - lo)
-            fused, g = f.read(1, window=win), truth.read(1, window=win)
-            lab = (g != 255) & (valid_mask_src.dataset_mask(window=win) > 0)
-            hit = (fused == g) & lab
-            for j, (c0, c1) in enumerate(col_own):
-                out[i, j] = hit[:, c0:c1].sum(), lab[:, c0:c1].sum()
-    return out
-
-
-def _finish_eval(ev: dict[str, Any], names: list[str], agreement: bool, fused: np.ndarray, n_boot: int = 1000) -> dict[str, Any]:
-    """Scene-level figures with 95% intervals from a bootstrap over windows (the fused map against the
-    best single method; the error head's AUROC against the best per-pixel baseline)."""
-    from torchmetrics.functional.classification import binary_auroc
-
-    from rssqa.metrics import verdict
-
-    w = np.asarray(ev["windows"], np.int64).reshape(-1, 4 + len(names))
-    if not len(w):
-        return {"labelled_pixels": 0}
-    lab, chosen, per = w[:, 2], w[:, 3], w[:, 4:]
-    fused_hit, fused_lab = fused[w[:, 0], w[:, 1], 0], fused[w[:, 0], w[:, 1], 1]
-    total = max(int(lab.sum()), 1)
-    per_method = {m: float(per[:, i].sum() / total) for i, m in enumerate(names)}
-    best = max(per_method, key=per_method.get)
-    bi = names.index(best)
-    out: dict[str, Any] = {
-        "fused_oa": float(fused_hit.sum() / max(fused_lab.sum(), 1)), "chosen_oa": float(chosen.sum() / total),
-        "oracle_oa": float(per.max(1).sum() / total), "per_method_oa": per_method, "best_single_method": best,
-        "best_single_oa": per_method[best], "labelled_pixels": int(lab.sum()), "n_windows": len(w),
-    }  # fmt: skip
-    gap = out["oracle_oa"] - out["best_single_oa"]
-    out["gap_closed"] = (out["fused_oa"] - out["best_single_oa"]) / gap if gap > 0 else None
-    rng = np.random.default_rng(0)
-    draws = rng.integers(0, len(w), (n_boot, len(w)))
-    diff = fused_hit[draws].sum(1) / np.maximum(fused_lab[draws].sum(1), 1) - per[draws, bi].sum(1) / np.maximum(lab[draws].sum(1), 1)
-    low, high = np.percentile(diff, [2.5, 97.5])
-    out["fused_vs_best_single"] = {"diff": out["fused_oa"] - out["best_single_oa"], "low": float(low), "high": float(high),
-                                   "verdict": verdict(float(low), float(high))}  # fmt: skip
-    rows = [np.asarray(b, np.float64).reshape(-1, 2 + (3 if agreement else 2)) for b in ev["pixels"]]
-    if rows:
-        arr = torch.from_numpy(np.concatenate(rows))
-        starts = np.cumsum([0, *(len(r) for r in rows)])
-        target = arr[:, 0].long()
-        names_b = list(PIXEL_BASELINES) if agreement else ["max_prob", "entropy"]
-        out["error_pixels"] = len(arr)
-        if 0 < int(target.sum()) < len(target):
-            auroc = {"error_head": float(binary_auroc(arr[:, 1], target))}
-            for i, nm in enumerate(names_b):
-                auroc[nm] = float(binary_auroc(arr[:, 2 + i], target))
-            best_b = max(names_b, key=lambda k: auroc[k])
-            col = 2 + names_b.index(best_b)
-            margins = []
-            brng = np.random.default_rng(1)
-            for _ in range(min(n_boot, 200)):  # a pooled AUROC per draw: 200 draws
-                pick = torch.from_numpy(np.concatenate([np.arange(starts[k], starts[k + 1]) for k in brng.integers(0, len(rows), len(rows))]))
-                t = target[pick]
-                if 0 < int(t.sum()) < len(t):
-                    margins.append(float(binary_auroc(arr[pick, 1], t) - binary_auroc(arr[pick, col], t)))
-            lo, hi = (np.percentile(margins, [2.5, 97.5]) if margins else (float("nan"), float("nan")))
-            out["error_auroc"] = auroc
-            out["error_auroc_best_baseline"] = best_b
-            out["error_auroc_margin"] = {"diff": auroc["error_head"] - auroc[best_b], "low": float(lo), "high": float(hi),
-                                         "verdict": verdict(float(lo), float(hi))}  # fmt: skip
-    return out
-
-
-# --------------------------------------------------------------------------------------- pictures
 def _bar(total: int, done: int, show: bool, label: str):
     if not show:
         return None
@@ -633,152 +440,8 @@ def _bar(total: int, done: int, show: bool, label: str):
     return tqdm(total=total, initial=done, unit="strip", desc=label, file=sys.stderr, dynamic_ncols=True)
 
 
-def quicklook(folder: Path, scene: Path, methods: Sequence[str], side: int = 512) -> str:
-    """``quicklook.png``: the scene and the four layers side by side, read from their overviews."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    rasterio = _rasterio()
-    from rasterio.enums import Resampling
-
-    def small(path: Path, bands: Any = 1, nearest: bool = True) -> np.ndarray:
-        with rasterio.open(path) as d:
-            f = max(d.width, d.height) / side
-            shape = (max(1, round(d.height / f)), max(1, round(d.width / f)))
-            return d.read(bands, out_shape=shape if isinstance(bands, int) else (len(bands), *shape),
-                          resampling=Resampling.nearest if nearest else Resampling.average)  # fmt: skip
-
-    fig, axes = plt.subplots(1, 5, figsize=(20, 4.4))
-    try:
-        with rasterio.open(scene) as d:
-            rgb = small(scene, [1, 2, 3] if d.count >= 3 else [1] * 3).transpose(1, 2, 0)
-        axes[0].imshow(rgb)
-    except Exception:  # noqa: BLE001 - the scene panel is a courtesy
-        pass
-    axes[0].set_title("scene")
-    q = np.ma.masked_less(small(folder / "quality.tif", nearest=False), 0)
-    im = axes[1].imshow(q, cmap="RdYlGn", vmin=0, vmax=1)
-    fig.colorbar(im, ax=axes[1], fraction=0.046)
-    axes[1].set_title("predicted OA (recommended method)")
-    b = np.ma.masked_equal(small(folder / "best_method.tif"), 255)
-    cmap = ListedColormap([np.array(c) / 255 for c in METHOD_COLOURS[: len(methods)]])
-    axes[2].imshow(b, cmap=cmap, vmin=-0.5, vmax=len(methods) - 0.5, interpolation="nearest")
-    axes[2].legend(handles=[plt.Rectangle((0, 0), 1, 1, color=np.array(METHOD_COLOURS[i]) / 255) for i in range(len(methods))],
-                   labels=list(methods), fontsize=6, loc="lower left")  # fmt: skip
-    axes[2].set_title("recommended method")
-    with rasterio.open(folder / "fused.tif") as d:
-        try:
-            cm = d.colormap(1)
-            colours = ListedColormap([np.array(cm[i][:3]) / 255 for i in range(max(cm) + 1)]) if cm else "tab10"
-            vmax = max(cm) if cm else 9
-        except ValueError:
-            colours, vmax = "tab10", 9
-    axes[3].imshow(np.ma.masked_equal(small(folder / "fused.tif"), 255), cmap=colours, vmin=0, vmax=vmax, interpolation="nearest")
-    axes[3].set_title("fused segmentation")
-    e = np.ma.masked_less(small(folder / "error.tif", nearest=False), 0)
-    im = axes[4].imshow(e, cmap="magma", vmin=0, vmax=1)
-    fig.colorbar(im, ax=axes[4], fraction=0.046)
-    axes[4].set_title("predicted error probability")
-    for ax in axes:
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.tight_layout()
-    tmp = folder / ".quicklook.png.tmp"
-    fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    os.replace(tmp, folder / "quicklook.png")
-    return "quicklook.png"
-
-
 def score_scene_file(
     scorer: Any, path: str | os.PathLike, out: str | os.PathLike, options: SceneOptions | None = None
 ) -> dict[str, Any]:
     """Score one scene with ``scorer`` (:class:`rssqa.scorer.Scorer`); returns ``scene.json``'s content."""
     return SceneJob(scorer, path, out, options).run()
-
-
-_WORKER_SCORER: dict[str, Any] = {}
-
-
-def _index_job(args: tuple[Any, dict[str, Any], str, str, int, int, bool]) -> dict[str, Any]:
-    """One scene of an index: the scorer (or, in a worker process, its folder, loaded once) runs it."""
-    scorer, e, base, out, k, n, progress = args
-    if isinstance(scorer, str):
-        if scorer not in _WORKER_SCORER:
-            from rssqa.scorer import Scorer
-
-            torch.set_num_threads(1)
-            _WORKER_SCORER[scorer] = Scorer.load(scorer)
-        scorer = _WORKER_SCORER[scorer]
-    image, source, sid = Path(base) / e["image"], e["source"], str(e["id"])
-    truth = Path(base) / e["truth"] if e.get("truth") else None
-    if progress:
-        print(f"[scene] {k + 1}/{n} {source}/{sid}", file=sys.stderr, flush=True)
-    opts = SceneOptions(source=source, truth=str(truth) if truth else None, progress=progress and not isinstance(args[0], str),
-                        classes=e.get("classes"), palette=e.get("palette"))  # fmt: skip
-    summary = SceneJob(scorer, image, Path(out) / source / sid, opts).run()
-    return {"source": source, "id": sid, "folder": f"{source}/{sid}", "size": summary["size"],
-            "windows": summary["windows"]["scored"], "seconds": summary["timings"]["total_s"],
-            "head": summary["head"], "error_model": summary["error_model"], "evaluation": summary.get("evaluation")}  # fmt: skip
-
-
-def score_scene_index(
-    scorer: Any, index: str | os.PathLike, out: str | os.PathLike, progress: bool = True, workers: int = 1
-) -> dict[str, Any]:
-    """Score every scene of a scene index (``scenes.json``: ``{"scenes": [{"source", "id", "image",
-    "truth"}, ...]}``, paths relative to the index's folder's parent, as the embedded world writes it)
-    into ``out/<source>/<id>/``, measuring each against its truth.
-
-    Args:
-        scorer: a loaded :class:`rssqa.scorer.Scorer`, or its folder (needed for ``workers > 1``).
-        workers: scenes scored side by side, each in its own one-thread process.
-
-    Returns:
-        ``scenes`` (one row per scene: its ``evaluation`` and timings) and ``overall``: scenes where
-        the fused map is ahead of / tied with / behind the best single method (95% interval over
-        windows), the mean of fused minus best single OA, of the oracle's margin, and of the error
-        head's AUROC margin over the best per-pixel baseline.
-    """
-    index = Path(index)
-    if not index.is_file():
-        raise RSSQAError(f"{index}: scene index not found")
-    try:
-        entries = json.loads(index.read_text())["scenes"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise RSSQAError(f"{index}: not a scene index ({type(e).__name__}: {e})") from None
-    for k, e in enumerate(entries):
-        missing = [key for key in ("source", "id", "image") if key not in e]
-        if missing:
-            raise RSSQAError(f"{index}: scene {k} has no {', '.join(missing)}")
-    base = str(index.parent.parent)
-    if workers > 1 and len(entries) > 1:
-        if not isinstance(scorer, (str, os.PathLike)):
-            raise RSSQAError("scenes: several workers need the scorer's folder, not a loaded scorer")
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        jobs = [(str(scorer), e, base, str(out), k, len(entries), progress) for k, e in enumerate(entries)]
-        with ProcessPoolExecutor(min(workers, len(entries)), mp_context=mp.get_context("spawn")) as pool:
-            rows = list(pool.map(_index_job, jobs))
-    else:
-        if isinstance(scorer, (str, os.PathLike)):
-            from rssqa.scorer import Scorer
-
-            scorer = Scorer.load(scorer)
-        rows = [_index_job((scorer, e, base, str(out), k, len(entries), progress)) for k, e in enumerate(entries)]
-    evals = [r["evaluation"] for r in rows if r["evaluation"] and "fused_vs_best_single" in r["evaluation"]]
-    overall: dict[str, Any] = {"n_scenes": len(rows)}
-    if evals:
-        verdicts = [e["fused_vs_best_single"]["verdict"] for e in evals]
-        overall.update(
-            fused_ahead=verdicts.count("ahead"), fused_tie=verdicts.count("tie"), fused_behind=verdicts.count("behind"),
-            mean_fused_minus_best_single=float(np.mean([e["fused_oa"] - e["best_single_oa"] for e in evals])),
-            mean_oracle_minus_best_single=float(np.mean([e["oracle_oa"] - e["best_single_oa"] for e in evals])),
-        )  # fmt: skip
-        margins = [e["error_auroc_margin"] for e in evals if "error_auroc_margin" in e]
-        if margins:
-            overall["mean_error_auroc_margin"] = float(np.mean([m["diff"] for m in margins]))
-            overall["error_auroc_ahead"] = sum(m["verdict"] == "ahead" for m in margins)
-    return {"scenes": rows, "overall": overall}

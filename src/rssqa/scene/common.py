@@ -1,0 +1,52 @@
+"""What the parts of :mod:`rssqa.scene` share: the layers, their nodata and types, colours, raster I/O."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rssqa.errors import RSSQAError
+
+LAYERS = ("quality", "best_method", "fused", "error")
+NODATA = {"quality": -1.0, "best_method": 255, "fused": 255, "error": -1.0}
+DTYPES = {"quality": "float32", "best_method": "uint8", "fused": "uint8", "error": "float32"}
+WORK = ".scene-work"
+STATE = "state.json"
+EVAL_PIXELS = 64  # pixels per window sampled for the error map's AUROC (with a truth raster)
+GDAL_CACHE_MB = 128  # bounds GDAL's block cache (its default is a share of the machine's memory)
+METHOD_COLOURS = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)  # fmt: skip
+
+
+CLASS_COLOURS = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+)  # fmt: skip  (classes without a palette)
+
+
+def _rasterio():
+    try:
+        import rasterio
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise RSSQAError("scene: rasterio is not installed (pip install rasterio)") from None
+    return rasterio
+
+
+def _open(path: Path, what: str):
+    rasterio = _rasterio()
+    if not path.is_file():
+        raise RSSQAError(f"{path}: {what} not found")
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as e:
+        raise RSSQAError(f"{path}: not a readable raster ({str(e).splitlines()[0][:160]})") from None
+
+
+def _save_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
