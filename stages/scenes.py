@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     ov = result["overall"]
     print(f"scenes -> {args.out}: {ov['n_scenes']} scenes in {result['seconds']} s; fused map vs the best single method: "
           f"{ov.get('fused_ahead', 0)} ahead, {ov.get('fused_tie', 0)} tie, {ov.get('fused_behind', 0)} behind")  # fmt: skip
+    pooled = ov.get("pooled") or {}
+    for what, d in (("fused minus each scene's best single method, mean", pooled.get("fused_minus_best_single")),
+                    ("error map AUROC minus the best per-pixel baseline, all pixels", pooled.get("error_auroc_margin"))):  # fmt: skip
+        if d:
+            print(f"  {what}: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['verdict']}")
     return 0
 
 

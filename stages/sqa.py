@@ -162,12 +162,12 @@ def print_summary(s: dict) -> None:
             gap = "-" if a["gap_closed"] is None else f"{a['gap_closed']:.2f}"
             print(f"{name}: top1 {a['top1']:.3f}, chosen OA {a['chosen_oa']:.3f}, regret {a['regret']:.3f}, gap closed {gap}")
     px = s.get("pixel_error")
-    if px:
-        v = px["vs_best_baseline"]
-        best = px["best_baseline"]
-        num = lambda x, f=".3f": "-" if x is None else format(x, f)  # noqa: E731 - undefined figures are null
-        vs = f"; minus {best}: {num(v['diff'], '+.3f')} [{num(v['low'], '+.3f')}, {num(v['high'], '+.3f')}] {v['verdict']}" if v else ""
-        print(f"pixel error head: AUROC {num(px['auroc'])}, AP {num(px['ap'])}{vs} ({px['n_pixels']} test pixels)")
+    num = lambda x, f=".3f": "-" if x is None else format(x, f)  # noqa: E731 - undefined figures are null
+    for what, c in (("every (image, method)", px), ("recommended method", (px or {}).get("recommended"))):
+        if c:
+            v, best = c["vs_best_baseline"], c["best_baseline"]
+            vs = f"; minus {best}: {num(v['diff'], '+.3f')} [{num(v['low'], '+.3f')}, {num(v['high'], '+.3f')}] {v['verdict']}" if v else ""
+            print(f"pixel error head, {what}: AUROC {num(c['auroc'])}, AP {num(c['ap'])}{vs} ({c['n_pixels']} test pixels)")
     h = s.get("recommend_headroom")
     if h:
         print(

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from rssqa.wandb_offline import read_offline_run
@@ -41,6 +42,10 @@ def test_make_demo_smoke_end_to_end(tmp_path):
         assert ev["oracle_oa"] >= max(ev["per_method_oa"].values()) - 1e-9
         assert ev["fused_vs_best_single"]["verdict"] in ("ahead", "tie", "behind")
         assert all((root / "scenes" / row["folder"] / f"{n}.tif").is_file() for n in ("quality", "best_method", "fused", "error"))
+    # every scene together: the mean of the scenes' own margins, with an interval around it
+    pooled = scenes["overall"]["pooled"]["fused_minus_best_single"]
+    margins = [r["evaluation"]["fused_oa"] - r["evaluation"]["best_single_oa"] for r in scenes["scenes"]]
+    assert pooled["diff"] == pytest.approx(np.mean(margins)) and pooled["low"] <= pooled["diff"] <= pooled["high"]
     report = (root / "report.md").read_text()
     for section in ("Purification", "CLIP-RS", "RS-SQED", "RS-SQA against", "Method recommendation", "Whole scenes"):
         assert section in report

@@ -233,3 +233,33 @@ def test_sixteen_bit_scene_is_rescaled_to_what_the_scorer_reads(run_root, scorer
     for n in LAYERS:
         with rasterio.open(tmp_path / "a" / f"{n}.tif") as a, rasterio.open(tmp_path / "b" / f"{n}.tif") as b:
             assert np.array_equal(a.read(1), b.read(1)), n
+
+
+def test_pooled_figures_are_the_scenes_own_margins_averaged():
+    from rssqa.scene.evaluate import _error_figures, pooled_figures
+
+    rng = np.random.default_rng(0)
+
+    def pool(n: int, fused_p: float, best_p: float) -> dict:
+        lab = rng.integers(50, 100, n)
+        pixels = []
+        for _ in range(n):
+            wrong = (rng.uniform(size=64) < 0.3).astype(float)
+            pixels.append(np.stack([wrong, wrong * 0.4 + rng.uniform(size=64), rng.uniform(size=64), rng.uniform(size=64),
+                                    wrong * 0.2 + rng.uniform(size=64)], 1))  # fmt: skip
+        return {"fused": np.stack([rng.binomial(lab, fused_p), lab], 1), "best": np.stack([rng.binomial(lab, best_p), lab], 1),
+                "oracle": np.stack([lab, lab], 1), "pixels": pixels, "agreement": True}  # fmt: skip
+
+    a, b = pool(200, 0.8, 0.6), pool(150, 0.7, 0.7)
+    oa = lambda x: x[:, 0].sum() / x[:, 1].sum()  # noqa: E731
+    out = pooled_figures([a, b])
+    d = out["fused_minus_best_single"]
+    assert out["n_scenes"] == 2
+    assert d["diff"] == pytest.approx(((oa(a["fused"]) - oa(a["best"])) + (oa(b["fused"]) - oa(b["best"]))) / 2)
+    assert d["low"] <= d["diff"] <= d["high"] and d["verdict"] == "ahead"
+    assert out["oracle_minus_best_single"] == pytest.approx((1 - oa(a["best"]) + 1 - oa(b["best"])) / 2)
+    # the error map: the head (column 1) reads the truth, the best baseline is disagreement (column 4)
+    assert out["error_auroc_best_baseline"] == "disagreement" and out["error_auroc_margin"]["verdict"] == "ahead"
+    # one scene alone: the same figures as the scene's own evaluation
+    assert pooled_figures([a])["error_auroc_margin"] == _error_figures([a["pixels"]], True, 1000)["error_auroc_margin"]
+    assert pooled_figures([]) == {}

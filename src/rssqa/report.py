@@ -129,23 +129,35 @@ def _stage_times(s: dict[str, dict[str, Any]]) -> list[list[Any]]:
     return rows
 
 
+def _pixel_margin(v: dict[str, Any] | None, best: str | None) -> str:
+    if not v or not best:
+        return ""
+    interval = "-" if v.get("low") is None or v.get("high") is None else f"[{v['low']:+.3f}, {v['high']:+.3f}]"
+    diff = "-" if v.get("diff") is None else f"{v['diff']:+.3f}"
+    return f"head minus the best baseline ({best}) in pixel AUROC: {diff}, 95% interval {interval}, verdict: {v.get('verdict')}"
+
+
 def _pixel_section(px: dict[str, Any], table: Any) -> str:
     """The pixel error head against the per-pixel label-free baselines (the sqa summary's ``pixel_error``)."""
-    rows = [["pixel error head", px.get("auroc"), px.get("ap")]]
-    rows += [[n, b.get("auroc"), b.get("ap")] for n, b in px.get("baselines", {}).items() if b]
+    rec = px.get("recommended") or {}
+    cols = [("every (image, method)", px), ("recommended method", rec)] if rec else [("every (image, method)", px)]
+    rows = [["pixel error head", *[c.get(k) for _, c in cols for k in ("auroc", "ap")]]]
+    for n in px.get("baselines", {}):
+        if px["baselines"][n]:
+            rows.append([n, *[(c.get("baselines", {}).get(n) or {}).get(k) for _, c in cols for k in ("auroc", "ap")]])
+    top = (px.get("config") or {}).get("top") or 0
+    trained = f"each image's {top} most accurate methods" if top else "all their methods"
     out = ["## Where a segmentation is wrong: pixel error maps\n",
-           f"Per pixel, the probability that a method's class is wrong, on every (image, method) of the test split "
-           f"({px.get('n_test_images')} images, {px.get('n_pixels')} labelled pixels: {px.get('pixels_per_row')} drawn "
-           f"per image and method, seeded); the head trained on {px.get('train_images')} train images (all their "
-           f"methods), its epoch chosen on val. Beside it the label-free per-pixel scores it reads "
-           "(1 - max probability, entropy, the share of the other methods that disagree):\n\n",
-           table("sqa_pixel_error", ["score", "pixel AUROC", "average precision"], rows)]  # fmt: skip
-    v, best = px.get("vs_best_baseline"), px.get("best_baseline")
-    if v and best:
-        interval = "-" if v.get("low") is None or v.get("high") is None else f"[{v['low']:+.3f}, {v['high']:+.3f}]"
-        diff = "-" if v.get("diff") is None else f"{v['diff']:+.3f}"
-        out.append(f"\nHead minus the best baseline ({best}) in pixel AUROC: {diff}, 95% interval {interval} "
-                   f"(paired bootstrap over test images), verdict: {v.get('verdict')}.\n")  # fmt: skip
+           f"Per pixel, the probability that a method's class is wrong, on the test split ({px.get('n_test_images')} images, "
+           f"{px.get('pixels_per_row')} labelled pixels drawn per image and method, seeded): on every (image, method), and on "
+           "each image's recommended method alone (what an error map shows). The head trained on "
+           f"{px.get('train_images')} train images ({trained}), its epoch chosen on val. Beside it the label-free per-pixel "
+           "scores it reads (1 - max probability, entropy, the share of the other methods that disagree):\n\n",
+           table("sqa_pixel_error", ["score", *[f"{h} {k}" for h, _ in cols for k in ("AUROC", "AP")]], rows)]  # fmt: skip
+    for what, c in cols:
+        m = _pixel_margin(c.get("vs_best_baseline"), c.get("best_baseline"))
+        if m:
+            out.append(f"\n{what.capitalize()}: {m} (paired bootstrap over test images).\n")
     return "".join(out)
 
 
@@ -179,6 +191,14 @@ def _scenes_section(sc: dict[str, Any], root: Path, plots: Path, table: Any, img
         out.append(f"Fused map against the best single method of each scene: {ov['fused_ahead']} ahead, {ov['fused_tie']} tie, "
                    f"{ov['fused_behind']} behind; mean margin {ov['mean_fused_minus_best_single']:+.3f} OA "
                    f"(the oracle's {ov['mean_oracle_minus_best_single']:+.3f}).\n\n")  # fmt: skip
+    pooled = ov.get("pooled") or {}
+    if pooled.get("fused_minus_best_single"):
+        out.append(f"All {pooled['n_scenes']} scenes together (bootstrap over windows within each scene): fused minus each "
+                   f"scene's best single method, mean {_interval(pooled['fused_minus_best_single'])} (the oracle's "
+                   f"{pooled['oracle_minus_best_single']:+.3f})"
+                   + (f"; error map AUROC {pooled['error_auroc']['error_head']:.3f} minus the best per-pixel baseline "
+                      f"({pooled['error_auroc_best_baseline']}, {pooled['error_auroc'][pooled['error_auroc_best_baseline']]:.3f}): "
+                      f"{_interval(pooled['error_auroc_margin'])}" if pooled.get("error_auroc_margin") else "") + ".\n\n")  # fmt: skip
     if err_rows:
         out.append("Per-pixel error map (is the fused class wrong here?), pixel AUROC on a sample of each window's pixels:\n\n")
         out.append(table("scenes_error_auroc", ["scene", "error map", "error map AUROC", "1 - max prob", "entropy",

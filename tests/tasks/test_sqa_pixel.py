@@ -89,6 +89,12 @@ def test_stage_tests_and_exports_the_pixel_error_head(run_root):
     assert px["n_pixels"] == n_test * len(METHODS) * min(px["pixels_per_row"], SIZE * (SIZE - 4))
     assert px["agreement"] is True and px["train_images"] == 6 * len(SOURCES) and 1 <= px["best_epoch"] <= px["config"]["epochs"]
     assert set(px["per_source"]) == set(SOURCES) and math.isfinite(px["val_auroc"])
+    assert px["config"]["top"] == 0 and px["train_rows"] == px["train_images"] * len(METHODS)  # every method's rows
+    # the recommended population: one row per test image, the method the scorer's ranking head puts first
+    rec = px["recommended"]
+    assert rec["n_images"] == n_test and rec["n_pixels"] == n_test * min(px["pixels_per_row"], SIZE * (SIZE - 4))
+    assert rec["best_baseline"] == max(rec["baselines"], key=lambda k: rec["baselines"][k]["auroc"])
+    assert rec["vs_best_baseline"]["diff"] == pytest.approx(rec["auroc"] - rec["baselines"][rec["best_baseline"]]["auroc"], abs=1e-6)
 
     from rssqa.scorer import Scorer
 
@@ -115,4 +121,45 @@ def test_report_has_the_pixel_error_section(run_root):
     section = md[md.index("## Where a segmentation is wrong") : md.index("## Method recommendation")]
     assert f"| pixel error head | {px['auroc']:.3f} | {px['ap']:.3f} |" in section
     assert f"verdict: {px['vs_best_baseline']['verdict']}" in section
+    rec = px["recommended"]
+    assert f"| pixel error head | {px['auroc']:.3f} | {px['ap']:.3f} | {rec['auroc']:.3f} | {rec['ap']:.3f} |" in section
+    assert f"Recommended method: head minus the best baseline ({rec['best_baseline']})" in section
     assert json.loads((run_root / "report.json").read_text())["sqa_pixel_error"]["auroc"] == px["auroc"]
+
+
+def test_recommended_methods_are_each_images_first():
+    from types import SimpleNamespace
+
+    from rssqa.tasks.sqa.run import recommended_methods
+
+    data = SimpleNamespace(
+        methods=["a", "b", "c"], rows=lambda split: [0, 1, 2, 3, 4],
+        image_idx=torch.tensor([7, 7, 7, 9, 9]), method_of=np.array(["a", "b", "c", "c", "a"]),
+    )  # fmt: skip
+    assert recommended_methods(data, np.array([0.2, 0.9, 0.5, 0.1, 0.3])) == {7: 1, 9: 0}
+
+
+def test_collect_rows_keeps_each_images_most_accurate_methods(monkeypatch):
+    from types import SimpleNamespace
+
+    from rssqa.tasks.sqa import pixel
+
+    wrong = {"a": [0.5, 0.1], "b": [0.2, 0.6], "c": [0.3, 0.3]}  # per method, the share wrong in images 10 and 11
+
+    def blocks(data, source, methods, chosen, agreement, block):
+        per_method = []
+        for m in methods:
+            t = torch.zeros(2, 10, 10, dtype=torch.uint8)
+            for b, share in enumerate(wrong[m]):
+                t[b].view(-1)[: int(share * 100)] = 1
+            t[:, 0, 0] = 255  # an unlabelled pixel is not counted
+            per_method.append((torch.zeros(2, 6, 10, 10), t))
+        yield [10, 11], per_method
+
+    monkeypatch.setattr(pixel, "_methods_of", lambda data: {"s": ["a", "b", "c"]})
+    monkeypatch.setattr(pixel, "_choose", lambda data, source, split, n, seed: [(0, 10), (1, 11)])
+    monkeypatch.setattr(pixel, "_seam_blocks", blocks)
+    data = SimpleNamespace(methods=["a", "b", "c"])
+    rows = pixel.collect_rows(data, "train", 0, True, PixelConfig(), 0, top=2)
+    assert sorted(zip(rows.image, rows.method, strict=True)) == [(10, 1), (10, 2), (11, 0), (11, 2)]
+    assert len(pixel.collect_rows(data, "train", 0, True, PixelConfig(), 0).x) == 6  # top 0: every method

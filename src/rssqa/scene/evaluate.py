@@ -62,16 +62,28 @@ def fused_per_window(fused_path: Path, truth, src, row_own, col_own) -> np.ndarr
 
 def _finish_eval(ev: dict[str, Any], names: list[str], agreement: bool, fused: np.ndarray, n_boot: int = 1000) -> dict[str, Any]:
     """Scene-level figures with 95% intervals from a bootstrap over windows (the fused map against the
-    best single method; the error head's AUROC against the best per-pixel baseline)."""
-    from torchmetrics.functional.classification import binary_auroc
-
-    from rssqa.metrics import verdict
-
+    best single method; the error head's AUROC against the best per-pixel baseline). The private key
+    ``_pool`` holds what :func:`pooled_figures` needs; it is not meant for ``scene.json``."""
     w = np.asarray(ev["windows"], np.int64).reshape(-1, 4 + len(names))
     if not len(w):
         return {"labelled_pixels": 0}
-    lab, chosen, per = w[:, 2], w[:, 3], w[:, 4:]
+    lab, per = w[:, 2], w[:, 4:]
     fused_hit, fused_lab = fused[w[:, 0], w[:, 1], 0], fused[w[:, 0], w[:, 1], 1]
+    out = _scene_figures(w, names, fused_hit, fused_lab, n_boot)
+    rows = [np.asarray(b, np.float64).reshape(-1, 2 + (3 if agreement else 2)) for b in ev["pixels"]]
+    if rows:
+        out.update(_error_figures([rows], agreement, n_boot))
+    # what a pooled figure over several scenes needs (pooled_figures); not written to scene.json
+    best = names.index(out["best_single_method"])
+    out["_pool"] = {"fused": np.stack([fused_hit, fused_lab], 1), "best": np.stack([per[:, best], lab], 1),
+                    "oracle": np.stack([per.max(1), lab], 1), "pixels": rows, "agreement": agreement}  # fmt: skip
+    return out
+
+
+def _scene_figures(w: np.ndarray, names: list[str], fused_hit: np.ndarray, fused_lab: np.ndarray, n_boot: int) -> dict[str, Any]:
+    from rssqa.metrics import verdict
+
+    lab, chosen, per = w[:, 2], w[:, 3], w[:, 4:]
     total = max(int(lab.sum()), 1)
     per_method = {m: float(per[:, i].sum() / total) for i, m in enumerate(names)}
     best = max(per_method, key=per_method.get)
@@ -89,29 +101,71 @@ def _finish_eval(ev: dict[str, Any], names: list[str], agreement: bool, fused: n
     low, high = np.percentile(diff, [2.5, 97.5])
     out["fused_vs_best_single"] = {"diff": out["fused_oa"] - out["best_single_oa"], "low": float(low), "high": float(high),
                                    "verdict": verdict(float(low), float(high))}  # fmt: skip
-    rows = [np.asarray(b, np.float64).reshape(-1, 2 + (3 if agreement else 2)) for b in ev["pixels"]]
-    if rows:
-        arr = torch.from_numpy(np.concatenate(rows))
-        starts = np.cumsum([0, *(len(r) for r in rows)])
-        target = arr[:, 0].long()
-        names_b = list(PIXEL_BASELINES) if agreement else ["max_prob", "entropy"]
-        out["error_pixels"] = len(arr)
-        if 0 < int(target.sum()) < len(target):
-            auroc = {"error_head": float(binary_auroc(arr[:, 1], target))}
-            for i, nm in enumerate(names_b):
-                auroc[nm] = float(binary_auroc(arr[:, 2 + i], target))
-            best_b = max(names_b, key=lambda k: auroc[k])
-            col = 2 + names_b.index(best_b)
-            margins = []
-            brng = np.random.default_rng(1)
-            for _ in range(min(n_boot, 200)):  # a pooled AUROC per draw: 200 draws
-                pick = torch.from_numpy(np.concatenate([np.arange(starts[k], starts[k + 1]) for k in brng.integers(0, len(rows), len(rows))]))
-                t = target[pick]
-                if 0 < int(t.sum()) < len(t):
-                    margins.append(float(binary_auroc(arr[pick, 1], t) - binary_auroc(arr[pick, col], t)))
-            lo, hi = (np.percentile(margins, [2.5, 97.5]) if margins else (float("nan"), float("nan")))
-            out["error_auroc"] = auroc
-            out["error_auroc_best_baseline"] = best_b
-            out["error_auroc_margin"] = {"diff": auroc["error_head"] - auroc[best_b], "low": float(lo), "high": float(hi),
-                                         "verdict": verdict(float(lo), float(hi))}  # fmt: skip
+    return out
+
+
+def _error_figures(scenes: list[list[np.ndarray]], agreement: bool, n_boot: int) -> dict[str, Any]:
+    """The error map's pixel AUROC and the best per-pixel baseline's on the sampled pixels of every
+    window of ``scenes`` (per scene, per window ``N×(2 + baselines)``: wrong, error probability,
+    baselines), pooled; the margin's 95% interval from a bootstrap over windows within each scene."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    from rssqa.metrics import verdict
+
+    rows = [r for sc in scenes for r in sc]
+    arr = torch.from_numpy(np.concatenate(rows))
+    starts = np.cumsum([0, *(len(r) for r in rows)])
+    first = np.cumsum([0, *(len(sc) for sc in scenes)])
+    target = arr[:, 0].long()
+    names_b = list(PIXEL_BASELINES) if agreement else ["max_prob", "entropy"]
+    out: dict[str, Any] = {"error_pixels": len(arr)}
+    if not 0 < int(target.sum()) < len(target):
+        return out
+    auroc = {"error_head": float(binary_auroc(arr[:, 1], target))}
+    for i, nm in enumerate(names_b):
+        auroc[nm] = float(binary_auroc(arr[:, 2 + i], target))
+    best_b = max(names_b, key=lambda k: auroc[k])
+    col = 2 + names_b.index(best_b)
+    margins = []
+    brng = np.random.default_rng(1)
+    for _ in range(min(n_boot, 200)):  # a pooled AUROC per draw: 200 draws
+        windows = np.concatenate([brng.integers(a, b, b - a) for a, b in zip(first[:-1], first[1:], strict=True)])
+        pick = torch.from_numpy(np.concatenate([np.arange(starts[k], starts[k + 1]) for k in windows]))
+        t = target[pick]
+        if 0 < int(t.sum()) < len(t):
+            margins.append(float(binary_auroc(arr[pick, 1], t) - binary_auroc(arr[pick, col], t)))
+    lo, hi = (np.percentile(margins, [2.5, 97.5]) if margins else (float("nan"), float("nan")))
+    out["error_auroc"] = auroc
+    out["error_auroc_best_baseline"] = best_b
+    out["error_auroc_margin"] = {"diff": auroc["error_head"] - auroc[best_b], "low": float(lo), "high": float(hi),
+                                 "verdict": verdict(float(lo), float(hi))}  # fmt: skip
+    return out
+
+
+def pooled_figures(pools: list[dict[str, Any]], n_boot: int = 1000) -> dict[str, Any]:
+    """Several scenes together: the mean over scenes of the fused map's OA minus each scene's own best
+    single method's (and the oracle's), with a 95% interval from a bootstrap over windows within each
+    scene; the error map's AUROC against the best per-pixel baseline on the pixels of all scenes."""
+    from rssqa.metrics import verdict
+
+    if not pools:
+        return {}
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, len(p["fused"]), (n_boot, len(p["fused"]))) for p in pools]
+
+    def oa(a: np.ndarray, d: np.ndarray | None = None) -> np.ndarray | float:
+        if d is None:
+            return a[:, 0].sum() / max(a[:, 1].sum(), 1)
+        return a[d, 0].sum(1) / np.maximum(a[d, 1].sum(1), 1)
+
+    diff = np.mean([oa(p["fused"], d) - oa(p["best"], d) for p, d in zip(pools, draws, strict=True)], 0)
+    low, high = np.percentile(diff, [2.5, 97.5])
+    out: dict[str, Any] = {
+        "n_scenes": len(pools),
+        "fused_minus_best_single": {"diff": float(np.mean([oa(p["fused"]) - oa(p["best"]) for p in pools])),
+                                    "low": float(low), "high": float(high), "verdict": verdict(float(low), float(high))},
+        "oracle_minus_best_single": float(np.mean([oa(p["oracle"]) - oa(p["best"]) for p in pools])),
+    }  # fmt: skip
+    if all(p["pixels"] for p in pools):
+        out.update(_error_figures([p["pixels"] for p in pools], pools[0]["agreement"], n_boot))
     return out

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from rssqa.errors import RSSQAError
+from rssqa.scene.evaluate import pooled_figures
 from rssqa.scene.job import SceneJob, SceneOptions
 
 _WORKER_SCORER: dict[str, Any] = {}
@@ -34,10 +35,12 @@ def _index_job(args: tuple[Any, dict[str, Any], str, str, int, int, bool]) -> di
         print(f"[scene] {k + 1}/{n} {source}/{sid}", file=sys.stderr, flush=True)
     opts = SceneOptions(source=source, truth=str(truth) if truth else None, progress=progress and not in_worker,
                         classes=e.get("classes"), palette=e.get("palette"))  # fmt: skip
-    summary = SceneJob(scorer, image, Path(out) / source / sid, opts).run()
+    job = SceneJob(scorer, image, Path(out) / source / sid, opts)
+    summary = job.run()
     return {"source": source, "id": sid, "folder": f"{source}/{sid}", "size": summary["size"],
             "windows": summary["windows"]["scored"], "seconds": summary["timings"]["total_s"],
-            "head": summary["head"], "error_model": summary["error_model"], "evaluation": summary.get("evaluation")}  # fmt: skip
+            "head": summary["head"], "error_model": summary["error_model"], "evaluation": summary.get("evaluation"),
+            "_pool": job.pool}  # fmt: skip
 
 
 def score_scene_index(
@@ -55,7 +58,8 @@ def score_scene_index(
         ``scenes`` (one row per scene: its ``evaluation`` and timings) and ``overall``: scenes where
         the fused map is ahead of / tied with / behind the best single method (95% interval over
         windows), the mean of fused minus best single OA, of the oracle's margin, and of the error
-        head's AUROC margin over the best per-pixel baseline.
+        head's AUROC margin over the best per-pixel baseline; ``pooled``: every scene together
+        (:func:`rssqa.scene.evaluate.pooled_figures`), with intervals.
     """
     index = Path(index)
     if not index.is_file():
@@ -84,6 +88,7 @@ def score_scene_index(
 
             scorer = Scorer.load(scorer)
         rows = [_index_job((scorer, e, base, str(out), k, len(entries), progress)) for k, e in enumerate(entries)]
+    pools = [p for p in (r.pop("_pool") for r in rows) if p is not None]
     evals = [r["evaluation"] for r in rows if r["evaluation"] and "fused_vs_best_single" in r["evaluation"]]
     overall: dict[str, Any] = {"n_scenes": len(rows)}
     if evals:
@@ -97,4 +102,5 @@ def score_scene_index(
         if margins:
             overall["mean_error_auroc_margin"] = float(np.mean([m["diff"] for m in margins]))
             overall["error_auroc_ahead"] = sum(m["verdict"] == "ahead" for m in margins)
+        overall["pooled"] = pooled_figures(pools)
     return {"scenes": rows, "overall": overall}

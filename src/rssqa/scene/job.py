@@ -93,6 +93,7 @@ class SceneJob:
     """One scene scored by one scorer (see the module docstring)."""
 
     def __init__(self, scorer: Any, path: str | os.PathLike, out: str | os.PathLike, options: SceneOptions | None = None):
+        self.pool: dict[str, Any] | None = None
         self.scorer, self.path, self.out = scorer, Path(path), Path(out)
         self.opt = options or SceneOptions()
         self.source = scorer.resolve_source(self.opt.source)
@@ -199,6 +200,8 @@ class SceneJob:
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             summary = self._open_and_run()
         summary["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+        # the evaluation's per-window arrays, for figures pooled over several scenes (rssqa.scene.index)
+        self.pool = (summary.get("evaluation") or {}).pop("_pool", None)
         _save_json(self.out / "scene.json", summary)
         return summary
 

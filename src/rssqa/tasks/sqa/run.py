@@ -146,6 +146,16 @@ def recommendation(data: SQADataModule, preds: dict[str, np.ndarray], split: str
     return {**out, "best_fixed_method": fixed, "gap_closed": closed}
 
 
+def recommended_methods(data: SQADataModule, score: np.ndarray, split: str = "test") -> dict[int, int]:
+    """Image index -> index (in ``data.methods``) of the method ``score`` (over ``data.rows(split)``) ranks first."""
+    rows = data.rows(split)
+    best: dict[int, tuple[float, int]] = {}
+    for img, m, v in zip(data.image_idx[rows].tolist(), data.method_of[rows], np.asarray(score).tolist(), strict=True):
+        if img not in best or v > best[img][0]:
+            best[img] = (v, data.methods.index(m))
+    return {img: m for img, (_, m) in best.items()}
+
+
 def recommendation_headroom(data: SQADataModule, preds: dict[str, dict[str, np.ndarray]], split: str = "test") -> dict[str, Any]:
     """How exact a score must be for top1 to reach 0.73 on ``split``, beside each learned model's
     within-image error (:func:`rssqa.recommend.headroom`, :func:`rssqa.recommend.within_image_error`)."""
@@ -262,7 +272,10 @@ def run_sqa(
     plot_embedding(sem["embed"].numpy(), per_image_oa / counts, figures / "clip_embedding.png", groups=_image_sources(data))
     plot_comparison(table, test, figures / "comparison.png")
 
-    pixel_head, pixel_error = run_pixel(data, pixel, seed) if pixel.enabled else (None, None)
+    # the error map serves the method the scorer recommends: the ranking head, else the agreement model's, else RS-SQA's
+    recommender = next(runs[k]["preds"] for k in (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa") if k in runs)
+    chosen = recommended_methods(data, recommender["test"])
+    pixel_head, pixel_error = run_pixel(data, pixel, seed, chosen) if pixel.enabled else (None, None)
     scorer_dir = export_scorer(
         main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task,
         pixel=pixel_head,
