@@ -21,6 +21,24 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+def pretrain_smoke_args(out: Path, shards: Path, epochs: int, *extra: str) -> list[str]:
+    """The smoke pretrain stage's command line, shrunk to 8-sample batches and two steps an epoch."""
+    return [
+        "--config", "conf/smoke/pretrain.yaml",
+        "--out", str(out),
+        "--data.shards", str(shards),
+        "--data.batch_size", "8",
+        "--data.samples_per_epoch", "16",
+        "--data.eval_scenes", "12",
+        "--data.eval_pairs", "16",
+        "--data.eval_image_size", "32",
+        "--trainer.max_epochs", str(epochs),
+        "--checkpoint.every_n_train_steps", "2",
+        "--wandb", "false",
+        *extra,
+    ]  # fmt: skip
+
+
 def tiny_world_config(seed: int = 0) -> WorldConfig:
     """The smoke world, shrunk further: 256 pairs at 32 px, 16 tiles per source."""
     return WorldConfig(

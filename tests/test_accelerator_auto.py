@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import pretrain_smoke_args
 from tests.ddp.common import write_fixture_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,23 +71,7 @@ def _run(stage, monkeypatch, shards: Path, out: Path, *extra: str) -> tuple[dict
 
     monkeypatch.setattr(stage, "finish", spy)
     monkeypatch.setattr(sys, "argv", ["stages/pretrain.py"])  # the CLI reads args, not pytest's command line
-    summary = stage.main(
-        [
-            "--config", "conf/smoke/pretrain.yaml",
-            "--out", str(out),
-            "--data.shards", str(shards),
-            "--data.batch_size", "8",
-            "--data.samples_per_epoch", "16",
-            "--data.eval_scenes", "12",
-            "--data.eval_pairs", "16",
-            "--data.eval_image_size", "32",
-            "--trainer.max_epochs", "1",
-            "--checkpoint.every_n_train_steps", "2",
-            "--compare_with", "null",
-            "--wandb", "false",
-            *extra,
-        ]
-    )  # fmt: skip
+    summary = stage.main(pretrain_smoke_args(out, shards, 1, "--compare_with", "null", *extra))
     return summary, seen
 
 

@@ -24,6 +24,7 @@ from rssqa.evaluate.zeroshot import load_labelled_folder, zeroshot_accuracy
 from rssqa.models.clip import create_clip, encode_images, input_spec
 from rssqa.runs import write_summary
 from rssqa.tasks.pretrain import LAST_GOOD, PretrainTask, warmup_cosine
+from tests.conftest import pretrain_smoke_args
 from tests.ddp.common import write_fixture_shards
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -294,22 +295,7 @@ def test_stage_end_to_end_in_process(shards, tmp_path, monkeypatch):
             Image.fromarray(np.full((48, 40, 3), colour, np.uint8)).save(folder / name / f"{i}.png")
     raw = {"zeroshot_top1": 0.25, "retrieval_mean_recall": 0.1}  # a finished raw-corpus run beside ours
     write_summary(tmp_path / "pretrain_raw", raw)
-    summary = stage.main(
-        [
-            "--config", "conf/smoke/pretrain.yaml",
-            "--out", str(out),
-            "--data.shards", str(shards),
-            "--data.batch_size", "8",
-            "--data.samples_per_epoch", "16",
-            "--data.eval_scenes", "12",
-            "--data.eval_pairs", "16",
-            "--data.eval_image_size", "32",
-            "--trainer.max_epochs", "2",
-            "--checkpoint.every_n_train_steps", "2",
-            "--data.zeroshot_folder", str(folder),
-            "--wandb", "false",
-        ]
-    )  # fmt: skip
+    summary = stage.main(pretrain_smoke_args(out, shards, 2, "--data.zeroshot_folder", str(folder)))
     saved = json.loads((out / "summary.json").read_text())
     for key in ("world_size", "samples_seen", "samples_per_s", "zeroshot_top1", "retrieval_mean_recall"):
         assert saved[key] == pytest.approx(summary[key]), key
