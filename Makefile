@@ -97,10 +97,12 @@ $(CLIP_OUT)/pretrain_raw/summary.json: | $(CLIP_OUT)/pretrain/summary.json
 	$(MAKE) --no-print-directory pretrain-raw PROFILE=$(CLIP_PROFILE)
 endif
 
-# whole scenes: the world's large GeoTIFF scenes scored window by window (rssqa scene), measured against their truth
-scenes: $(OUT)/scenes/summary.json ## rssqa scene on the world's scenes: quality, best-method, fused and error maps
+# whole scenes scored window by window (rssqa scene) and measured against their truth: the world's large
+# GeoTIFF scenes, or (a profile without a world: real data) the whole images of RS-SQED's test split
+SCENES_FROM = $(if $(WORLD),--index $(OUT)/world/scenes/scenes.json,--sqed $(OUT)/sqed --data $(DATA))
+scenes: $(OUT)/scenes/summary.json ## rssqa scene on the world's scenes (or the test area's whole images): the four maps
 $(OUT)/scenes/summary.json: $(OUT)/sqa/summary.json $(WORLD) | $(STAMP)
-	$(PY) stages/scenes.py --scorer $(OUT)/sqa/scorer --index $(OUT)/world/scenes/scenes.json --out $(OUT)/scenes --workers 2
+	$(PY) stages/scenes.py --scorer $(OUT)/sqa/scorer $(SCENES_FROM) --out $(OUT)/scenes --workers 2
 
 report: | $(STAMP) ## runs/<profile>/report.md from whatever stages have finished
 	$(PY) -m rssqa.report --runs $(RUNS) --profile $(PROFILE) $(if $(PIPELINE_SECONDS),--pipeline-seconds $(PIPELINE_SECONDS))

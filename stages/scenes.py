@@ -1,26 +1,44 @@
-"""Score the embedded world's scenes with a scorer and measure the maps against their truth.
+"""Score whole scenes with a scorer and measure the maps against their truth: the embedded world's
+scenes (``--index``), or the whole images of an RS-SQED split of real labelled data (``--sqed``).
 
 ``python stages/scenes.py --scorer runs/demo/sqa/scorer --index runs/demo/world/scenes/scenes.json --out runs/demo/scenes``
+``python stages/scenes.py --scorer runs/dubai/sqa/scorer --sqed runs/dubai/sqed --data ../shared/data/dubai-aerial --out runs/dubai/scenes``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from rssqa.errors import RSSQAError
 from rssqa.runs import is_done, write_summary
-from rssqa.scene import score_scene_index
+from rssqa.scene import export_split_scenes, score_scene_index
 from rssqa.scorer import Scorer
+
+
+def _scorer_sizes(scorer: str) -> list[list[int]]:
+    """The image sizes a scorer folder's methods were trained on (``scorer.json``)."""
+    try:
+        config = json.loads((Path(scorer) / "scorer.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RSSQAError(f"{scorer}: not a scorer folder ({type(e).__name__})") from None
+    sizes = list((config.get("image_sizes") or {}).values()) or [config.get("image_size") or [1, 1]]
+    return [list(s) for s in sizes]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scorer", required=True)
-    ap.add_argument("--index", required=True, help="scenes.json of the world (or any scene index of that form)")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--index", help="scenes.json of the world (or any scene index of that form)")
+    where.add_argument("--sqed", help="an RS-SQED folder: score the whole images of its --split (written under OUT/inputs)")
+    ap.add_argument("--data", default=None, help="with --sqed: the base of its relative source roots (the sqed stage's)")
+    ap.add_argument("--split", default="test", help="with --sqed: which split's images (default test)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (one process)")
     ap.add_argument("--workers", type=int, default=1, help="scenes side by side, one one-thread process each")
@@ -32,8 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
+        index, exported = args.index, None
+        if args.sqed:
+            tile = max(max(s) for s in _scorer_sizes(args.scorer))
+            data = args.data if args.data is not None else str(Path(args.sqed).parent)
+            index, exported = export_split_scenes(args.sqed, data, Path(args.out) / "inputs", args.split, min_side=tile)
+            print(f"scenes: {exported['scenes']} whole {args.split} images of {args.sqed} as scenes "
+                  f"({len(exported['skipped'])} skipped)", flush=True)  # fmt: skip
         scorer = args.scorer if args.workers > 1 else Scorer.load(args.scorer)
-        result = score_scene_index(scorer, args.index, args.out, progress=True, workers=args.workers)
+        result = score_scene_index(scorer, index, args.out, progress=True, workers=args.workers)
+        if exported is not None:
+            result["inputs"] = {"sqed": args.sqed, "split": args.split, **exported}
     except RSSQAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

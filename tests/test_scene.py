@@ -14,6 +14,7 @@ from rasterio.crs import CRS  # noqa: E402
 from rasterio.transform import from_origin  # noqa: E402
 
 from rssqa.cli import main  # noqa: E402
+from rssqa.errors import RSSQAError  # noqa: E402
 from rssqa.scene import LAYERS, NODATA, owned_bounds, taper, window_offsets  # noqa: E402
 
 TRANSFORM = from_origin(500000.0, 5800000.0, 0.5, 0.5)
@@ -263,3 +264,61 @@ def test_pooled_figures_are_the_scenes_own_margins_averaged():
     # one scene alone: the same figures as the scene's own evaluation
     assert pooled_figures([a])["error_auroc_margin"] == _error_figures([a["pixels"]], True, 1000)["error_auroc_margin"]
     assert pooled_figures([]) == {}
+
+
+def test_split_images_become_scenes_as_the_source_reads_them(tmp_path):
+    from PIL import Image
+
+    from rssqa.data.segsets.source import resample_mask
+    from rssqa.data.sqed import TABLE, TABLE_COLUMNS
+    from rssqa.runs import write_summary
+    from rssqa.scene import export_split_scenes
+
+    palette = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    classes = {}
+    for stem, (h, w) in {"areaA_1": (40, 48), "areaB_1": (40, 48), "areaB_2": (36, 30)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(data / "images" / f"{stem}.png")
+        classes[stem] = rng.integers(0, 3, (h, w)).astype(np.uint8)
+        Image.fromarray(np.asarray(palette, np.uint8)[classes[stem]]).save(data / "masks" / f"{stem}.png")
+    options = {"images": "images", "masks": "masks", "image_glob": "*.png", "mask_glob": "*.png", "classes": ["a", "b", "c"],
+               "palette": palette, "scale": 0.5, "patch_size": 8, "group_pattern": "(area[AB])_"}  # fmt: skip
+    sqed = tmp_path / "sqed"
+    sqed.mkdir()
+    write_summary(sqed, {"config": {"sources": [{"name": "s", "root": "data", "layout": "folder", "options": options}]}})
+    rows = [",".join(TABLE_COLUMNS)]
+    for key, split, group in (("areaA_1_0_0", "train", "areaA"), ("areaB_1_0_0", "test", "areaB"), ("areaB_2_0_0", "test", "areaB")):
+        rows.append(f"s/{key},{key},s,fpn,0.5,{split},{group},64,0.5,0.5,0.5,f,0,i,0")
+    (sqed / TABLE).write_text("\n".join(rows) + "\n")
+
+    index, info = export_split_scenes(sqed, tmp_path, tmp_path / "scenes", "test", min_side=16)
+    entries = json.loads(index.read_text())["scenes"]
+    # areaB's images only; the 30 px wide one is 15 px as read, under one 16 px window: left out and said
+    assert [e["id"] for e in entries] == ["areaB_1"] and info["scenes"] == 1
+    assert len(info["skipped"]) == 1 and "areaB_2" in info["skipped"][0] and "16 px window" in info["skipped"][0]
+    e = entries[0]
+    assert e["classes"] == ["a", "b", "c"] and e["palette"] == palette
+    with rasterio.open(tmp_path / e["image"]) as d:
+        assert (d.count, d.height, d.width, d.dtypes[0]) == (3, 20, 24, "uint8")
+    with rasterio.open(tmp_path / e["truth"]) as d:
+        assert d.nodata == 255 and np.array_equal(d.read(1), resample_mask(classes["areaB_1"], 20, 24))
+    with pytest.raises(RSSQAError, match="no val images"):
+        export_split_scenes(sqed, tmp_path, tmp_path / "none", "val")
+
+
+def test_split_scenes_keep_a_geotiffs_georeferencing_rescaled(tmp_path):
+    from rssqa.scene.split import _georef
+
+    path = tmp_path / "g.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=48, height=40, count=3, dtype="uint8", crs=CRS_UTM, transform=TRANSFORM) as d:
+        d.write(np.zeros((3, 40, 48), np.uint8))
+    geo = _georef(path, 20, 24)  # read at half the resolution: pixels twice as large, same origin
+    assert geo["crs"] == CRS_UTM and geo["transform"] == from_origin(500000.0, 5800000.0, 1.0, 1.0)
+    plain = tmp_path / "p.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(plain)
+    assert _georef(plain, 4, 4) == {}

@@ -169,8 +169,12 @@ def _interval(d: dict[str, Any] | None) -> str:
 
 def _scenes_section(sc: dict[str, Any], root: Path, plots: Path, table: Any, img: Any) -> str:
     """Whole scenes: the fused map against each single method and the oracle, the error map's AUROC."""
+    src = sc.get("inputs")
+    what = ("The world's large scenes (GeoTIFF, own seed)" if not src else
+            f"The whole images of RS-SQED's {src['split']} split, as the source reads them ({src['scenes']} images; "
+            f"{len(src['skipped'])} smaller than a window left out)")  # fmt: skip
     out = ["## Whole scenes (`rssqa scene`)\n",
-           "The world's large scenes (GeoTIFF, own seed), scored window by window; the maps measured against "
+           f"{what}, scored window by window; the maps measured against "
            "their truth on the same pixels. Intervals: 95%, bootstrap over windows.\n\n"]  # fmt: skip
     rows, err_rows = [], []
     for r in sc.get("scenes", []):

@@ -178,9 +178,22 @@ def test_tiny_sqed_and_sqa_on_real_patches(tmp_path):
     assert np.isfinite(a["test"]["srcc"])
     assert set(a["baselines"]) >= {"msp", "entropy", "image_only", "generic_clip"}
 
-    # the report of a profile without world, purify and pretrain: both stages, and the CLIP it used
+    # the test area's whole images, as the source reads them, scored as scenes against their masks
+    spec = importlib.util.spec_from_file_location("scenes_stage", ROOT / "stages" / "scenes.py")
+    scenes_stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scenes_stage)
+    scenes_args = ["--scorer", str(tmp_path / "sqa" / "scorer"), "--sqed", str(sqed), "--data", str(REAL), "--out", str(tmp_path / "scenes")]
+    assert scenes_stage.main(scenes_args) == 0
+    sc = read_summary(tmp_path / "scenes")
+    assert sc["inputs"]["scenes"] == len(sc["scenes"]) == 1 and sc["inputs"]["split"] == "test"
+    (scene,) = sc["scenes"]
+    assert scene["id"] == f"{per_split['test'][0]}_001" and 0 <= scene["evaluation"]["fused_oa"] <= 1
+    assert (tmp_path / "scenes" / scene["folder"] / "fused.tif").is_file()
+
+    # the report of a profile without world, purify and pretrain: its stages, and the CLIP it used
     from rssqa.report import build_report
 
     md = build_report(tmp_path.parent, tmp_path.name, wandb=False).read_text()
-    assert "Stages finished: sqed, sqa." in md and "Not run in this profile: world, purify, pretrain." in md
+    assert "Stages finished: sqed, sqa, scenes." in md and "Not run in this profile: world, purify, pretrain." in md
+    assert "The whole images of RS-SQED's test split" in md
     assert str(tmp_path / "clip_rs") in md and "## RS-SQED" in md and "## Method recommendation" in md

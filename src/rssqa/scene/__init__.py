@@ -29,7 +29,8 @@ same pixels, and the error map's pixel AUROC against per-pixel label-free baseli
 
 Modules: :mod:`~rssqa.scene.windows` (offsets, owned pixels, taper), :mod:`~rssqa.scene.job`
 (:class:`SceneJob`), :mod:`~rssqa.scene.evaluate` (against a truth raster),
-:mod:`~rssqa.scene.quicklook`, :mod:`~rssqa.scene.index` (a scene index, several processes).
+:mod:`~rssqa.scene.quicklook`, :mod:`~rssqa.scene.index` (a scene index, several processes),
+:mod:`~rssqa.scene.split` (a labelled folder's held-out whole images as scenes).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from rssqa.scene.common import DTYPES, LAYERS, NODATA
 from rssqa.scene.index import score_scene_index
 from rssqa.scene.job import SceneJob, SceneOptions, score_scene_file
 from rssqa.scene.quicklook import quicklook
+from rssqa.scene.split import export_split_scenes
 from rssqa.scene.windows import owned_bounds, taper, window_offsets
 
 __all__ = [
-    "DTYPES", "LAYERS", "NODATA", "SceneJob", "SceneOptions", "owned_bounds", "quicklook", "score_scene_file",
-    "score_scene_index", "taper", "window_offsets",
+    "DTYPES", "LAYERS", "NODATA", "SceneJob", "SceneOptions", "export_split_scenes", "owned_bounds", "quicklook",
+    "score_scene_file", "score_scene_index", "taper", "window_offsets",
 ]  # fmt: skip

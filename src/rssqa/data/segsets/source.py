@@ -383,19 +383,24 @@ class SegSource(Dataset):
         s = self.samples[index]
         if self._cache is None or self._cache[0] != s.pair:
             # patches of one file are consecutive: decode each file once, not once per patch
-            image = read_image(s.pair.image, self.bands)
-            mask = read_mask(s.pair.mask, self.codec)
-            if image.shape[:2] != mask.shape:
-                raise RSSQAError(f"{s.pair.image}: image is {image.shape[:2]} but its mask is {mask.shape}")
-            if self.factor != 1:
-                h, w = resampled_size(mask.shape[0], self.factor), resampled_size(mask.shape[1], self.factor)
-                image, mask = resample_image(image, h, w), resample_mask(mask, h, w)
-            self._cache = (s.pair, image, mask)
+            self._cache = (s.pair, *self.read_file(s.pair))
         _, image, mask = self._cache
         if s.window is not None:
             top, left, h, w = s.window
             image, mask = image[top : top + h, left : left + w], mask[top : top + h, left : left + w]
         return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+    def read_file(self, pair: FilePair) -> tuple[np.ndarray, np.ndarray]:
+        """The whole image ``H×W×3`` uint8 and mask ``H×W`` uint8 of one file pair, as the source reads
+        them (bands chosen, classes decoded, resampled), before patches are cut."""
+        image = read_image(pair.image, self.bands)
+        mask = read_mask(pair.mask, self.codec)
+        if image.shape[:2] != mask.shape:
+            raise RSSQAError(f"{pair.image}: image is {image.shape[:2]} but its mask is {mask.shape}")
+        if self.factor != 1:
+            h, w = resampled_size(mask.shape[0], self.factor), resampled_size(mask.shape[1], self.factor)
+            image, mask = resample_image(image, h, w), resample_mask(mask, h, w)
+        return image, mask
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, mask = self.read(index)
