@@ -18,17 +18,17 @@ import torch
 from rssqa.errors import RSSQAError
 from rssqa.runs import is_done, write_summary
 from rssqa.scene import export_split_scenes, score_scene_index
+from rssqa.scene.common import trained_tile
 from rssqa.scorer import Scorer
 
 
-def _scorer_sizes(scorer: str) -> list[list[int]]:
-    """The image sizes a scorer folder's methods were trained on (``scorer.json``)."""
+def _largest_tile(scorer: str) -> int:
+    """The largest window a scorer folder reads over its sources (``scorer.json``; what a scene must hold)."""
     try:
         config = json.loads((Path(scorer) / "scorer.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RSSQAError(f"{scorer}: not a scorer folder ({type(e).__name__})") from None
-    sizes = list((config.get("image_sizes") or {}).values()) or [config.get("image_size") or [1, 1]]
-    return [list(s) for s in sizes]
+    return max(trained_tile(config, s) or 1 for s in list(config.get("image_sizes") or {}) or [None])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index, exported = args.index, None
         if args.sqed:
-            tile = max(max(s) for s in _scorer_sizes(args.scorer))
+            tile = _largest_tile(args.scorer)
             data = args.data if args.data is not None else str(Path(args.sqed).parent)
             index, exported = export_split_scenes(args.sqed, data, Path(args.out) / "inputs", args.split, min_side=tile)
             print(f"scenes: {exported['scenes']} whole {args.split} images of {args.sqed} as scenes "

@@ -28,6 +28,14 @@ CLASS_COLOURS = (
 )  # fmt: skip  (classes without a palette)
 
 
+def trained_tile(config: dict[str, Any], source: str | None) -> int | None:
+    """The window side a scorer reads for ``source``: the shorter side of the size its methods were
+    trained on (``scorer.json``'s ``image_sizes`` of the source, else its ``image_size``); ``None``
+    when the scorer records neither."""
+    size = (config.get("image_sizes") or {}).get(source) or config.get("image_size")
+    return int(min(size)) if size else None
+
+
 def _rasterio():
     try:
         import rasterio

@@ -60,24 +60,25 @@ def fused_per_window(fused_path: Path, truth, src, row_own, col_own) -> np.ndarr
     return out
 
 
-def _finish_eval(ev: dict[str, Any], names: list[str], agreement: bool, fused: np.ndarray, n_boot: int = 1000) -> dict[str, Any]:
+def _finish_eval(
+    ev: dict[str, Any], names: list[str], agreement: bool, fused: np.ndarray, n_boot: int = 1000
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Scene-level figures with 95% intervals from a bootstrap over windows (the fused map against the
-    best single method; the error head's AUROC against the best per-pixel baseline). The private key
-    ``_pool`` holds what :func:`pooled_figures` needs; it is not meant for ``scene.json``."""
+    best single method; the error head's AUROC against the best per-pixel baseline), and the per-window
+    arrays :func:`pooled_figures` reads (``None`` without labelled windows)."""
     w = np.asarray(ev["windows"], np.int64).reshape(-1, 4 + len(names))
     if not len(w):
-        return {"labelled_pixels": 0}
+        return {"labelled_pixels": 0}, None
     lab, per = w[:, 2], w[:, 4:]
     fused_hit, fused_lab = fused[w[:, 0], w[:, 1], 0], fused[w[:, 0], w[:, 1], 1]
     out = _scene_figures(w, names, fused_hit, fused_lab, n_boot)
     rows = [np.asarray(b, np.float64).reshape(-1, 2 + (3 if agreement else 2)) for b in ev["pixels"]]
     if rows:
         out.update(_error_figures([rows], agreement, n_boot))
-    # what a pooled figure over several scenes needs (pooled_figures); not written to scene.json
     best = names.index(out["best_single_method"])
-    out["_pool"] = {"fused": np.stack([fused_hit, fused_lab], 1), "best": np.stack([per[:, best], lab], 1),
-                    "oracle": np.stack([per.max(1), lab], 1), "pixels": rows, "agreement": agreement}  # fmt: skip
-    return out
+    pool = {"fused": np.stack([fused_hit, fused_lab], 1), "best": np.stack([per[:, best], lab], 1),
+            "oracle": np.stack([per.max(1), lab], 1), "pixels": rows, "agreement": agreement}  # fmt: skip
+    return out, pool
 
 
 def _scene_figures(w: np.ndarray, names: list[str], fused_hit: np.ndarray, fused_lab: np.ndarray, n_boot: int) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from rssqa.scene.job import SceneJob, SceneOptions
 _WORKER_SCORER: dict[str, Any] = {}
 
 
-def _index_job(args: tuple[Any, dict[str, Any], str, str, int, int, bool]) -> dict[str, Any]:
-    """One scene of an index: the scorer (or, in a worker process, its folder, loaded once) runs it."""
+def _index_job(args: tuple[Any, dict[str, Any], str, str, int, int, bool]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One scene of an index: the scorer (or, in a worker process, its folder, loaded once) runs it.
+    Returns the scene's row and its evaluation's per-window arrays (for the pooled figures)."""
     scorer, e, base, out, k, n, progress = args
     in_worker = isinstance(scorer, str)
     if in_worker:
@@ -37,10 +38,10 @@ def _index_job(args: tuple[Any, dict[str, Any], str, str, int, int, bool]) -> di
                         classes=e.get("classes"), palette=e.get("palette"))  # fmt: skip
     job = SceneJob(scorer, image, Path(out) / source / sid, opts)
     summary = job.run()
-    return {"source": source, "id": sid, "folder": f"{source}/{sid}", "size": summary["size"],
-            "windows": summary["windows"]["scored"], "seconds": summary["timings"]["total_s"],
-            "head": summary["head"], "error_model": summary["error_model"], "evaluation": summary.get("evaluation"),
-            "_pool": job.pool}  # fmt: skip
+    row = {"source": source, "id": sid, "folder": f"{source}/{sid}", "size": summary["size"],
+           "windows": summary["windows"]["scored"], "seconds": summary["timings"]["total_s"],
+           "head": summary["head"], "error_model": summary["error_model"], "evaluation": summary.get("evaluation")}  # fmt: skip
+    return row, job.pool
 
 
 def score_scene_index(
@@ -81,14 +82,15 @@ def score_scene_index(
 
         jobs = [(str(scorer), e, base, str(out), k, len(entries), progress) for k, e in enumerate(entries)]
         with ProcessPoolExecutor(min(workers, len(entries)), mp_context=mp.get_context("spawn")) as pool:
-            rows = list(pool.map(_index_job, jobs))
+            done = list(pool.map(_index_job, jobs))
     else:
         if isinstance(scorer, (str, os.PathLike)):
             from rssqa.scorer import Scorer
 
             scorer = Scorer.load(scorer)
-        rows = [_index_job((scorer, e, base, str(out), k, len(entries), progress)) for k, e in enumerate(entries)]
-    pools = [p for p in (r.pop("_pool") for r in rows) if p is not None]
+        done = [_index_job((scorer, e, base, str(out), k, len(entries), progress)) for k, e in enumerate(entries)]
+    rows = [row for row, _ in done]
+    pools = [p for _, p in done if p is not None]
     evals = [r["evaluation"] for r in rows if r["evaluation"] and "fused_vs_best_single" in r["evaluation"]]
     overall: dict[str, Any] = {"n_scenes": len(rows)}
     if evals:

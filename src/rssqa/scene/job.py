@@ -33,6 +33,7 @@ from rssqa.scene.common import (
     _open,
     _rasterio,
     _save_json,
+    trained_tile,
 )
 from rssqa.scene.evaluate import _evaluate_windows, _finish_eval, _new_eval, fused_per_window
 from rssqa.scene.quicklook import quicklook
@@ -112,8 +113,7 @@ class SceneJob:
         if self.pixel_head is not None and self.pixel_head.agreement and not self.agreement:
             self.pixel_head = None
         self.error_model = "pixel error head" if self.pixel_head is not None else "1 - max probability"
-        size = (scorer.config.get("image_sizes") or {}).get(self.source) or scorer.config.get("image_size") or [scorer.min_size] * 2
-        self.tile = int(self.opt.tile or min(size))
+        self.tile = int(self.opt.tile or trained_tile(scorer.config, self.source) or scorer.min_size)
         if self.tile < scorer.min_size:
             raise RSSQAError(f"--tile: {self.tile} px is smaller than the {scorer.min_size} px the scorer takes")
         self.overlap = int(self.tile // 4 if self.opt.overlap is None else self.opt.overlap)
@@ -200,8 +200,6 @@ class SceneJob:
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             summary = self._open_and_run()
         summary["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
-        # the evaluation's per-window arrays, for figures pooled over several scenes (rssqa.scene.index)
-        self.pool = (summary.get("evaluation") or {}).pop("_pool", None)
         _save_json(self.out / "scene.json", summary)
         return summary
 
@@ -305,7 +303,8 @@ class SceneJob:
         summary = self._summary(state, src, georef, rows_off, cols_off, finish_s)
         if truth is not None:
             fused = fused_per_window(self.out / "fused.tif", truth, src, row_own, col_own)
-            summary["evaluation"] = _finish_eval(ev, self.names, self.agreement, fused)
+            # the per-window arrays stay on the job, for figures pooled over several scenes (rssqa.scene.index)
+            summary["evaluation"], self.pool = _finish_eval(ev, self.names, self.agreement, fused)
         if self.opt.quicklook:
             try:
                 summary["outputs"]["quicklook"] = quicklook(self.out, self.path, self.names)
