@@ -71,11 +71,14 @@ class ProgressLog(Callback):
         return int(total) if total != float("inf") else None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        first = trainer.global_step - self._first == 1
+        if not first and time.perf_counter() - self._last < self.every_s:
+            return  # the common case: nothing to print, nothing assembled (this runs after every step)
         metrics = trainer.callback_metrics
         shown = [f"{k} {float(metrics[k]):.4g}" for k in self.metrics if k in metrics]
         epoch = f", epoch {trainer.current_epoch + 1}" + (f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else "")
         extra = epoch + "".join(f", {s}" for s in shown)
-        self._maybe(trainer, "fit", trainer.global_step, self._fit_total(trainer), "steps", extra, force=trainer.global_step - self._first == 1)
+        self._maybe(trainer, "fit", trainer.global_step, self._fit_total(trainer), "steps", extra, force=first)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._maybe(trainer, "fit done:", trainer.global_step, None, "steps", force=True)

@@ -68,6 +68,36 @@ def test_per_method_adapters_and_unseen_methods():
     assert torch.equal(with_feats[2], shared_only[2])  # an unseen method goes through the shared adapter only
 
 
+def test_adapters_and_shared_semantics_equal_the_row_by_row_formula():
+    """The per-method adapters (one product per method present) equal, row by row, standardising the
+    row's features with its method's statistics and multiplying by its method's weight; the semantic
+    tokens of the methods of one image (computed once per image) equal those computed row by row."""
+    m = _model(methods=["unet", "fpn", "pspnet"], feat_dim=FEAT)
+    with torch.no_grad():
+        m.method_weight.normal_()
+        m.method_bias.normal_()
+    m.set_feature_stats(torch.randn(3, FEAT), torch.rand(3, FEAT) + 0.5)
+    feats = torch.randn(5, FEAT, GRID, GRID)
+    idx = torch.tensor([2, 0, -1, 2, 1])
+    flat = feats.flatten(2).transpose(1, 2)
+    expected = torch.stack([
+        torch.zeros(GRID * GRID, 16) if i < 0
+        else (flat[r] - m.feat_mean[i]) / m.feat_std[i] @ m.method_weight[i] + m.method_bias[i]
+        for r, i in enumerate(idx.tolist())
+    ])  # fmt: skip
+    assert torch.allclose(m._adapt(flat, idx), expected, atol=1e-5)
+
+    one = _batch(b=2)
+    images = torch.tensor([0, 1, 0, 1, 1])  # two images, their methods interleaved
+    batch = {k: v[images] for k, v in one.items()}
+    rows = m.encode_semantics(batch["sem_embed"], batch["sem_tokens"])
+    shared = m({**batch, "image_idx": images})
+    assert torch.allclose(shared, m.score(rows, m.encode_segmentation(batch["seg_cells"], batch["seg_global"])), atol=1e-6)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(m.norm_tokens(batch["sem_tokens"]), GRID)
+    x = m.sem_tokens(pooled.flatten(2).transpose(1, 2)) + m.sem_embed(m.norm_embed(batch["sem_embed"])).unsqueeze(1)
+    assert torch.allclose(rows, m.sem_norm(x + m.pos), atol=1e-6)  # the pooling is adaptive average pooling
+
+
 def test_standardisation_buffers_travel_with_the_state_dict():
     m = _model()
     m.norm_global.set_stats(torch.full((G,), 2.0), torch.full((G,), 3.0))

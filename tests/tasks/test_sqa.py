@@ -243,13 +243,19 @@ def test_rerun_is_a_no_op(run_root, capsys):
 
 
 def test_same_seed_same_numbers(run_root, tmp_path):
-    """A second run from scratch (no cache) reproduces the first run's test figures exactly."""
+    """A second run from scratch (no cache), its heads trained by two worker processes instead of this
+    one, reproduces the first run's figures exactly: RS-SQA, the agreement models, leave-one-source-out."""
     torch.set_num_threads(1)
-    args = [*stage_args(run_root, tmp_path / "again"), "--ablations", "[]", "--pixel.enabled", "false"]
+    args = [*stage_args(run_root, tmp_path / "again"), "--ablations", "[]", "--pixel.enabled", "false", "--fit_workers", "2"]
     summary = _stage_main()(args)
     first = read_summary(run_root / "sqa")
     assert summary["test"]["srcc"] == first["test"]["srcc"]
     assert summary["recommend"]["top1"] == first["recommend"]["top1"]
+    for name in ("with_agreement", "with_agreement_ranking"):
+        assert summary["baselines"][name] == first["baselines"][name], name
+    assert summary["leave_one_source_out"] == first["leave_one_source_out"]
+    assert (tmp_path / "again" / "checkpoints" / "loso_beta_rs_sqa" / "best.ckpt").is_file()
+    assert (tmp_path / "again" / "config.yaml").is_file()
     # the pixel error head switched off: none in the summary, none in the scorer
     assert summary["pixel_error"] is None and not (tmp_path / "again" / "scorer" / "scorer_pixel.safetensors").exists()
 

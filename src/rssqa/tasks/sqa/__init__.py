@@ -14,17 +14,21 @@ and writes ``summary.json`` last.
 
 from rssqa.tasks.sqa.data import ImageBatchSampler, RowDataset, SQADataModule, clip_features_for
 from rssqa.tasks.sqa.export import export_scorer
-from rssqa.tasks.sqa.run import ABLATIONS, BASELINE_KEYS, SUMMARY_METRICS, fit_one, run_sqa
+from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe, fit_one
+from rssqa.tasks.sqa.run import ABLATIONS, BASELINE_KEYS, SUMMARY_METRICS, run_sqa
 from rssqa.tasks.sqa.task import SQATask, set_input_stats
 
 __all__ = [
     "ABLATIONS",
     "BASELINE_KEYS",
     "SUMMARY_METRICS",
+    "FitJob",
+    "Fits",
     "ImageBatchSampler",
     "RowDataset",
     "SQADataModule",
     "SQATask",
+    "TrainerRecipe",
     "clip_features_for",
     "export_scorer",
     "fit_one",

@@ -11,60 +11,76 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import lightning as L
 import numpy as np
 
 from rssqa import metrics
 from rssqa.tasks.sqa.data import SQADataModule
-from rssqa.tasks.sqa.task import SQATask
+from rssqa.tasks.sqa.fits import FitJob
+
+
+def held_out_splits(data: SQADataModule) -> dict[str, np.ndarray]:
+    """Per source: the split of every table row with that source held out (its test rows only, the
+    other sources' train and val rows; everything else ``unused``)."""
+    sources = sorted(set(data.source_of.tolist()))
+    if len(sources) < 2:
+        return {}
+    out = {}
+    for held in sources:
+        on_held = data.source_of == held
+        split = data.split_of.copy()
+        split[on_held & (data.split_of != "test")] = "unused"
+        split[~on_held & (data.split_of == "test")] = "unused"
+        out[held] = split
+    return out
+
+
+def run_name(held: str, model: str) -> str:
+    """The fit of ``model`` with source ``held`` left out."""
+    return f"loso_{held}_{model}"
+
+
+def loso_jobs(models: Mapping[str, dict[str, Any]], data: SQADataModule, seed: int = 0) -> list[FitJob]:
+    """The fits :func:`leave_one_source_out` reads: each of ``models`` (run name -> :class:`SQATask`
+    arguments) with each source held out in turn."""
+    return [
+        FitJob(run_name(held, name), hparams, split_of=split, seed=seed)
+        for held, split in held_out_splits(data).items()
+        for name, hparams in models.items()
+    ]
 
 
 def leave_one_source_out(
     models: Mapping[str, dict[str, Any]],
     data: SQADataModule,
-    make_trainer: Callable[[str], L.Trainer],
-    fit: Callable[..., tuple[SQATask, dict[str, np.ndarray], float]],
+    test_predictions: Callable[[str], np.ndarray],
     baselines: Callable[[SQADataModule], dict[str, Any]],
     recommendation: Callable[[SQADataModule, dict[str, np.ndarray]], dict[str, Any]],
     label_free: Sequence[str],
-    seed: int = 0,
 ) -> dict[str, Any]:
     """Train each of ``models`` on all sources but one, test on that one, for every source.
 
     Args:
         models: run name -> :class:`SQATask` arguments (e.g. ``rs_sqa`` and ``with_agreement``).
         data: the prepared data module (its splits are restored afterwards).
-        make_trainer: run name -> a fresh Trainer.
-        fit: :func:`rssqa.tasks.sqa.run.fit_one`.
+        test_predictions: fit name (:func:`run_name`) -> its predictions on that fold's test rows (the
+            fits of :func:`loso_jobs`, trained wherever :class:`~rssqa.tasks.sqa.fits.Fits` runs them).
         baselines: :func:`rssqa.tasks.sqa.run.baseline_scores` (``atc`` is refitted on the other sources).
         recommendation: :func:`rssqa.tasks.sqa.run.recommendation`.
         label_free: names of the label-free baselines to report beside the models.
-        seed: seeded before every fit.
 
     Returns:
         ``{held_out_source: {score: {srcc, regret, chosen_oa}, "best_label_free": name, "n_images": n}}``
         with every learned model, every label-free baseline, and the best label-free baseline other
         than ``consensus`` named.
     """
-    sources = sorted(set(data.source_of.tolist()))
-    if len(sources) < 2:
-        return {}
     original = data.split_of.copy()
     out: dict[str, Any] = {}
     try:
-        for held in sources:
-            on_held = data.source_of == held
-            split = original.copy()
-            split[on_held & (original != "test")] = "unused"  # the held-out source: its test rows only
-            split[~on_held & (original == "test")] = "unused"  # the others: train and val only
+        for held, split in held_out_splits(data).items():
             data.split_of = split
             rows = data.rows("test")
             oa = data.oa[rows].double().numpy()
-            scores: dict[str, np.ndarray] = {}
-            for name, hparams in models.items():
-                L.seed_everything(seed, workers=True)
-                _, preds, _ = fit(SQATask(**hparams), data, make_trainer(f"loso_{held}_{name}"))
-                scores[name] = preds["test"]
+            scores = {name: test_predictions(run_name(held, name)) for name in models}
             base = baselines(data)
             base.pop("_atc_thresholds", None)
             scores.update({k: v["test"] for k, v in base.items() if k in label_free})

@@ -5,13 +5,11 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
-import torch
 
 from rssqa import baselines, metrics, recommend
 from rssqa.agreement import AGREEMENT_NAMES
@@ -21,7 +19,8 @@ from rssqa.runs import atomic_write_json, write_summary
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.export import export_scorer
 from rssqa.tasks.sqa.figures import plot_comparison, plot_embedding, plot_scatter
-from rssqa.tasks.sqa.loso import leave_one_source_out
+from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe
+from rssqa.tasks.sqa.loso import leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig, run_pixel
 from rssqa.tasks.sqa.task import SQATask
 
@@ -38,33 +37,6 @@ AGREEMENT_MODEL = "with_agreement"  # RS-SQA that also reads agreement between m
 RANKING_MODEL = "with_agreement_ranking"  # the same, trained with stronger ranking terms, for recommendation
 BASELINE_KEYS = (*LABEL_FREE, *ABLATIONS, AGREEMENT_MODEL, RANKING_MODEL)
 SUMMARY_METRICS = ("srcc", "plcc", "krcc", "rmse")
-
-
-def fit_one(
-    task: SQATask, data: SQADataModule, trainer: L.Trainer, semantic: str = "clip_rs"
-) -> tuple[SQATask, dict[str, np.ndarray], float]:
-    """Fit ``task``, restore its best validation-SRCC weights, predict every split.
-
-    Returns:
-        ``(task, {split: predictions in table row order of the split}, best val SRCC)``.
-    """
-    data.semantic = semantic
-    if task.model is None:
-        task.build_for(data)
-    trainer.fit(task, datamodule=data)
-    ckpt = trainer.checkpoint_callback
-    best = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else float("nan")
-    if ckpt is not None and ckpt.best_model_path:
-        state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-        task.load_state_dict(state)
-    task.eval()
-    preds = {}
-    with torch.no_grad():
-        for split in ("train", "val", "test"):
-            out = [task(b) for b in data.split_dataloader(split)]
-            preds[split] = torch.cat(out).numpy().astype(np.float64)
-    data.semantic = "clip_rs"
-    return task, preds, best
 
 
 def baseline_scores(data: SQADataModule) -> dict[str, dict[str, np.ndarray]]:
@@ -170,7 +142,7 @@ def recommendation_headroom(data: SQADataModule, preds: dict[str, dict[str, np.n
 def run_sqa(
     task: SQATask,
     data: SQADataModule,
-    make_trainer: Callable[[str], L.Trainer],
+    recipe: TrainerRecipe,
     out: str | os.PathLike,
     ablations: Sequence[str] = tuple(ABLATIONS),
     seed: int = 0,
@@ -179,13 +151,15 @@ def run_sqa(
     loso: bool = False,
     ranking_overrides: dict[str, Any] | None = None,
     pixel: PixelConfig | dict[str, Any] | None = None,
+    fit_workers: int = 1,
+    threads: int = 0,
 ) -> dict[str, Any]:
     """The whole stage: RS-SQA, its ablations, the baselines, recommendation, figures, scorer, summary.
 
     Args:
         task: the configured RS-SQA task (its hyper-parameters are reused by the ablations).
         data: the data module.
-        make_trainer: run name -> a fresh Trainer (loggers and a val-SRCC checkpoint callback).
+        recipe: the Trainer of each fit (loggers and a val-SRCC checkpoint callback).
         out: the run folder; ``summary.json`` is written last.
         ablations: which of :data:`ABLATIONS` to train.
         seed: seeded before every fit, so each run starts from the same state.
@@ -200,6 +174,9 @@ def run_sqa(
         pixel: the pixel error head's config (:class:`~rssqa.tasks.sqa.pixel.PixelConfig`; ``None``:
             its defaults): trained, tested against the per-pixel baselines (the summary's
             ``pixel_error``, null when disabled) and exported into the scorer.
+        fit_workers: processes that train the heads (:class:`~rssqa.tasks.sqa.fits.Fits`; 1: this one).
+            Each fit is seeded alone, so with the same ``threads`` the numbers do not depend on it.
+        threads: torch threads of each fit worker (0: torch's default).
 
     Returns:
         The summary.
@@ -220,27 +197,64 @@ def run_sqa(
         if bad:
             raise RSSQAError(f"{key}: {sorted(bad)} are not model options")
 
-    L.seed_everything(seed, workers=True)
-    main, preds, best = fit_one(task, data, make_trainer("rs_sqa"))
-    runs = {"rs_sqa": {"preds": preds, "best_val_srcc": best, "variant": hparams["variant"]}}
+    # every fit is known now: queued at once, so that worker processes (fit_workers > 1) train them while
+    # this process goes on; the recommender first (the pixel head's evaluation waits for it), LOSO last
+    agree_hp = {**hparams, **(agreement_overrides or {}), "agreement": True}
+    jobs = [FitJob("rs_sqa", hparams, seed=seed)]
+    if agreement_model and data.agree is not None:
+        jobs.append(FitJob(AGREEMENT_MODEL, agree_hp, seed=seed))
+        if ranking_overrides:
+            jobs.append(FitJob(RANKING_MODEL, {**agree_hp, **ranking_overrides}, seed=seed))
     for name in ablations:
         variant, semantic = ABLATIONS[name]
-        L.seed_everything(seed, workers=True)
-        ab = SQATask(**{**hparams, "variant": variant or hparams["variant"]})
-        _, p, b = fit_one(ab, data, make_trainer(name), semantic)
-        runs[name] = {"preds": p, "best_val_srcc": b, "variant": variant or hparams["variant"]}
-    agree_task = None
-    agree_hp = {**hparams, **(agreement_overrides or {}), "agreement": True}
-    if agreement_model and data.agree is not None:
-        L.seed_everything(seed, workers=True)
-        agree_task, p, b = fit_one(SQATask(**agree_hp), data, make_trainer(AGREEMENT_MODEL))
-        runs[AGREEMENT_MODEL] = {"preds": p, "best_val_srcc": b, "variant": agree_hp["variant"]}
-    rank_task = None
-    if ranking_overrides and AGREEMENT_MODEL in runs:
-        L.seed_everything(seed, workers=True)
-        rank_hp = {**agree_hp, **ranking_overrides}
-        rank_task, p, b = fit_one(SQATask(**rank_hp), data, make_trainer(RANKING_MODEL))
-        runs[RANKING_MODEL] = {"preds": p, "best_val_srcc": b, "variant": rank_hp["variant"]}
+        jobs.append(FitJob(name, {**hparams, "variant": variant or hparams["variant"]}, semantic, seed=seed))
+    loso_models = {"rs_sqa": hparams, **({AGREEMENT_MODEL: agree_hp} if agreement_model and data.agree is not None else {})}
+    if loso:
+        jobs += loso_jobs(loso_models, data, seed)
+    with Fits(data, recipe, fit_workers, threads) as fits:
+        for job in jobs:
+            fits.submit(job)
+        summary = _evaluate_runs(
+            fits, [j.run for j in jobs if not j.run.startswith("loso_")], data, out, seed, pixel, hparams,
+            agreement_overrides, ranking_overrides,
+        )  # fmt: skip
+        if loso:
+            folds = leave_one_source_out(
+                loso_models, data, lambda run: fits.result(run)[1]["test"], baseline_scores, recommendation, LABEL_FREE
+            )  # fmt: skip
+            summary["leave_one_source_out"] = folds
+            if folds and all("consensus" in f for f in folds.values()):
+                # on how many held-out sources each learned model ranks better than consensus (SRCC)
+                summary["loso_above_consensus"] = {
+                    m: sum(f[m]["srcc"] > f["consensus"]["srcc"] for f in folds.values()) for m in loso_models
+                }
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary = _clean(summary)
+    write_summary(out, summary)
+    return summary
+
+
+def _evaluate_runs(
+    fits: Fits,
+    names: list[str],
+    data: SQADataModule,
+    out: Path,
+    seed: int,
+    pixel: PixelConfig,
+    hparams: dict[str, Any],
+    agreement_overrides: dict[str, Any] | None,
+    ranking_overrides: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Everything but leave-one-source-out: the comparison, recommendation, figures, pixel head, scorer."""
+    main, preds, best = fits.result("rs_sqa")
+    runs = {"rs_sqa": {"preds": preds, "best_val_srcc": best, "variant": hparams["variant"]}}
+    for name in names[1:]:
+        t, p, b = fits.result(name)
+        runs[name] = {"preds": p, "best_val_srcc": b, "variant": t.hparams.variant}
+    agree_task = fits.result(AGREEMENT_MODEL)[0] if AGREEMENT_MODEL in runs else None
+    rank_task = fits.result(RANKING_MODEL)[0] if RANKING_MODEL in runs else None
+    # the table's order: RS-SQA, the ablations, then the agreement models
+    runs = {k: runs[k] for k in sorted(runs, key=lambda k: (k in (AGREEMENT_MODEL, RANKING_MODEL), k != "rs_sqa"))}
 
     base = baseline_scores(data)
     thresholds = base.pop("_atc_thresholds")
@@ -317,21 +331,7 @@ def run_sqa(
         summary["agreement_hparams"] = {**(agreement_overrides or {}), "agreement": True}
     if RANKING_MODEL in runs:
         summary["ranking_hparams"] = {**(agreement_overrides or {}), **ranking_overrides, "agreement": True}
-    if loso:
-        models = {"rs_sqa": hparams, **({AGREEMENT_MODEL: agree_hp} if AGREEMENT_MODEL in runs else {})}
-        folds = leave_one_source_out(
-            models, data, make_trainer, fit_one, baseline_scores, recommendation, LABEL_FREE, seed
-        )
-        summary["leave_one_source_out"] = folds
-        if folds and all("consensus" in f for f in folds.values()):
-            # on how many held-out sources each learned model ranks better than consensus (SRCC)
-            summary["loso_above_consensus"] = {
-                m: sum(f[m]["srcc"] > f["consensus"]["srcc"] for f in folds.values()) for m in models
-            }
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(out / "predictions.json", _predictions(data, runs, base))
-    summary = _clean(summary)
-    write_summary(out, summary)
     return summary
 
 
