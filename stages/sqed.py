@@ -9,14 +9,16 @@ see ``rssqa.launch``) and each process takes its rank from ``RANK``/``WORLD_SIZE
 (source, method) units on its own GPU and prints what it did; the other ranks then exit, and rank 0
 waits for their units (at most ``--wait_s`` without one finishing) and writes the table and the
 summary, equal to a one-process run's. A rerun or a requeued job reuses every finished unit.
-By hand, on one machine: ``RANK=0 WORLD_SIZE=2 python stages/sqed.py ... & RANK=1 WORLD_SIZE=2 python
-stages/sqed.py ...``.
+On one machine, ``--local_ranks 2`` (``local_ranks: 2`` in the config) starts the second rank itself: two
+processes that share the units as two cluster ranks do, so that both cores stay busy (the same table as one
+process). By hand: ``RANK=0 WORLD_SIZE=2 python stages/sqed.py ... & RANK=1 WORLD_SIZE=2 python stages/sqed.py ...``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from dataclasses import asdict
 
@@ -35,6 +37,7 @@ def main(
     force: bool = False,
     dry_run: bool = False,
     wait_s: float = 86400.0,
+    local_ranks: int = 1,
 ) -> None:
     """Train the methods, label the pool, write the table, the label shards and the summary.
 
@@ -47,6 +50,8 @@ def main(
         dry_run: check the configuration and print the plan; read no data, train nothing.
         wait_s: on many ranks, how long rank 0 waits for the other ranks without any of their units
             finishing before it stops with an error naming the missing units.
+        local_ranks: where no launcher set ranks, start this many ranks on this machine (this process is
+            rank 0 and starts the others with the same command line); ignored under a launcher.
     """
     if dry_run:
         print(json.dumps(plan_sqed(sqed, data_root or os.path.dirname(os.path.abspath(out))), indent=2))
@@ -60,7 +65,21 @@ def main(
             return
         print(f"{out}: built with another configuration; building again (matching parts are reused)")
     quiet_lightning()
-    s = build_sqed(sqed, out, data_root, ranks=ranks, wait_s=wait_s)
+    others: list[subprocess.Popen] = []
+    if local_ranks > 1 and ranks.world_size == 1:
+        others, ranks = _start_local_ranks(local_ranks), Ranks(0, local_ranks, 0)
+    elif local_ranks < 1:
+        raise RSSQAError(f"local_ranks: must be at least 1, got {local_ranks}")
+    try:
+        s = build_sqed(sqed, out, data_root, ranks=ranks, wait_s=wait_s)
+        failed = [i + 1 for i, p in enumerate(others) if p.wait() != 0]
+        if failed:
+            raise RSSQAError(f"sqed: local rank {failed[0]} of {local_ranks} failed (its error is printed above)")
+    finally:
+        for p in others:  # rank 0 failed: the others stop too (a rerun reuses every finished unit)
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
     if ranks.world_size > 1:
         for unit, done in s["units"].items():
             print(
@@ -80,6 +99,17 @@ def main(
     )
     for method, oa in sorted(s["per_method_oa"].items(), key=lambda kv: -kv[1]):
         print(f"  {method:<14} OA {oa:.3f}  best on {s['wins'].get(method, 0)} images")
+
+
+def _start_local_ranks(n: int) -> list[subprocess.Popen]:
+    """Ranks 1 .. n-1 of an ``n``-rank build on this machine: this command line again, with torchrun's
+    rank variables set (this process is rank 0)."""
+    print(f"sqed: {n} ranks on this machine (this process is rank 0)", flush=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
+    return [
+        subprocess.Popen([sys.executable, *sys.argv], env={**env, "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r)})
+        for r in range(1, n)
+    ]
 
 
 if __name__ == "__main__":

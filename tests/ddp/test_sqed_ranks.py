@@ -1,5 +1,5 @@
-"""stages/sqed.py as two ranks (two processes with RANK/WORLD_SIZE, as torchrun starts them) builds what one
-process builds, each unit trained by exactly one rank.
+"""stages/sqed.py as two ranks (``--local_ranks 2``: a second process with RANK/WORLD_SIZE, as torchrun starts
+it) builds what one process builds, each unit trained by exactly one rank.
 
 Compared with a one-process build: the table, splits and pool files byte for byte; the label shards array
 for array and their metadata except ``seconds`` (the labelling time, recorded in the shard, so the files'
@@ -34,35 +34,22 @@ OWNER = {"vaihingen/pspnet": 0, "vaihingen/linknet": 0, "loveda/pspnet": 1, "lov
 UNIT_LINE = re.compile(r"^  rank (\d+): (\S+) (trained|reused its checkpoint), ", re.MULTILINE)
 
 
-def rank_env(rank: int) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_"))
-    }
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    env.update(MKL_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    return env
-
-
-def run_ranks(config: Path, out: Path, timeout: float = 900) -> list[str]:
-    """Both ranks at once; their stdout. Neither outlives the call."""
+def run_ranks(config: Path, out: Path, timeout: float = 900) -> str:
+    """``--local_ranks 2``: this process starts rank 1 itself (with torchrun's rank variables) and is
+    rank 0; their stdout together. Neither outlives the call."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "stages" / "sqed.py"), "--config", str(config), "--out", str(out),
-           "--wait_s", "600"]  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            cmd, cwd=ROOT, env=rank_env(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for r in (1, 0)
-    ]
+           "--wait_s", "600", "--local_ranks", "2"]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
+        stdout, err = p.communicate(timeout=timeout)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    return [stdout for stdout, _ in reversed(outputs)]  # rank 0's first
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err[-3000:]
+    return stdout
 
 
 def unit_files(out: Path, pattern: str) -> list[str]:
@@ -75,19 +62,18 @@ def test_two_ranks_build_what_one_process_builds(tiny_world, tmp_path):
     config.write_text(yaml.safe_dump({"sqed": asdict(cfg)}, sort_keys=False))  # splits: key order counts
     one, two = tmp_path / "one", tmp_path / "two"
     build_sqed(cfg, one, ranks=Ranks())
-    stdouts = run_ranks(config, two)
+    stdout = run_ranks(config, two)
 
     # each unit trained and labelled by its owner only
-    seen = [(int(r), unit, how) for out in stdouts for r, unit, how in UNIT_LINE.findall(out)]
+    seen = [(int(r), unit, how) for r, unit, how in UNIT_LINE.findall(stdout)]
     assert sorted((unit, r, how) for r, unit, how in seen) == sorted(
         (u, r, "trained") for u, r in OWNER.items()
     )
-    for rank, out in enumerate(stdouts):
-        assert all(int(r) == rank for r, _, _ in UNIT_LINE.findall(out))
     for unit, rank in OWNER.items():
         record = json.loads((two / "methods" / unit / "train.json").read_text())
         assert (record["rank"], record["world_size"]) == (rank, 2)
-    assert "rank 0 writes the table" in stdouts[1] and "sqed -> " in stdouts[0]
+    assert "sqed: 2 ranks on this machine" in stdout and "sqed: rank 1 of 2, local rank 1" in stdout
+    assert "rank 0 writes the table" in stdout and "sqed -> " in stdout
     summary = read_summary(two)
     assert summary["world_size"] == 2 and set(summary["units"]) == {u for u, r in OWNER.items() if r == 0}
 
