@@ -81,13 +81,14 @@ $(OUT)/purify/summary.json: conf/$(PROFILE)/purify.yaml $(WORLD) | $(STAMP)
 	$(PY) $(CMD_purify)
 $(OUT)/pretrain_raw/summary.json: conf/$(PROFILE)/pretrain_raw.yaml $(WORLD) | $(STAMP)
 	$(PY) $(CMD_pretrain_raw)
-# the raw model first (order only), so that the purified run's summary compares the two
-$(OUT)/pretrain/summary.json: conf/$(PROFILE)/pretrain.yaml $(OUT)/purify/summary.json $(WORLD) | $(STAMP) $(OUT)/pretrain_raw/summary.json
+# (the purified run's summary compares itself with the raw run when that has finished; the report always does)
+$(OUT)/pretrain/summary.json: conf/$(PROFILE)/pretrain.yaml $(OUT)/purify/summary.json $(WORLD) | $(STAMP)
 	$(PY) $(CMD_pretrain)
 $(OUT)/sqed/summary.json: conf/$(PROFILE)/sqed.yaml $(WORLD) | $(STAMP)
 	$(PY) $(CMD_sqed)
-# prerequisites in this order: with JOBS=2 the raw CLIP runs beside purify, then RS-SQED beside the CLIP-RS
-$(OUT)/sqa/summary.json: conf/$(PROFILE)/sqa.yaml $(CLIP_OUT)/pretrain_raw/summary.json $(CLIP_OUT)/pretrain/summary.json $(OUT)/sqed/summary.json | $(STAMP)
+# prerequisites in this order: with JOBS=2, RS-SQED (two ranks) starts beside purify (two processes), then the two
+# one-process CLIP trainings as those end, side by side at the end: the cores stay busy until sqa
+$(OUT)/sqa/summary.json: conf/$(PROFILE)/sqa.yaml $(OUT)/sqed/summary.json $(CLIP_OUT)/pretrain/summary.json $(CLIP_OUT)/pretrain_raw/summary.json | $(STAMP)
 	$(PY) $(CMD_sqa)
 ifneq ($(CLIP_PROFILE),$(PROFILE))
 # another profile's CLIP models, built by that profile's own rules when missing (its world, not this profile's)
@@ -107,8 +108,8 @@ $(OUT)/scenes/summary.json: $(OUT)/sqa/summary.json $(WORLD) | $(STAMP)
 report: | $(STAMP) ## runs/<profile>/report.md from whatever stages have finished
 	$(PY) -m rssqa.report --runs $(RUNS) --profile $(PROFILE) $(if $(PIPELINE_SECONDS),--pipeline-seconds $(PIPELINE_SECONDS))
 
-# stages that do not depend on each other run side by side (RS-SQED beside purify, then the raw CLIP):
-# one-thread stages, so JOBS=2 keeps two cores busy; JOBS=1 runs one stage at a time
+# stages that do not depend on each other run side by side (RS-SQED's two ranks beside purify's two processes, then the
+# two one-thread CLIP trainings side by side): JOBS=2 keeps two cores busy; JOBS=1 runs one stage at a time
 JOBS ?= 2
 demo: setup ## the whole pipeline on the embedded world, then the report (PROFILE=demo unless given; JOBS=2)
 	@export RSSQA_RUN_GROUP=$${RSSQA_RUN_GROUP:-$(DEMO_PROFILE)-$$(date +%Y%m%d-%H%M%S)}; \

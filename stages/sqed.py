@@ -25,7 +25,7 @@ from dataclasses import asdict
 from jsonargparse import CLI
 
 from rssqa.errors import RSSQAError
-from rssqa.runs import is_done, read_summary
+from rssqa.runs import SUMMARY, atomic_write_json, is_done, process_times, read_summary
 from rssqa.tasks.sqed import Ranks, SQEDConfig, build_sqed, plan_sqed
 from rssqa.tracking import quiet_lightning
 
@@ -75,6 +75,9 @@ def main(
         failed = [i + 1 for i, p in enumerate(others) if p.wait() != 0]
         if failed:
             raise RSSQAError(f"sqed: local rank {failed[0]} of {local_ranks} failed (its error is printed above)")
+        if others:  # the summary's CPU time counts the other ranks too, now that they have ended
+            s["cpu_s"] = process_times()["cpu_s"]
+            atomic_write_json(os.path.join(out, SUMMARY), s)
     finally:
         for p in others:  # rank 0 failed: the others stop too (a rerun reuses every finished unit)
             if p.poll() is None:
