@@ -83,7 +83,7 @@ def main(args: list[str] | None = None) -> dict | None:
     if cli.config.threads:
         torch.set_num_threads(cli.config.threads)
     out.mkdir(parents=True, exist_ok=True)
-    cli.parser.save(cli.config, str(out / "config.yaml"), overwrite=True, skip_check=True)
+    cli.parser.save(cli.config, str(out / "config.yaml"), overwrite=True, skip_validation=True)
     summary = run_sqa(
         cli.model, cli.datamodule, cli.trainer_recipe(), out, cli.config.ablations, cli.config.seed_everything,
         agreement_model=cli.config.agreement_model, agreement_overrides=dict(cli.config.agreement_overrides or {}),
