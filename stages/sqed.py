@@ -22,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import torch
 from jsonargparse import CLI
 
 from rssqa.errors import RSSQAError
@@ -67,6 +68,10 @@ def main(
     quiet_lightning()
     others: list[subprocess.Popen] = []
     if local_ranks > 1 and ranks.world_size == 1:
+        threads = sqed.threads or torch.get_num_threads()
+        if local_ranks * threads > (os.cpu_count() or 1):  # OpenMP threads that outnumber the cores spin idle
+            print(f"sqed: warning: {local_ranks} local ranks x {threads} threads on {os.cpu_count()} cores; "
+                  "set sqed.threads so that they fit", flush=True)  # fmt: skip
         others, ranks = _start_local_ranks(local_ranks), Ranks(0, local_ranks, 0)
     elif local_ranks < 1:
         raise RSSQAError(f"local_ranks: must be at least 1, got {local_ranks}")
