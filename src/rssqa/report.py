@@ -382,8 +382,9 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
         data["pipeline_seconds"] = pipeline_seconds
         md.append(f"The whole pipeline took {pipeline_seconds:.0f} s of wall time (`make demo`, stages side by side).\n")
     if times:
-        md.append("Wall and CPU time of each stage's process (CPU share 1.0 = one core busy all along; a DDP rank "
-                  "that had not ended when the summary was written is not counted):\n\n")  # fmt: skip
+        md.append("Wall and CPU time of each stage's processes (CPU share 1.0 = one core busy all along; purify "
+                  "counts every DDP rank, sqed its local ranks, sqa its fit workers; another stage's DDP rank that "
+                  "had not ended when the summary was written is not counted):\n\n")  # fmt: skip
         md.append(table("stage_times", ["stage", "wall s", "CPU s", "CPU share"], times))
         data["stage_times"] = {r[0]: {"wall_s": r[1], "cpu_s": r[2]} for r in times}
     speed = _stage_speeds(s)

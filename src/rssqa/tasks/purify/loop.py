@@ -27,7 +27,7 @@ from rssqa.data.shards import list_shards, shard_pipeline, tar_samples, write_si
 from rssqa.models.captioner import CaptionVocab, export_captioner, load_captioner, vocab_size
 from rssqa.models.clip import CONFIG_FILE, export_clip, load_clip
 from rssqa.progress import ProgressLog
-from rssqa.runs import atomic_write_json, is_done, write_summary
+from rssqa.runs import atomic_write_json, is_done, process_times, write_summary
 from rssqa.tasks.purify.config import ModelSpec, _jsonable_config, build_captioner, build_filter
 from rssqa.tasks.purify.data import PendingShards, SamplePrep
 from rssqa.tasks.purify.examples import EXAMPLE_COLUMNS, example_rows, write_examples_csv
@@ -259,17 +259,26 @@ class Purify:
                 lg.finalize("success")
             examples = (EXAMPLE_COLUMNS, [[r[c] for c in EXAMPLE_COLUMNS] for r in rows])
             publish(self._loggers(), "purify", {k: v for k, v in summary.items() if k != "config"}, tables={"examples": examples})
+            # every rank's process CPU time (write_summary alone would count this one)
+            summary["cpu_s"] = round(process_times()["cpu_s"] + self.cpu_others, 2)
             write_summary(self.out, summary)
         return self.trainer.strategy.broadcast(summary, src=0)
 
     def _gather_speed(self, speed: dict[str, float]) -> tuple[float, float, float | None]:
         """Samples of all ranks, the slowest rank's wall seconds, and the mean share of wall time in model compute."""
-        t = torch.tensor([speed["samples"], speed["wall_s"], speed["compute_s"]], dtype=torch.float64)
+        # each rank's process CPU time too: the other ranks are still running when rank 0 writes the summary,
+        # so its own resource usage cannot count them
+        cpu = process_times()["cpu_s"]
+        t = torch.tensor([speed["samples"], speed["wall_s"], speed["compute_s"], cpu], dtype=torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = self.trainer.strategy.all_gather(t).reshape(-1, 3)
-        t = t.reshape(-1, 3)
+            t = self.trainer.strategy.all_gather(t).reshape(-1, 4)
+        t = t.reshape(-1, 4)
         share = (t[:, 2] / t[:, 1].clamp_min(1e-9)).mean() if float(t[:, 1].min()) > 0 else None
-        self.per_rank = [{"samples": int(r[0]), "wall_s": round(float(r[1]), 2), "compute_s": round(float(r[2]), 2)} for r in t]
+        self.per_rank = [
+            {"samples": int(r[0]), "wall_s": round(float(r[1]), 2), "compute_s": round(float(r[2]), 2), "cpu_s": round(float(r[3]), 2)}
+            for r in t
+        ]
+        self.cpu_others = float(t[1:, 3].sum())  # rank 0's own is taken when it writes the summary
         return float(t[:, 0].sum()), float(t[:, 1].max()), None if share is None else round(float(share), 4)
 
 
