@@ -8,7 +8,6 @@ scenes (``--index``), or the whole images of an RS-SQED split of real labelled d
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,15 +18,12 @@ from rssqa.errors import RSSQAError
 from rssqa.runs import is_done, write_summary
 from rssqa.scene import export_split_scenes, score_scene_index
 from rssqa.scene.common import trained_tile
-from rssqa.scorer import Scorer
+from rssqa.scorer import Scorer, read_config
 
 
 def _largest_tile(scorer: str) -> int:
     """The largest window a scorer folder reads over its sources (``scorer.json``; what a scene must hold)."""
-    try:
-        config = json.loads((Path(scorer) / "scorer.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RSSQAError(f"{scorer}: not a scorer folder ({type(e).__name__})") from None
+    config = read_config(scorer)
     return max(trained_tile(config, s) or 1 for s in list(config.get("image_sizes") or {}) or [None])
 
 

@@ -67,8 +67,7 @@ class SQACLI(LightningCLI):
     def trainer_recipe(self) -> TrainerRecipe:
         """What each trained head's Trainer is made of: the config's trainer options, CSV (+ W&B) logs,
         a checkpoint of the best validation SRCC (the same in this process and in fit workers)."""
-        trainer = {k: v for k, v in self.config.trainer.as_dict().items()}
-        return TrainerRecipe(str(self.config.out), trainer, wandb=self.config.wandb)
+        return TrainerRecipe(str(self.config.out), self.config.trainer.as_dict(), wandb=self.config.wandb)
 
 
 def main(args: list[str] | None = None) -> dict | None:

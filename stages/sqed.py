@@ -54,6 +54,8 @@ def main(
         local_ranks: where no launcher set ranks, start this many ranks on this machine (this process is
             rank 0 and starts the others with the same command line); ignored under a launcher.
     """
+    if local_ranks < 1:
+        raise RSSQAError(f"local_ranks: must be at least 1, got {local_ranks}")
     if dry_run:
         print(json.dumps(plan_sqed(sqed, data_root or os.path.dirname(os.path.abspath(out))), indent=2))
         return
@@ -73,8 +75,6 @@ def main(
             print(f"sqed: warning: {local_ranks} local ranks x {threads} threads on {os.cpu_count()} cores; "
                   "set sqed.threads so that they fit", flush=True)  # fmt: skip
         others, ranks = _start_local_ranks(local_ranks), Ranks(0, local_ranks, 0)
-    elif local_ranks < 1:
-        raise RSSQAError(f"local_ranks: must be at least 1, got {local_ranks}")
     try:
         s = build_sqed(sqed, out, data_root, ranks=ranks, wait_s=wait_s)
         failed = [i + 1 for i, p in enumerate(others) if p.wait() != 0]

@@ -79,6 +79,17 @@ class _Method:
     feat_dim: int
 
 
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``scorer.json`` of a scorer folder, or a one-line error naming the file."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise RSSQAError(f"{path}: scorer config not found (a scorer folder is written by the sqa stage)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RSSQAError(f"{path}: not a scorer config ({type(e).__name__}: {e})") from None
+
+
 class Scorer:
     """RS-SQA as a deployable scorer (see the module docstring).
 
@@ -125,12 +136,10 @@ class Scorer:
         """
         folder = Path(folder)
         path = folder / CONFIG
-        if not path.is_file():
-            raise RSSQAError(f"{path}: scorer config not found (a scorer folder is written by the sqa stage)")
+        config = read_config(folder)
         try:
-            config = json.loads(path.read_text())
             model_kwargs, clip_cfg = config["model"], config["clip"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             raise RSSQAError(f"{path}: not a scorer config ({type(e).__name__}: {e})") from None
         if config.get("format") != FORMAT:
             raise RSSQAError(f"{path}: scorer format {config.get('format')!r}, this version reads {FORMAT}")

@@ -155,10 +155,7 @@ def _start_worker(data_kwargs: dict[str, Any], recipe: TrainerRecipe, threads: i
 
 
 def _work(job: FitJob) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, np.ndarray], float]:
-    try:
-        task, preds, best = run_job(job, _WORKER["data"], _WORKER["recipe"])
-    except RSSQAError as e:  # crosses the process boundary as its message
-        raise RSSQAError(str(e)) from None
+    task, preds, best = run_job(job, _WORKER["data"], _WORKER["recipe"])
     return dict(task.hparams), task.state_dict(), preds, best
 
 

@@ -200,15 +200,16 @@ def run_sqa(
     # every fit is known now: queued at once, so that worker processes (fit_workers > 1) train them while
     # this process goes on; the recommender first (the pixel head's evaluation waits for it), LOSO last
     agree_hp = {**hparams, **(agreement_overrides or {}), "agreement": True}
+    with_agreement = agreement_model and data.agree is not None
     jobs = [FitJob("rs_sqa", hparams, seed=seed)]
-    if agreement_model and data.agree is not None:
+    if with_agreement:
         jobs.append(FitJob(AGREEMENT_MODEL, agree_hp, seed=seed))
         if ranking_overrides:
             jobs.append(FitJob(RANKING_MODEL, {**agree_hp, **ranking_overrides}, seed=seed))
     for name in ablations:
         variant, semantic = ABLATIONS[name]
         jobs.append(FitJob(name, {**hparams, "variant": variant or hparams["variant"]}, semantic, seed=seed))
-    loso_models = {"rs_sqa": hparams, **({AGREEMENT_MODEL: agree_hp} if agreement_model and data.agree is not None else {})}
+    loso_models = {"rs_sqa": hparams, **({AGREEMENT_MODEL: agree_hp} if with_agreement else {})}
     if loso:
         jobs += loso_jobs(loso_models, data, seed)
     with Fits(data, recipe, fit_workers, threads) as fits:

@@ -80,8 +80,6 @@ class SQATask(L.LightningModule):
         self.loss = SQALoss(w_mse, w_plcc, w_rank, w_rank_image, rank_min_gap, rank_scale, w_list, list_temperature)
         self.model: RSSQA | None = self._build() if dims is not None else None
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._train_sums: torch.Tensor | None = None
-        self._train_rows = 0
         self.best_val_srcc = float("-inf")
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -138,22 +136,9 @@ class SQATask(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.loss(self(batch), batch["oa"], batch["image_idx"])
-        # epoch means weighted by rows, summed here and logged once an epoch (what log_dict(on_epoch=True)
-        # would log, without its bookkeeping after every step of a head this small)
         n = len(batch["oa"])
-        sums = torch.stack([v.detach() for v in terms.values()]) * n
-        self._train_sums = sums if self._train_sums is None else self._train_sums + sums
-        self._train_rows += n
-        self._train_names = list(terms)
+        self.log_dict({f"train_{k}": v for k, v in terms.items()}, on_step=False, on_epoch=True, batch_size=n)
         return terms["loss"]
-
-    def on_train_epoch_start(self) -> None:
-        self._train_sums, self._train_rows = None, 0
-
-    def on_train_epoch_end(self) -> None:
-        if self._train_sums is not None and self._train_rows:
-            means = (self._train_sums / self._train_rows).tolist()
-            self.log_dict({f"train_{k}": v for k, v in zip(self._train_names, means, strict=True)})
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._val.append((self(batch).detach().cpu(), batch["oa"].cpu()))
