@@ -50,6 +50,11 @@ class SQACLI(LightningCLI):
             help="also leave each source out in turn: train on the others, test on it (the summary's leave_one_source_out)",
         )  # fmt: skip
         parser.add_argument(
+            "--group_folds", type=int, default=0,
+            help="K >= 3: also cross-validate over the split groups (areas) in K folds, each the test split once "
+            "(the summary's group_folds); 0: off",
+        )  # fmt: skip
+        parser.add_argument(
             "--pixel", type=PixelConfig, default=PixelConfig(),
             help="the pixel error head: trained on RS-SQED's pool, tested against per-pixel baselines, exported",
         )  # fmt: skip
@@ -88,7 +93,7 @@ def main(args: list[str] | None = None) -> dict | None:
         agreement_model=cli.config.agreement_model, agreement_overrides=dict(cli.config.agreement_overrides or {}),
         loso=cli.config.loso, ranking_overrides=dict(cli.config.ranking_overrides or {}),
         pixel=PixelConfig.of(cli.config.pixel.as_dict() if cli.config.pixel is not None else None),
-        fit_workers=cli.config.fit_workers, threads=cli.config.threads,
+        group_folds=cli.config.group_folds, fit_workers=cli.config.fit_workers, threads=cli.config.threads,
     )  # fmt: skip
     if cli.config.wandb:  # one more run in the group: the comparison, the recommendation and the figures
         publish(make_loggers(out, "sqa", name="sqa", csv=False), "sqa", summary, tables=comparison_tables(summary),
@@ -117,6 +122,12 @@ def comparison_tables(s: dict) -> dict[str, tuple[list[str], list[list]]]:
         rows_px = [["pixel_error_head", px["auroc"], px["ap"]]]
         rows_px += [[name, b["auroc"], b["ap"]] for name, b in px["baselines"].items() if b]
         tables["pixel_comparison"] = (["score", "auroc", "ap"], rows_px)  # beside the summary keys pixel_error/*
+    cv = s.get("group_folds")
+    if cv:  # out-of-fold figures over the split groups: one row per score
+        p = cv["pooled"]
+        rows_cv = [[name, srcc, p["mean_fold_srcc"].get(name), p["recommend"][name]["chosen_oa"], p["recommend"][name]["regret"]]
+                   for name, srcc in p["srcc"].items()]  # fmt: skip
+        tables["group_folds"] = (["score", "srcc", "mean_fold_srcc", "chosen_oa", "regret"], rows_cv)
     return tables
 
 
@@ -147,6 +158,10 @@ def print_summary(s: dict) -> None:
             v, best = c["vs_best_baseline"], c["best_baseline"]
             vs = f"; minus {best}: {num(v['diff'], '+.3f')} [{num(v['low'], '+.3f')}, {num(v['high'], '+.3f')}] {v['verdict']}" if v else ""
             print(f"pixel error head, {what}: AUROC {num(c['auroc'])}, AP {num(c['ap'])}{vs} ({c['n_pixels']} test pixels)")
+    cv = (s.get("group_folds") or {}).get("pooled")
+    for name, v in (cv or {}).get("vs_consensus", {}).items():
+        print(f"{name} minus consensus, out of {s['group_folds']['k']} group folds ({cv['n_images']} images): SRCC "
+              f"{num(v['diff'], '+.3f')} [{num(v['low'], '+.3f')}, {num(v['high'], '+.3f')}] {v['verdict']}")  # fmt: skip
     h = s.get("recommend_headroom")
     if h:
         print(

@@ -161,6 +161,36 @@ def _pixel_section(px: dict[str, Any], table: Any) -> str:
     return "".join(out)
 
 
+def _folds_section(cv: dict[str, Any], table: Any) -> str:
+    """Cross-validation over split groups (the sqa summary's ``group_folds``): per fold and pooled."""
+    p = cv["pooled"]
+    models = [m for m in p["srcc"] if m in (p.get("vs_consensus") or {}) or m in p.get("recommend", {}) and m not in
+              ("msp", "entropy", "margin", "atc", "agreement", "consensus")]  # fmt: skip
+    shown = [*models, "consensus", *([p["best_label_free"]] if p.get("best_label_free") else [])]
+    shown = [m for i, m in enumerate(shown) if m in p["srcc"] and m not in shown[:i]]
+    rows = [[", ".join(f["groups"]), f["n_images"], *[f["scores"][m]["srcc"] for m in shown],
+             f"{f['best_fixed_method']} {_fmt(f.get('best_fixed_oa'))}", *[f["scores"][m]["chosen_oa"] for m in shown],
+             f.get("oracle_oa")] for f in cv["folds"]]  # fmt: skip
+    rec = p["recommend"][shown[0]]
+    rows.append(["all, pooled", p["n_images"], *[p["srcc"][m] for m in shown], f"(each fold's) {_fmt(rec['best_fixed_oa'])}",
+                 *[p["recommend"][m]["chosen_oa"] for m in shown], rec["oracle_oa"]])  # fmt: skip
+    out = ["## Cross-validation over areas\n",
+           f"The split groups of the train, val and test splits in {cv['k']} folds; each fold is the test split once (the "
+           "next one val, the rest train), so every image is scored by heads that never saw its group. SRCC and the "
+           "chosen method's OA per fold, then on all out-of-fold rows together:\n\n",
+           table("sqa_group_folds", ["test groups", "images", *[f"{m} SRCC" for m in shown], "best fixed (train) OA",
+                                     *[f"{m} chosen OA" for m in shown], "oracle OA"], rows)]  # fmt: skip
+    for key, against in (("vs_consensus", "consensus"), ("vs_best_label_free", p.get("best_label_free"))):
+        for m, d in (p.get(key) or {}).items():
+            out.append(f"\n{m} minus {against} in SRCC, all folds: {_interval(d)} (paired bootstrap over images).\n")
+    gain = p.get("recommended_minus_best_fixed")
+    if gain:
+        r = p["recommend"][p["recommender"]]
+        out.append(f"\nRecommending by {p['recommender']}: chosen OA {r['chosen_oa']:.3f}, best fixed method {r['best_fixed_oa']:.3f}, "
+                   f"oracle {r['oracle_oa']:.3f}; chosen minus best fixed per image {_interval(gain)} (bootstrap over images).\n")  # fmt: skip
+    return "".join(out)
+
+
 def _interval(d: dict[str, Any] | None) -> str:
     if not d:
         return ""
@@ -338,6 +368,10 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
                 md.append("Held-out sources on which each model is above consensus in SRCC: "
                           + ", ".join(f"{m} {n} of {len(loso)}" for m, n in above.items()) + ".\n")
             data["sqa_leave_one_source_out"] = loso
+        cv = a.get("group_folds")
+        if cv:
+            md.append(_folds_section(cv, table))
+            data["sqa_group_folds"] = cv
         px = a.get("pixel_error")
         if px:
             md.append(_pixel_section(px, table))

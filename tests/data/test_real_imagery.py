@@ -170,6 +170,7 @@ def test_tiny_sqed_and_sqa_on_real_patches(tmp_path):
         "--trainer.max_epochs", "2",
         "--threads", "1",
         "--wandb", "false",
+        "--group_folds", "3",  # the profile's 5 folds need 5 areas outside the seg split; these patches have 3
     ]  # fmt: skip
     _sqa_main()(args)
     a = read_summary(tmp_path / "sqa")
@@ -177,6 +178,10 @@ def test_tiny_sqed_and_sqa_on_real_patches(tmp_path):
     assert a["test"]["n_rows"] == 2 * n_test and a["recommend"]["n_images"] == n_test
     assert np.isfinite(a["test"]["srcc"])
     assert set(a["baselines"]) >= {"msp", "entropy", "image_only", "generic_clip"}
+    # cross-validation over the areas: each of the three non-seg areas is the test split once
+    cv = a["group_folds"]
+    assert sorted(g for f in cv["folds"] for g in f["groups"]) == sorted(f"dubai/{g}" for v in per_split.values() for g in v)
+    assert cv["pooled"]["n_images"] == sum(1 for r in rows if r["split"] != "seg" and r["method"] == "pspnet")
 
     # the test area's whole images, as the source reads them, scored as scenes against their masks
     spec = importlib.util.spec_from_file_location("scenes_stage", ROOT / "stages" / "scenes.py")
@@ -195,5 +200,5 @@ def test_tiny_sqed_and_sqa_on_real_patches(tmp_path):
 
     md = build_report(tmp_path.parent, tmp_path.name, wandb=False).read_text()
     assert "Stages finished: sqed, sqa, scenes." in md and "Not run in this profile: world, purify, pretrain." in md
-    assert "The whole images of RS-SQED's test split" in md
+    assert "The whole images of RS-SQED's test split" in md and "## Cross-validation over areas" in md
     assert str(tmp_path / "clip_rs") in md and "## RS-SQED" in md and "## Method recommendation" in md

@@ -124,6 +124,7 @@ def stage_args(root: Path, out: Path, epochs: int = 2) -> list[str]:
         "--trainer.max_epochs", str(epochs),
         "--wandb", "false",
         "--loso", "true",
+        "--group_folds", "3",
     ]  # fmt: skip
 
 
@@ -190,6 +191,12 @@ def test_stage_writes_the_whole_comparison(run_root):
         assert fold["best_label_free"] != "consensus" and -1 <= fold["rs_sqa"]["srcc"] <= 1
     assert set(s["loso_above_consensus"]) == {"rs_sqa", "with_agreement"}
     assert (out / "checkpoints" / "loso_alpha_with_agreement" / "best.ckpt").is_file()
+    # cross-validation over the split groups (here each image is its own group): every non-seg image tested once
+    cv = s["group_folds"]
+    assert cv["k"] == 3 and cv["pooled"]["n_images"] == 2 * 12 and sum(f["n_images"] for f in cv["folds"]) == 2 * 12
+    assert set(cv["pooled"]["vs_consensus"]) == {"rs_sqa", "with_agreement", "with_agreement_ranking"}
+    assert cv["pooled"]["recommender"] == "with_agreement_ranking"
+    assert (out / "checkpoints" / "fold2_with_agreement_ranking" / "best.ckpt").is_file()
     rec = s["recommend_baselines"]["with_agreement"]
     gap = r["oracle_oa"] - r["best_fixed_oa"]
     if gap > 0:

@@ -20,6 +20,7 @@ from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.export import export_scorer
 from rssqa.tasks.sqa.figures import plot_comparison, plot_embedding, plot_scatter
 from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe
+from rssqa.tasks.sqa.folds import cross_validate_groups, fold_jobs
 from rssqa.tasks.sqa.loso import leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig, run_pixel
 from rssqa.tasks.sqa.task import SQATask
@@ -105,10 +106,16 @@ def evaluate(
     }
 
 
+def best_fixed(data: SQADataModule) -> str:
+    """The method with the highest mean OA on the train split: what a user without a quality score runs."""
+    train = data.rows("train")
+    return recommend.best_fixed_method(data.image_idx[train].tolist(), data.method_of[train], data.oa[train].tolist())
+
+
 def recommendation(data: SQADataModule, preds: dict[str, np.ndarray], split: str = "test") -> dict[str, Any]:
     """Per-image method recommendation on ``split`` from ``preds[split]`` (fixed method from train)."""
-    train, rows = data.rows("train"), data.rows(split)
-    fixed = recommend.best_fixed_method(data.image_idx[train].tolist(), data.method_of[train], data.oa[train].tolist())
+    rows = data.rows(split)
+    fixed = best_fixed(data)
     out = recommend.recommend_metrics(
         data.image_idx[rows].tolist(), data.method_of[rows], data.oa[rows].double().tolist(), preds[split].tolist(), fixed
     )
@@ -151,6 +158,7 @@ def run_sqa(
     loso: bool = False,
     ranking_overrides: dict[str, Any] | None = None,
     pixel: PixelConfig | dict[str, Any] | None = None,
+    group_folds: int = 0,
     fit_workers: int = 1,
     threads: int = 0,
 ) -> dict[str, Any]:
@@ -174,6 +182,9 @@ def run_sqa(
         pixel: the pixel error head's config (:class:`~rssqa.tasks.sqa.pixel.PixelConfig`; ``None``:
             its defaults): trained, tested against the per-pixel baselines (the summary's
             ``pixel_error``, null when disabled) and exported into the scorer.
+        group_folds: when at least 3, also cross-validate over the split groups (:mod:`rssqa.tasks.sqa.folds`):
+            RS-SQA and the agreement models trained once per fold, every image of the train, val and test
+            splits scored by heads that never saw its group; the summary's ``group_folds``.
         fit_workers: processes that train the heads (:class:`~rssqa.tasks.sqa.fits.Fits`; 1: this one).
             Each fit is seeded alone, so with the same ``threads`` the numbers do not depend on it.
         threads: torch threads of each fit worker (0: torch's default).
@@ -212,11 +223,14 @@ def run_sqa(
     loso_models = {"rs_sqa": hparams, **({AGREEMENT_MODEL: agree_hp} if with_agreement else {})}
     if loso:
         jobs += loso_jobs(loso_models, data, seed)
+    fold_models = {**loso_models, **({RANKING_MODEL: {**agree_hp, **ranking_overrides}} if with_agreement and ranking_overrides else {})}
+    if group_folds:
+        jobs += fold_jobs(fold_models, data, group_folds, seed)
     with Fits(data, recipe, fit_workers, threads) as fits:
         for job in jobs:
             fits.submit(job)
         summary = _evaluate_runs(
-            fits, [j.run for j in jobs if not j.run.startswith("loso_")], data, out, seed, pixel, hparams,
+            fits, [j.run for j in jobs if not j.run.startswith(("loso_", "fold"))], data, out, seed, pixel, hparams,
             agreement_overrides, ranking_overrides,
         )  # fmt: skip
         if loso:
@@ -229,6 +243,12 @@ def run_sqa(
                 summary["loso_above_consensus"] = {
                     m: sum(f[m]["srcc"] > f["consensus"]["srcc"] for f in folds.values()) for m in loso_models
                 }
+        if group_folds:
+            recommender = next(k for k in (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa") if k in fold_models)
+            summary["group_folds"] = cross_validate_groups(
+                fold_models, data, group_folds, lambda run: fits.result(run)[1]["test"], baseline_scores, best_fixed,
+                LABEL_FREE, recommender, seed,
+            )  # fmt: skip
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary = _clean(summary)
     write_summary(out, summary)

@@ -1,0 +1,208 @@
+"""Cross-validation over split groups: on a small labelled set, every area is the test split once.
+
+A user's own labelled folder is often a handful of areas (the ``group_pattern`` of a source): a
+split that holds whole areas leaves one or two areas for testing, and a figure measured on one
+area says as much about that area as about the score. With ``group_folds: K`` the groups of the
+train, val and test splits (never the seg split's, whose images trained the methods) are dealt into
+``K`` folds of about equal size; each fold in turn is the test split, the next fold the val split,
+the rest the train split. The quality heads are trained once per fold (:func:`fold_jobs`, run
+wherever :class:`~rssqa.tasks.sqa.fits.Fits` runs them) and every image is scored by the heads that
+never saw its area. :func:`cross_validate_groups` compares them with the label-free scores on those
+out-of-fold rows: per fold, and pooled, with the paired bootstrap over images (SRCC) and a bootstrap
+of the per-image gain of the recommended method over the best fixed method (chosen on each fold's
+train split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from rssqa import metrics
+from rssqa.errors import RSSQAError
+from rssqa.tasks.sqa.data import SQADataModule
+from rssqa.tasks.sqa.fits import FitJob
+
+ROTATING = ("train", "val", "test")  # the splits whose groups the folds deal out again
+
+
+def _group_keys(data: SQADataModule) -> np.ndarray:
+    """``source/group`` per table row (group names are a source's own)."""
+    return np.array([f"{r['source']}/{r['group']}" for r in data.sqed.rows], dtype=object)
+
+
+def fold_of_groups(data: SQADataModule, k: int) -> dict[str, int]:
+    """Each group of the rotating splits -> its fold: largest groups first, each to the fold with the
+    fewest rows so far (ties to the lower fold); the same table gives the same folds."""
+    keys = _group_keys(data)
+    rotating = np.isin(data.split_of, ROTATING)
+    names, counts = np.unique(keys[rotating], return_counts=True)
+    if k < 3:
+        raise RSSQAError(f"group_folds: {k}; need at least 3 (a train, a val and a test fold), or 0 for none")
+    if len(names) < k:
+        raise RSSQAError(
+            f"group_folds: {k} folds but only {len(names)} groups in the train, val and test splits "
+            f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}); use at most {len(names)}"
+        )  # fmt: skip
+    sizes, out = np.zeros(k, int), {}
+    for i in sorted(range(len(names)), key=lambda i: (-counts[i], names[i])):
+        f = int(np.argmin(sizes))
+        out[str(names[i])] = f
+        sizes[f] += counts[i]
+    return out
+
+
+def fold_splits(data: SQADataModule, k: int) -> list[np.ndarray]:
+    """Per fold, the split of every table row: its test fold ``test``, the next fold ``val``, the other
+    folds ``train``; the seg split's rows ``unused``."""
+    fold = fold_of_groups(data, k)
+    keys = _group_keys(data)
+    rotating = np.isin(data.split_of, ROTATING)
+    row_fold = np.array([fold.get(g, -1) if r else -1 for g, r in zip(keys, rotating, strict=True)])
+    out = []
+    for f in range(k):
+        split = np.full(len(keys), "unused", dtype=data.split_of.dtype)
+        split[rotating] = "train"
+        split[row_fold == f] = "test"
+        split[row_fold == (f + 1) % k] = "val"
+        out.append(split)
+    return out
+
+
+def run_name(fold: int, model: str) -> str:
+    """The fit of ``model`` on fold ``fold``."""
+    return f"fold{fold}_{model}"
+
+
+def fold_jobs(models: Mapping[str, dict[str, Any]], data: SQADataModule, k: int, seed: int = 0) -> list[FitJob]:
+    """The fits :func:`cross_validate_groups` reads: each of ``models`` (run name -> :class:`SQATask` arguments) on each fold."""
+    return [
+        FitJob(run_name(f, name), hparams, split_of=split, seed=seed)
+        for f, split in enumerate(fold_splits(data, k))
+        for name, hparams in models.items()
+    ]
+
+
+def _choices(data: SQADataModule, rows: Sequence[int], score: np.ndarray, fixed: str) -> dict[int, tuple[float, float, float]]:
+    """Per image of ``rows``: (OA of the method ``score`` ranks first, OA of ``fixed``, best OA)."""
+    by_image: dict[int, dict[str, tuple[float, float]]] = {}
+    for r, s in zip(rows, np.asarray(score).tolist(), strict=True):
+        by_image.setdefault(int(data.image_idx[r]), {})[str(data.method_of[r])] = (s, float(data.oa[r]))
+    out = {}
+    for img, per in by_image.items():
+        chosen = max(per, key=lambda m: (per[m][0], m))
+        out[img] = (per[chosen][1], per[fixed][1] if fixed in per else float("nan"), max(v for _, v in per.values()))
+    return out
+
+
+def _mean_bootstrap(diff: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Mean of per-image differences with the 95% interval of a bootstrap over images and its verdict."""
+    draws = np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))
+    means = diff[draws].mean(1)
+    low, high = (float(x) for x in np.percentile(means, [2.5, 97.5]))
+    return {"diff": float(diff.mean()), "low": low, "high": high, "a_better": float((means > 0).mean()),
+            "verdict": metrics.verdict(low, high)}  # fmt: skip
+
+
+def cross_validate_groups(
+    models: Mapping[str, dict[str, Any]],
+    data: SQADataModule,
+    k: int,
+    test_predictions: Callable[[str], np.ndarray],
+    baselines: Callable[[SQADataModule], dict[str, Any]],
+    best_fixed: Callable[[SQADataModule], str],
+    label_free: Sequence[str],
+    recommender: str,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """Out-of-fold figures of ``models`` and the label-free scores, per fold and pooled.
+
+    Args:
+        models: run name -> :class:`SQATask` arguments (the fits of :func:`fold_jobs`).
+        data: the prepared data module (its splits are restored afterwards).
+        k: the number of folds.
+        test_predictions: fit name (:func:`run_name`) -> its predictions on that fold's test rows.
+        baselines: :func:`rssqa.tasks.sqa.run.baseline_scores` (``atc`` refitted on each fold's train split).
+        best_fixed: the best fixed method on the data module's train split.
+        label_free: the label-free scores to report beside the models.
+        recommender: the model whose first-ranked method is the recommendation (``pooled.recommend``).
+        seed: seeds the bootstraps.
+        n_boot: bootstrap draws.
+
+    Returns:
+        ``{"k", "folds": [{groups, n_images, best_fixed_method, best_fixed_oa, oracle_oa, scores: {name: {srcc,
+        regret, chosen_oa}}}],
+        "pooled": {n_images, n_rows, srcc: {name: value}, mean_fold_srcc: {name: value}, best_label_free,
+        vs_consensus: {model: paired bootstrap}, vs_best_label_free: {model: ...}, recommend: {name:
+        {chosen_oa, best_fixed_oa, oracle_oa, regret, gap_closed}}, recommended_minus_best_fixed: {...}}}``.
+    """
+    original = data.split_of.copy()
+    fold_of = fold_of_groups(data, k)
+    n = len(data.split_of)
+    pooled = {name: np.full(n, np.nan) for name in (*models, *label_free)}
+    tested = np.zeros(n, bool)
+    per_image: dict[str, dict[int, tuple[float, float, float]]] = {}
+    folds = []
+    try:
+        for f, split in enumerate(fold_splits(data, k)):
+            data.split_of = split
+            rows = data.rows("test")
+            oa = data.oa[rows].double().numpy()
+            scores = {name: np.asarray(test_predictions(run_name(f, name)), np.float64) for name in models}
+            base = baselines(data)
+            base.pop("_atc_thresholds", None)
+            scores.update({name: np.asarray(v["test"], np.float64) for name, v in base.items() if name in label_free})
+            fixed = best_fixed(data)
+            fold: dict[str, Any] = {
+                "groups": sorted(g for g, i in fold_of.items() if i == f), "n_images": len(set(data.image_idx[rows].tolist())),
+                "best_fixed_method": fixed, "scores": {},
+            }  # fmt: skip
+            for name, pred in scores.items():
+                pooled[name][rows] = pred
+                picks = _choices(data, rows, pred, fixed)
+                per_image.setdefault(name, {}).update(picks)
+                chosen = np.array([c for c, _, _ in picks.values()])
+                best = np.array([b for _, _, b in picks.values()])
+                fold["scores"][name] = {"srcc": metrics.srcc(pred, oa), "chosen_oa": float(chosen.mean()),
+                                        "regret": float((best - chosen).mean())}  # fmt: skip
+                fold["best_fixed_oa"] = float(np.nanmean([x for _, x, _ in picks.values()]))
+                fold["oracle_oa"] = float(best.mean())
+            tested[rows] = True
+            folds.append(fold)
+    finally:
+        data.split_of = original
+    rows = np.flatnonzero(tested)
+    oa, images = data.oa[rows].double().numpy(), data.image_idx[rows].numpy()
+    names = [m for m in pooled if np.isfinite(pooled[m][rows]).all()]
+    srcc = {m: metrics.srcc(pooled[m][rows], oa) for m in names}
+    others = [m for m in label_free if m in srcc and m != "consensus"]
+    best_lf = max(others, key=lambda m: np.nan_to_num(srcc[m], nan=-2.0)) if others else None
+
+    def versus(against: str | None) -> dict[str, Any]:
+        if against not in srcc:
+            return {}
+        return {m: metrics.paired_bootstrap(pooled[m][rows], pooled[against][rows], oa, images, n_boot, seed)["srcc"] for m in models}
+
+    recommend = {}
+    for m in names:
+        picks = np.array(list(per_image[m].values()))
+        chosen, fixed_oa, oracle = picks[:, 0].mean(), np.nanmean(picks[:, 1]), picks[:, 2].mean()
+        gap = oracle - fixed_oa
+        recommend[m] = {"chosen_oa": float(chosen), "best_fixed_oa": float(fixed_oa), "oracle_oa": float(oracle),
+                        "regret": float(oracle - chosen), "gap_closed": float((chosen - fixed_oa) / gap) if gap > 0 else None}  # fmt: skip
+    gain = np.array([c - x for c, x, _ in per_image[recommender].values()]) if recommender in per_image else np.zeros(0)
+    gain = gain[np.isfinite(gain)]
+    return {
+        "k": k,
+        "folds": folds,
+        "pooled": {
+            "n_images": len(np.unique(images)), "n_rows": len(rows), "srcc": srcc,
+            "mean_fold_srcc": {m: float(np.mean([f["scores"][m]["srcc"] for f in folds])) for m in names},
+            "best_label_free": best_lf, "vs_consensus": versus("consensus"), "vs_best_label_free": versus(best_lf),
+            "recommend": recommend, "recommender": recommender,
+            "recommended_minus_best_fixed": _mean_bootstrap(gain, n_boot, seed) if len(gain) else None,
+        },  # fmt: skip
+    }
