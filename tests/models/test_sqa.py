@@ -5,7 +5,7 @@ import torch
 
 from rssqa.errors import RSSQAError
 from rssqa.losses import SQALoss, listwise_loss, pairwise_rank_loss, plcc_loss
-from rssqa.models.sqa import RSSQA, VARIANTS, CrossGating
+from rssqa.models.sqa import RSSQA, VARIANTS, CrossGating, Standardize
 
 E, T, S, G, GRID, FEAT = 16, 12, 5, 7, 4, 6
 
@@ -104,6 +104,17 @@ def test_standardisation_buffers_travel_with_the_state_dict():
     fresh = _model()
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(fresh(_batch()), m(_batch()))
+
+
+def test_a_channel_constant_in_training_is_centred_not_blown_up():
+    # the seventh-largest class share: 0 on every training image (six classes), 0.06 on a new source's image
+    norm = Standardize(3)
+    norm.set_stats(torch.tensor([0.5, 0.0, 0.0]), torch.tensor([0.2, 0.0, 1e-9]))
+    z = norm(torch.tensor([[0.7, 0.06, 0.0]]))
+    assert torch.allclose(z, torch.tensor([[1.0, 0.06, 0.0]]))
+    m = _model(methods=["a"], feat_dim=FEAT)
+    m.set_feature_stats(torch.zeros(1, FEAT), torch.zeros(1, FEAT))
+    assert torch.equal(m.feat_std, torch.ones(1, FEAT))
 
 
 def test_bad_configuration_and_grid():

@@ -65,6 +65,21 @@ class Concat(nn.Module):
         return self.norm(seg + F.gelu(self.mix(torch.cat([seg, sem], dim=-1))))
 
 
+CONSTANT = 1e-6  # a training-split standard deviation below this: the channel is constant there
+
+
+def safe_scale(std: torch.Tensor) -> torch.Tensor:
+    """Standard deviations to divide by: 1 where a channel is constant on the training split.
+
+    Dividing by a floored spread instead turns any later departure from the constant into a huge
+    input: the seventh-largest class share is 0 on every image of a source with six classes, and an
+    image of a source with seven came out 59,000 standard deviations away, which pinned the head's
+    output to one value on that source (leave one source out, LoveDA held out). Centred but not
+    scaled, such a channel contributes what it measures.
+    """
+    return torch.where(std < CONSTANT, torch.ones_like(std), std)
+
+
 class Standardize(nn.Module):
     """Fixed per-channel standardisation with statistics measured on the training split.
 
@@ -79,9 +94,10 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(channels))
 
     def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Set the per-channel mean and std (std floored so constant channels stay finite)."""
+        """Set the per-channel mean and std; a channel with no spread on the training split is centred,
+        not scaled (:func:`safe_scale`)."""
         self.mean.copy_(mean.detach().reshape(-1).to(self.mean))
-        self.std.copy_(std.detach().reshape(-1).to(self.std).clamp_min(1e-6))
+        self.std.copy_(safe_scale(std.detach().reshape(-1).to(self.std)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = [1] * x.ndim
@@ -174,7 +190,7 @@ class RSSQA(nn.Module):
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-method standardisation of the raw features: ``M×F`` mean and std (measured on train)."""
         self.feat_mean.copy_(mean.to(self.feat_mean))
-        self.feat_std.copy_(std.to(self.feat_std).clamp_min(1e-6))
+        self.feat_std.copy_(safe_scale(std.to(self.feat_std)))
 
     def method_index(self, names: list[str]) -> torch.Tensor:
         """Adapter index per method name, ``-1`` for a method without its own adapter."""
