@@ -289,6 +289,25 @@ def test_datamodule_batches_whole_images(run_root):
         assert torch.equal(alone["embed"][0], dm.sem["clip_rs"]["embed"][dm.image_idx[row]])
 
 
+def test_networks_without_training_rows_get_no_adapter(run_root):
+    """A held-out source's methods are networks no per-method adapter was trained on: the shared path alone."""
+    from rssqa.tasks.sqa import SQADataModule
+    from rssqa.tasks.sqa.loso import held_out_splits
+
+    dm = SQADataModule(str(run_root / "sqed"), str(run_root / "clip_rs"))
+    dm.setup("fit")
+    rows = torch.arange(len(dm.split_of))
+    assert torch.equal(dm.adapter_index(rows), dm.method_idx)  # every network has train rows
+    original = dm.split_of
+    dm.split_of = held_out_splits(dm)["alpha"]
+    held = torch.from_numpy(dm.source_of == "alpha")
+    idx = dm.adapter_index(rows)
+    assert (idx[held] == -1).all() and torch.equal(idx[~held], dm.method_idx[~held])
+    assert torch.equal(dm.batch(rows[held][:3])["method_idx"], torch.full((3,), -1))
+    dm.split_of = original
+    assert torch.equal(dm.adapter_index(rows), dm.method_idx)
+
+
 def test_missing_inputs_are_one_line_errors(run_root, tmp_path):
     from rssqa.tasks.sqa import SQADataModule
 

@@ -168,6 +168,10 @@ class SQADataModule(L.LightningDataModule):
         self.method_of = np.array([r["method"] for r in rows])
         self.source_of = np.array([r["source"] for r in rows])
         self.method_idx = torch.tensor([self.methods.index(r["method"]) for r in rows], dtype=torch.long)
+        # the network behind a row: each source's methods are networks of their own (trained on that source)
+        self.network_of = np.unique(np.char.add(np.char.add(self.source_of.astype(str), "/"), self.method_of.astype(str)),
+                                    return_inverse=True)[1]  # fmt: skip
+        self._seen: tuple[np.ndarray, torch.Tensor] | None = None
         self._segmentation_inputs(rows)
         self._agreement_inputs(rows)
         self.sem = {}
@@ -299,6 +303,21 @@ class SQADataModule(L.LightningDataModule):
         """Row indices of ``split``."""
         return np.flatnonzero(self.split_of == split).tolist()
 
+    def adapter_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-method adapter index of ``rows``: -1 (the shared path alone) for a row whose network has
+        no row in the current train split.
+
+        A per-method adapter reads one network's raw features. A source held out (leave one source
+        out) brings networks of the same method names that no adapter was trained on: their features
+        are in another basis, so they get none, as an unseen method does. Where every network has
+        training rows (the stage's own split, the group folds) this is the method's index.
+        """
+        if self._seen is None or self._seen[0] is not self.split_of:
+            seen = np.zeros(self.network_of.max() + 1, bool)
+            seen[self.network_of[self.split_of == "train"]] = True
+            self._seen = (self.split_of, torch.from_numpy(seen[self.network_of]))
+        return torch.where(self._seen[1][rows], self.method_idx[rows], torch.full_like(self.method_idx[rows], -1))
+
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model inputs of table rows ``rows`` (with the current :attr:`semantic` features)."""
         if self.semantic not in self.sem:
@@ -314,7 +333,7 @@ class SQADataModule(L.LightningDataModule):
             oa=self.oa[rows],
             image_idx=img,
             row=rows,
-            method_idx=self.method_idx[rows],
+            method_idx=self.adapter_index(rows),
         )
         return out
 
