@@ -354,19 +354,22 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
             md.append("The quality heads trained on the other sources' rows, tested on the held-out source's test "
                       "images; beside them the training-free consensus and the best other label-free score:\n\n")  # fmt: skip
             models = [m for m in ("rs_sqa", "with_agreement") if all(m in f for f in loso.values())]
-            header = ["held out", "images", *[f"{m} SRCC" for m in models], "consensus SRCC", "best other label-free",
+            header = ["held out", "images", *[f"{m} SRCC" for m in models], "consensus SRCC",
+                      *[f"{m} minus consensus [95%]" for m in models], "best other label-free",
                       *[f"{m} regret" for m in models], "consensus regret"]  # fmt: skip
             rows_loso = []
             for held, f in loso.items():
                 best = f.get("best_label_free")
                 rows_loso.append([held, f.get("n_images"), *[f[m]["srcc"] for m in models], f.get("consensus", {}).get("srcc"),
+                                  *[_interval(f[m].get("vs_consensus")) for m in models],
                                   f"{best} {_fmt(f[best]['srcc'])}" if best else "-",
                                   *[f[m]["regret"] for m in models], f.get("consensus", {}).get("regret")])  # fmt: skip
             md.append(table("sqa_leave_one_source_out", header, rows_loso))
-            above = a.get("loso_above_consensus")
+            above, ahead = a.get("loso_above_consensus"), a.get("loso_ahead_of_consensus") or {}
             if above:
                 md.append("Held-out sources on which each model is above consensus in SRCC: "
-                          + ", ".join(f"{m} {n} of {len(loso)}" for m, n in above.items()) + ".\n")
+                          + ", ".join(f"{m} {n} of {len(loso)}" + (f" ({ahead[m]} with the interval excluding zero)" if m in ahead else "")
+                                      for m, n in above.items()) + ".\n")  # fmt: skip
             data["sqa_leave_one_source_out"] = loso
         cv = a.get("group_folds")
         if cv:

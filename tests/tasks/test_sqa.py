@@ -189,7 +189,11 @@ def test_stage_writes_the_whole_comparison(run_root):
         assert fold["n_images"] == 3, held  # the held-out source's test images only
         assert set(fold) >= {"rs_sqa", "with_agreement", "consensus", "agreement", "msp", "atc", "best_label_free"}
         assert fold["best_label_free"] != "consensus" and -1 <= fold["rs_sqa"]["srcc"] <= 1
-    assert set(s["loso_above_consensus"]) == {"rs_sqa", "with_agreement"}
+        v = fold["with_agreement"]["vs_consensus"]
+        assert v["diff"] == pytest.approx(fold["with_agreement"]["srcc"] - fold["consensus"]["srcc"], abs=1e-5)
+        assert v["verdict"] == ("ahead" if v["low"] > 0 else "behind" if v["high"] < 0 else "tie")
+    assert set(s["loso_above_consensus"]) == set(s["loso_ahead_of_consensus"]) == {"rs_sqa", "with_agreement"}
+    assert all(s["loso_ahead_of_consensus"][m] <= s["loso_above_consensus"][m] for m in ("rs_sqa", "with_agreement"))
     assert (out / "checkpoints" / "loso_alpha_with_agreement" / "best.ckpt").is_file()
     # cross-validation over the split groups (here each image is its own group): every non-seg image tested once
     cv = s["group_folds"]

@@ -125,6 +125,10 @@ def test_report_has_the_pixel_error_section(run_root):
     assert f"| pixel error head | {px['auroc']:.3f} | {px['ap']:.3f} | {rec['auroc']:.3f} | {rec['ap']:.3f} |" in section
     assert f"Recommended method: head minus the best baseline ({rec['best_baseline']})" in section
     assert json.loads((run_root / "report.json").read_text())["sqa_pixel_error"]["auroc"] == px["auroc"]
+    # the run also left each source out and cross-validated over groups: both sections, with intervals
+    loso = md[md.index("## Leave one source out") : md.index("## Cross-validation over areas")]
+    assert "with_agreement minus consensus [95%]" in loso and "with the interval excluding zero" in loso
+    assert "minus consensus in SRCC, all folds:" in md[md.index("## Cross-validation over areas") :]
 
 
 def test_recommended_methods_are_each_images_first():

@@ -77,7 +77,8 @@ def leave_one_source_out(
     Returns:
         ``{held_out_source: {score: {srcc, regret, chosen_oa}, "best_label_free": name, "n_images": n}}``
         with every learned model, every label-free baseline, and the best label-free baseline other
-        than ``consensus`` named.
+        than ``consensus`` named; each learned model also has ``vs_consensus`` (SRCC minus consensus's:
+        diff, low, high, verdict of a paired bootstrap over the held-out source's test images).
     """
     original = data.split_of.copy()
     out: dict[str, Any] = {}
@@ -91,9 +92,13 @@ def leave_one_source_out(
             base.pop("_atc_thresholds", None)
             scores.update({k: v["test"] for k, v in base.items() if k in label_free})
             fold: dict[str, Any] = {}
+            images = data.image_idx[rows].numpy()
             for name, pred in scores.items():
                 rec = recommendation(data, {"test": pred})
                 fold[name] = {"srcc": metrics.srcc(pred, oa), "regret": rec["regret"], "chosen_oa": rec["chosen_oa"]}
+                if name in models and "consensus" in scores:  # how sure: a paired bootstrap over the source's images
+                    vs = metrics.paired_bootstrap(pred, scores["consensus"], oa, images)["srcc"]
+                    fold[name]["vs_consensus"] = {k: vs[k] for k in ("diff", "low", "high", "verdict")}
             others = [k for k in label_free if k in fold and k != "consensus"]
             fold["best_label_free"] = max(others, key=lambda k: np.nan_to_num(fold[k]["srcc"], nan=-2.0)) if others else None
             fold["n_images"] = len(set(data.image_idx[rows].tolist()))

@@ -243,6 +243,10 @@ def run_sqa(
                 summary["loso_above_consensus"] = {
                     m: sum(f[m]["srcc"] > f["consensus"]["srcc"] for f in folds.values()) for m in loso_models
                 }
+                # ... and on how many the paired bootstrap says ahead (the interval excludes zero)
+                summary["loso_ahead_of_consensus"] = {
+                    m: sum(f[m]["vs_consensus"]["verdict"] == "ahead" for f in folds.values()) for m in loso_models
+                }
         if group_folds:
             recommender = next(k for k in (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa") if k in fold_models)
             summary["group_folds"] = cross_validate_groups(
