@@ -76,6 +76,20 @@ def rank_methods(scores: dict[str, float]) -> list[tuple[str, float]]:
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+def per_image_choices(
+    image_ids: Sequence[Any], methods: Sequence[str], oa: Sequence[float], scores: Sequence[float], best_fixed: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image (in sorted id order): the true OA of the method ``scores`` ranks first, of
+    ``best_fixed``, and the best true OA. Every image must have every method; the arguments are
+    those of :func:`recommend_metrics`."""
+    names, true = _oa_matrix(image_ids, methods, oa)
+    _, pred = _oa_matrix(image_ids, methods, scores)
+    if best_fixed not in names:
+        raise RSSQAError(f"recommend: fixed method {best_fixed!r} not among {names}")
+    # argmax takes the first of equal scores; the columns are in name order, as in rank_methods
+    return true[np.arange(len(true)), pred.argmax(axis=1)], true[:, names.index(best_fixed)], true.max(axis=1)
+
+
 def recommend_metrics(
     image_ids: Sequence[Any],
     methods: Sequence[str],
@@ -97,20 +111,14 @@ def recommend_metrics(
     Returns:
         ``{top1, regret, chosen_oa, best_fixed_oa, oracle_oa, top1_within}`` as floats, plus ``n_images``.
     """
-    names, true = _oa_matrix(image_ids, methods, oa)
-    _, pred = _oa_matrix(image_ids, methods, scores)
-    if best_fixed not in names:
-        raise RSSQAError(f"recommend: fixed method {best_fixed!r} not among {names}")
-    # argmax takes the first of equal scores; the columns are in name order, as in rank_methods
-    chosen = true[np.arange(len(true)), pred.argmax(axis=1)]
-    best = true.max(axis=1)
+    chosen, fixed, best = per_image_choices(image_ids, methods, oa, scores, best_fixed)
     out = {
         "top1": float(np.mean(chosen >= best - _TIE)),
         "top1_within": float(np.mean(chosen >= best - tolerance - _TIE)),
         "chosen_oa": float(chosen.mean()),
-        "best_fixed_oa": float(true[:, names.index(best_fixed)].mean()),
+        "best_fixed_oa": float(fixed.mean()),
         "oracle_oa": float(best.mean()),
-        "n_images": len(true),
+        "n_images": len(chosen),
     }
     out["regret"] = out["oracle_oa"] - out["chosen_oa"]
     return out

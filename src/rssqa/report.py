@@ -164,9 +164,7 @@ def _pixel_section(px: dict[str, Any], table: Any) -> str:
 def _folds_section(cv: dict[str, Any], table: Any) -> str:
     """Cross-validation over split groups (the sqa summary's ``group_folds``): per fold and pooled."""
     p = cv["pooled"]
-    models = [m for m in p["srcc"] if m in (p.get("vs_consensus") or {}) or m in p.get("recommend", {}) and m not in
-              ("msp", "entropy", "margin", "atc", "agreement", "consensus")]  # fmt: skip
-    shown = [*models, "consensus", *([p["best_label_free"]] if p.get("best_label_free") else [])]
+    shown = [*p["models"], "consensus", *([p["best_label_free"]] if p.get("best_label_free") else [])]
     shown = [m for i, m in enumerate(shown) if m in p["srcc"] and m not in shown[:i]]
     rows = [[", ".join(f["groups"]), f["n_images"], *[f["scores"][m]["srcc"] for m in shown],
              f"{f['best_fixed_method']} {_fmt(f.get('best_fixed_oa'))}", *[f["scores"][m]["chosen_oa"] for m in shown],

@@ -169,9 +169,7 @@ class SQADataModule(L.LightningDataModule):
         self.source_of = np.array([r["source"] for r in rows])
         self.method_idx = torch.tensor([self.methods.index(r["method"]) for r in rows], dtype=torch.long)
         # the network behind a row: each source's methods are networks of their own (trained on that source)
-        self.network_of = np.unique(np.char.add(np.char.add(self.source_of.astype(str), "/"), self.method_of.astype(str)),
-                                    return_inverse=True)[1]  # fmt: skip
-        self._seen: tuple[np.ndarray, torch.Tensor] | None = None
+        self.network_of = np.unique([f"{r['source']}/{r['method']}" for r in rows], return_inverse=True)[1]
         self._segmentation_inputs(rows)
         self._agreement_inputs(rows)
         self.sem = {}
@@ -312,11 +310,8 @@ class SQADataModule(L.LightningDataModule):
         are in another basis, so they get none, as an unseen method does. Where every network has
         training rows (the stage's own split, the group folds) this is the method's index.
         """
-        if self._seen is None or self._seen[0] is not self.split_of:
-            seen = np.zeros(self.network_of.max() + 1, bool)
-            seen[self.network_of[self.split_of == "train"]] = True
-            self._seen = (self.split_of, torch.from_numpy(seen[self.network_of]))
-        return torch.where(self._seen[1][rows], self.method_idx[rows], torch.full_like(self.method_idx[rows], -1))
+        trained = np.isin(self.network_of[rows.numpy()], self.network_of[self.split_of == "train"])
+        return torch.where(torch.from_numpy(trained), self.method_idx[rows], -1)
 
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model inputs of table rows ``rows`` (with the current :attr:`semantic` features)."""

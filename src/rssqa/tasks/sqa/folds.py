@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rssqa import metrics
+from rssqa import metrics, recommend
 from rssqa.errors import RSSQAError
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.fits import FitJob
@@ -85,18 +85,6 @@ def fold_jobs(models: Mapping[str, dict[str, Any]], data: SQADataModule, k: int,
     ]
 
 
-def _choices(data: SQADataModule, rows: Sequence[int], score: np.ndarray, fixed: str) -> dict[int, tuple[float, float, float]]:
-    """Per image of ``rows``: (OA of the method ``score`` ranks first, OA of ``fixed``, best OA)."""
-    by_image: dict[int, dict[str, tuple[float, float]]] = {}
-    for r, s in zip(rows, np.asarray(score).tolist(), strict=True):
-        by_image.setdefault(int(data.image_idx[r]), {})[str(data.method_of[r])] = (s, float(data.oa[r]))
-    out = {}
-    for img, per in by_image.items():
-        chosen = max(per, key=lambda m: (per[m][0], m))
-        out[img] = (per[chosen][1], per[fixed][1] if fixed in per else float("nan"), max(v for _, v in per.values()))
-    return out
-
-
 def _mean_bootstrap(diff: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
     """Mean of per-image differences with the 95% interval of a bootstrap over images and its verdict."""
     draws = np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))
@@ -135,7 +123,7 @@ def cross_validate_groups(
     Returns:
         ``{"k", "folds": [{groups, n_images, best_fixed_method, best_fixed_oa, oracle_oa, scores: {name: {srcc,
         regret, chosen_oa}}}],
-        "pooled": {n_images, n_rows, srcc: {name: value}, mean_fold_srcc: {name: value}, best_label_free,
+        "pooled": {n_images, n_rows, srcc: {name: value}, mean_fold_srcc: {name: value}, best_label_free, models,
         vs_consensus: {model: paired bootstrap}, vs_best_label_free: {model: ...}, recommend: {name:
         {chosen_oa, best_fixed_oa, oracle_oa, regret, gap_closed}}, recommended_minus_best_fixed: {...}}}``.
     """
@@ -144,7 +132,7 @@ def cross_validate_groups(
     n = len(data.split_of)
     pooled = {name: np.full(n, np.nan) for name in (*models, *label_free)}
     tested = np.zeros(n, bool)
-    per_image: dict[str, dict[int, tuple[float, float, float]]] = {}
+    per_image: dict[str, list[np.ndarray]] = {}  # per score: images x (chosen, best fixed, best) OA, fold by fold
     folds = []
     try:
         for f, split in enumerate(fold_splits(data, k)):
@@ -162,14 +150,11 @@ def cross_validate_groups(
             }  # fmt: skip
             for name, pred in scores.items():
                 pooled[name][rows] = pred
-                picks = _choices(data, rows, pred, fixed)
-                per_image.setdefault(name, {}).update(picks)
-                chosen = np.array([c for c, _, _ in picks.values()])
-                best = np.array([b for _, _, b in picks.values()])
-                fold["scores"][name] = {"srcc": metrics.srcc(pred, oa), "chosen_oa": float(chosen.mean()),
-                                        "regret": float((best - chosen).mean())}  # fmt: skip
-                fold["best_fixed_oa"] = float(np.nanmean([x for _, x, _ in picks.values()]))
-                fold["oracle_oa"] = float(best.mean())
+                picks = np.stack(recommend.per_image_choices(data.image_idx[rows].tolist(), data.method_of[rows], oa, pred, fixed), 1)
+                per_image.setdefault(name, []).append(picks)
+                fold["scores"][name] = {"srcc": metrics.srcc(pred, oa), "chosen_oa": float(picks[:, 0].mean()),
+                                        "regret": float((picks[:, 2] - picks[:, 0]).mean())}  # fmt: skip
+            fold["best_fixed_oa"], fold["oracle_oa"] = float(picks[:, 1].mean()), float(picks[:, 2].mean())  # any score's
             tested[rows] = True
             folds.append(fold)
     finally:
@@ -186,15 +171,14 @@ def cross_validate_groups(
             return {}
         return {m: metrics.paired_bootstrap(pooled[m][rows], pooled[against][rows], oa, images, n_boot, seed)["srcc"] for m in models}
 
-    recommend = {}
+    choice = {}
     for m in names:
-        picks = np.array(list(per_image[m].values()))
-        chosen, fixed_oa, oracle = picks[:, 0].mean(), np.nanmean(picks[:, 1]), picks[:, 2].mean()
+        chosen, fixed_oa, oracle = np.concatenate(per_image[m]).mean(0)
         gap = oracle - fixed_oa
-        recommend[m] = {"chosen_oa": float(chosen), "best_fixed_oa": float(fixed_oa), "oracle_oa": float(oracle),
-                        "regret": float(oracle - chosen), "gap_closed": float((chosen - fixed_oa) / gap) if gap > 0 else None}  # fmt: skip
-    gain = np.array([c - x for c, x, _ in per_image[recommender].values()]) if recommender in per_image else np.zeros(0)
-    gain = gain[np.isfinite(gain)]
+        choice[m] = {"chosen_oa": float(chosen), "best_fixed_oa": float(fixed_oa), "oracle_oa": float(oracle),
+                     "regret": float(oracle - chosen), "gap_closed": float((chosen - fixed_oa) / gap) if gap > 0 else None}  # fmt: skip
+    picks = np.concatenate(per_image[recommender]) if recommender in per_image else np.zeros((0, 3))
+    gain = picks[:, 0] - picks[:, 1]
     return {
         "k": k,
         "folds": folds,
@@ -202,7 +186,7 @@ def cross_validate_groups(
             "n_images": len(np.unique(images)), "n_rows": len(rows), "srcc": srcc,
             "mean_fold_srcc": {m: float(np.mean([f["scores"][m]["srcc"] for f in folds])) for m in names},
             "best_label_free": best_lf, "vs_consensus": versus("consensus"), "vs_best_label_free": versus(best_lf),
-            "recommend": recommend, "recommender": recommender,
+            "models": list(models), "recommend": choice, "recommender": recommender,
             "recommended_minus_best_fixed": _mean_bootstrap(gain, n_boot, seed) if len(gain) else None,
         },  # fmt: skip
     }
