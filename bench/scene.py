@@ -66,7 +66,9 @@ def _stand_in(tile: int, chunk: int):
     scorer, source = stand_in(tile, chunk)
     scorer.ranking_model = scorer.agreement_model
     torch.manual_seed(1)
-    scorer.pixel_model = PixelErrorHead(agreement=True, token_dim=int(scorer.config.get("token_dim", 0) or _token_dim(scorer))).eval()
+    token_dim = int(scorer.config.get("token_dim", 0) or _token_dim(scorer))
+    # as the demo's: agreement and quality-weighted agreement channels, CLIP-RS tokens
+    scorer.pixel_model = PixelErrorHead(agreement=True, token_dim=token_dim, quality_power=8).eval()
     scorer.config["image_size"] = [tile, tile]
     return scorer, source
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rssqa.agreement import agreement_statistics
+from rssqa.agreement import agreement_statistics, quality_agreement_maps
 from rssqa.errors import RSSQAError
 
 
@@ -56,3 +56,34 @@ def test_agreement_extremes_and_errors():
         agreement_statistics([same, same])
     with pytest.raises(RSSQAError, match="differ in shape"):
         agreement_statistics([same, same, torch.rand(1, 2, 2, 2)])
+
+
+def test_quality_weighted_agreement_matches_the_reference():
+    rng = np.random.default_rng(5)
+    m, classes, power = 4, 3, 2.0
+    probs = [torch.from_numpy(rng.normal(size=(2, classes, 5, 5))).softmax(1).float() for _ in range(m)]
+    preds = [p.argmax(1) for p in probs]
+    quality = torch.tensor([[0.9, 0.5, 0.2, 0.7], [0.3, 0.3, 0.3, 0.3]])
+    got = quality_agreement_maps(probs, preds, quality, power)
+    for j in range(m):
+        for b in range(2):
+            w = np.array([float(quality[b, k]) ** power if k != j else 0.0 for k in range(m)])
+            w /= w.sum()
+            for y, x in [(0, 0), (2, 3), (4, 1)]:
+                c = int(preds[j][b, y, x])
+                share = sum(w[k] * (int(preds[k][b, y, x]) == c) for k in range(m))
+                support = sum(w[k] * float(probs[k][b, c, y, x]) for k in range(m))
+                assert got[j][b, 0, y, x] == pytest.approx(share, abs=1e-6)
+                assert got[j][b, 1, y, x] == pytest.approx(support, abs=1e-6)
+    # equal weights: the unweighted share and support
+    plain = agreement_statistics(probs, grid=1, preds=preds, keep_maps=True)
+    for g, p in zip(got, plain, strict=True):
+        assert torch.allclose(g[1], p["pixels"][1, [0, 2]], atol=1e-6)
+    # a strong method outvotes two weak ones: the weighted share follows the strong one
+    one = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    flip = one.flip(1)
+    maps = quality_agreement_maps([one, one, flip, flip], [t.argmax(1) for t in (one, one, flip, flip)],
+                                  torch.tensor([[0.5, 0.9, 0.3, 0.3]]), 8)
+    assert float(maps[0][0, 0]) > 0.9 and float(maps[2][0, 0]) < 0.1
+    with pytest.raises(RSSQAError, match="quality"):
+        quality_agreement_maps(probs, preds, quality[:, :3], power)

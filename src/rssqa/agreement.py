@@ -12,6 +12,12 @@ Pooled to the ``g×g`` cell grid (``agree_maps``, ``B×3×g×g``) and to per-ima
 (``agree_global``, ``B×3``). Two label-free baselines read the means: ``agreement`` (mean pairwise
 pixel agreement with the others = mean ``share``) and ``consensus`` (agreement with the others'
 majority = mean ``majority``). Pure functions, no training.
+
+Weighted by how good the others are (:func:`quality_agreement_maps`): with a predicted quality per
+(image, method) from an image-level quality head, the others' votes count in proportion to
+``quality ** power``: ``q_share`` (the others' weighted share that predict ``m``'s class) and
+``q_support`` (their weighted mean probability of ``m``'s class). A wrong majority of weak methods
+then counts for less than one strong method that disagrees.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from rssqa.errors import RSSQAError
 
 AGREEMENT_NAMES = ("share", "majority", "support")
+QUALITY_NAMES = ("q_share", "q_support")
 BASELINES = ("agreement", "consensus")
 MIN_METHODS = 3  # a method and at least two others: with one other, share and majority are the same
 
@@ -112,3 +119,45 @@ def agreement_statistics(
         one = {"agree_maps": cells, "agree_global": glob, "agreement": glob[:, 0], "consensus": glob[:, 1]}
         out.append({**one, "pixels": full} if keep_maps else one)
     return out
+
+
+@torch.no_grad()
+def quality_agreement_maps(
+    probs: Sequence[torch.Tensor], preds: Sequence[torch.Tensor], quality: torch.Tensor, power: float
+) -> list[torch.Tensor]:
+    """Per-pixel agreement of each method with the others, each other weighted by its predicted quality.
+
+    Args:
+        probs: one ``B×C×H×W`` class-probability tensor per method (``M`` of them), same images.
+        preds: each method's ``B×H×W`` arg-max class.
+        quality: ``B×M`` predicted quality (overall accuracy) of each method on each image.
+        power: the weights are ``max(quality, 1e-3) ** power`` over the others, normalised per image.
+
+    Returns:
+        One ``B×2×H×W`` float32 tensor per method, channels as :data:`QUALITY_NAMES`.
+    """
+    m = len(probs)
+    if m < MIN_METHODS:
+        raise RSSQAError(f"quality-weighted agreement: needs at least {MIN_METHODS} methods, got {m}")
+    if len(preds) != m or tuple(quality.shape) != (probs[0].shape[0], m):
+        raise RSSQAError(
+            f"quality-weighted agreement: {m} probability maps, {len(preds)} class maps and quality "
+            f"{tuple(quality.shape)}; expected B x {m} for B = {probs[0].shape[0]}"
+        )
+    w = quality.float().to(probs[0].device).clamp(1e-3, 1.0).pow(power)  # B×M
+    maps = []
+    for j in range(m):
+        others = w.clone()
+        others[:, j] = 0
+        others = others / others.sum(1, keepdim=True)
+        idx = preds[j].unsqueeze(1)
+        share = torch.zeros(preds[j].shape, device=w.device)
+        support = torch.zeros(preds[j].shape, device=w.device)
+        for k in range(m):
+            if k == j:
+                continue
+            wk = others[:, k].view(-1, 1, 1)
+            share += wk * (preds[k] == preds[j]).float()
+            support += wk * probs[k].float().gather(1, idx).squeeze(1)
+        maps.append(torch.stack([share, support], 1))
+    return maps

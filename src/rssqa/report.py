@@ -147,12 +147,18 @@ def _pixel_section(px: dict[str, Any], table: Any) -> str:
             rows.append([n, *[(c.get("baselines", {}).get(n) or {}).get(k) for _, c in cols for k in ("auroc", "ap")]])
     top = (px.get("config") or {}).get("top") or 0
     trained = f"each image's {top} most accurate methods" if top else "all their methods"
+    if px.get("quality_weighted"):
+        power = (px.get("model") or {}).get("quality_power")
+        where = (f"{px.get('train_images')} val images ({trained}), its epoch chosen on other val images; it also reads the "
+                 f"other methods' agreement weighted by their predicted OA ** {power:g} (the recommending model's scores, out "
+                 "of sample on val and test)")  # fmt: skip
+    else:
+        where = f"{px.get('train_images')} train images ({trained}), its epoch chosen on val"
     out = ["## Where a segmentation is wrong: pixel error maps\n",
            f"Per pixel, the probability that a method's class is wrong, on the test split ({px.get('n_test_images')} images, "
            f"{px.get('pixels_per_row')} labelled pixels drawn per image and method, seeded): on every (image, method), and on "
-           "each image's recommended method alone (what an error map shows). The head trained on "
-           f"{px.get('train_images')} train images ({trained}), its epoch chosen on val. Beside it the label-free per-pixel "
-           "scores it reads (1 - max probability, entropy, the share of the other methods that disagree):\n\n",
+           f"each image's recommended method alone (what an error map shows). The head trained on {where}. Beside it the "
+           "label-free per-pixel scores it reads (1 - max probability, entropy, the share of the other methods that disagree):\n\n",
            table("sqa_pixel_error", ["score", *[f"{h} {k}" for h, _ in cols for k in ("AUROC", "AP")]], rows)]  # fmt: skip
     for what, c in cols:
         m = _pixel_margin(c.get("vs_best_baseline"), c.get("best_baseline"))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from rssqa.agreement import MIN_METHODS
+from rssqa.agreement import MIN_METHODS, quality_agreement_maps
 from rssqa.errors import RSSQAError
 from rssqa.models.clip import clip_fingerprint, image_size, load_clip
 from rssqa.models.pixel_error import PixelErrorHead, load_pixel_head, pixel_inputs
@@ -397,19 +397,37 @@ class Scorer:
             n = len(batch)
             if n < self.chunk:  # the fixed forward batch, as scoring
                 batch = np.concatenate([batch, np.zeros((self.chunk - n, *batch.shape[1:]), np.uint8)])
-            inp = self.quality_inputs(
-                batch, [m.segmenter for m in run], self.clip if head.token_dim > 0 else None, [0] * len(run),
-                agreement=head.agreement, pixels=True,
-            )  # fmt: skip
-            tokens = inp.get("sem_tokens")
+            weighted = None
+            if head.quality_power > 0:  # the others weighted by the recommending head's scores
+                rec = self.recommend_head(len(run))
+                inp = self._inputs(batch, run, rec, True, pixels=True)
+                quality = torch.from_numpy(self.head_scores(inp, run, len(run), rec, self.chunk)).float()
+                pix = inp["pixels"]
+                weighted = quality_agreement_maps([p["probs"] for p in pix], [p["pred"] for p in pix], quality, head.quality_power)
+            else:
+                inp = self.quality_inputs(
+                    batch, [m.segmenter for m in run], self.clip if head.token_dim > 0 else None, [0] * len(run),
+                    agreement=head.agreement, pixels=True,
+                )  # fmt: skip
+            tokens = inp.get("sem_tokens") if head.token_dim > 0 else None
             maps = []
-            for p in inp["pixels"][: len(chosen)]:
-                x = pixel_inputs(p["probs"].cpu(), p["agree"].cpu() if head.agreement else None)
+            for j, p in enumerate(inp["pixels"][: len(chosen)]):
+                w = None if weighted is None else weighted[j].cpu()
+                x = pixel_inputs(p["probs"].cpu(), p["agree"].cpu() if head.agreement else None, w)
                 maps.append(head.probability(x, tokens)[:n])
             stacked = torch.stack(maps, 1).numpy().astype(np.float32)
             for j, i in enumerate(part):
                 out[i] = stacked[j]
         return out
+
+    def recommend_head(self, n_methods: int) -> RSSQA:
+        """The head that ranks ``n_methods`` methods (:meth:`recommend`): the ranking head, else the
+        agreement head (with at least three methods), else the paper's."""
+        if n_methods >= MIN_METHODS:
+            for head in (self.ranking_model, self.agreement_model):
+                if head is not None:
+                    return head
+        return self.model
 
     def use_agreement(self, scored: Sequence[str], with_methods: Sequence[str] = (), agreement: bool | None = None) -> bool:
         """Whether scoring the methods named ``scored`` uses the agreement head (see :meth:`score`); a

@@ -52,11 +52,26 @@ def test_head_without_agreement_reads_the_own_channels_only():
         PixelErrorHead(agreement=True)(x)
 
 
+def test_head_with_quality_weights_reads_eight_channels():
+    probs = torch.rand(2, 4, 8, 8).softmax(1)
+    agree, quality = torch.rand(2, 3, 8, 8), torch.rand(2, 2, 8, 8)
+    head = PixelErrorHead(agreement=True, quality_power=8)
+    assert head.kwargs["quality_power"] == 8 and "quality_power" not in PixelErrorHead().kwargs
+    head.fit_standardisation(pixel_inputs(probs, agree, quality))
+    assert head.mean.numel() == 8 and torch.isfinite(head.probability(pixel_inputs(probs, agree, quality))).all()
+    with pytest.raises(RSSQAError, match="quality-weighted agreement channels missing"):
+        head(pixel_inputs(probs, agree))
+    with pytest.raises(RSSQAError, match="needs the agreement channels"):
+        PixelErrorHead(agreement=False, quality_power=8)
+    with pytest.raises(RSSQAError, match="quality-weighted agreement maps"):
+        pixel_inputs(probs, agree, quality[:, :1])
+
+
 def test_load_pixel_head_round_trip_and_errors():
     head = PixelErrorHead(agreement=True, token_dim=6, hidden=4)
-    head.fit_standardisation(torch.rand(100, 6))
+    head.fit_standardisation(torch.rand(100, 8))
     again = load_pixel_head(head.kwargs, head.state_dict(), "x.safetensors")
-    x, t = torch.rand(1, 6, 8, 8), torch.randn(1, 6, 2, 2)
+    x, t = torch.rand(1, 8, 8, 8), torch.randn(1, 6, 2, 2)
     assert torch.equal(again.probability(x, t), head.eval().probability(x, t))
     with pytest.raises(RSSQAError, match="x.safetensors: not a pixel error head"):
         load_pixel_head({**head.kwargs, "hidden": 5}, head.state_dict(), "x.safetensors")

@@ -347,6 +347,7 @@ def test_stage_on_a_real_sqed_build(tiny_world, tmp_path):
     # two methods: the pixel error head reads each method's own softmax only, no disagreement baseline
     px = summary["pixel_error"]
     assert px["agreement"] is False and px["model"]["agreement"] is False and px["baselines"]["disagreement"] is None
+    assert px["quality_weighted"] is False and "quality_power" not in px["model"]  # no agreement, nothing to weigh
     assert 0 <= px["auroc"] <= 1 and px["best_baseline"] in ("max_prob", "entropy")
     assert summary["recommend"]["n_images"] == summary["n_rows"]["test"] // 2
     tile = sorted((tiny_world / "sources" / "vaihingen" / "top").glob("*.tif"))[0]

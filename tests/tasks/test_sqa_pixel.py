@@ -87,7 +87,11 @@ def test_stage_tests_and_exports_the_pixel_error_head(run_root):
     assert px["n_test_images"] == n_test and px["n_test_rows"] == n_test * len(METHODS)
     # every test row draws pixels_per_row of its labelled pixels (the fixture leaves a strip unlabelled)
     assert px["n_pixels"] == n_test * len(METHODS) * min(px["pixels_per_row"], SIZE * (SIZE - 4))
-    assert px["agreement"] is True and px["train_images"] == 6 * len(SOURCES) and 1 <= px["best_epoch"] <= px["config"]["epochs"]
+    assert px["agreement"] is True and 1 <= px["best_epoch"] <= px["config"]["epochs"]
+    # quality-weighted agreement: the recommender's scores are out of sample on val, so the head trains on
+    # val images (3 per source here: 2 choose the epoch, the one left trains), not on the 6 train ones
+    assert px["quality_weighted"] is True and px["train_split"] == "val" and px["model"]["quality_power"] == 8
+    assert px["train_images"] == 1 * len(SOURCES) and px["val_rows"] == 2 * len(SOURCES) * len(METHODS)
     assert set(px["per_source"]) == set(SOURCES) and math.isfinite(px["val_auroc"])
     assert px["config"]["top"] == 0 and px["train_rows"] == px["train_images"] * len(METHODS)  # every method's rows
     # the recommended population: one row per test image, the method the scorer's ranking head puts first
@@ -146,24 +150,43 @@ def test_recommended_methods_are_each_images_first():
 def test_collect_rows_keeps_each_images_most_accurate_methods(monkeypatch):
     from types import SimpleNamespace
 
-    from rssqa.tasks.sqa import pixel
+    from rssqa.tasks.sqa import pixel_rows
 
     wrong = {"a": [0.5, 0.1], "b": [0.2, 0.6], "c": [0.3, 0.3]}  # per method, the share wrong in images 10 and 11
 
-    def blocks(data, source, methods, chosen, agreement, block):
+    def blocks(data, source, methods, chosen, agreement, block, quality=None, power=0.0):
         per_method = []
         for m in methods:
             t = torch.zeros(2, 10, 10, dtype=torch.uint8)
             for b, share in enumerate(wrong[m]):
                 t[b].view(-1)[: int(share * 100)] = 1
             t[:, 0, 0] = 255  # an unlabelled pixel is not counted
-            per_method.append((torch.zeros(2, 6, 10, 10), t))
+            per_method.append((torch.zeros(2, 8, 10, 10), t))
         yield [10, 11], per_method
 
-    monkeypatch.setattr(pixel, "_methods_of", lambda data: {"s": ["a", "b", "c"]})
-    monkeypatch.setattr(pixel, "_choose", lambda data, source, split, n, seed: [(0, 10), (1, 11)])
-    monkeypatch.setattr(pixel, "_seam_blocks", blocks)
+    monkeypatch.setattr(pixel_rows, "methods_of", lambda data: {"s": ["a", "b", "c"]})
+    monkeypatch.setattr(pixel_rows, "seam_blocks", blocks)
     data = SimpleNamespace(methods=["a", "b", "c"])
-    rows = pixel.collect_rows(data, "train", 0, True, PixelConfig(), 0, top=2)
+    plan = {"s": [(0, 10), (1, 11)]}
+    rows = pixel_rows.collect_rows(data, plan, "train", True, 32, top=2)
     assert sorted(zip(rows.image, rows.method, strict=True)) == [(10, 1), (10, 2), (11, 0), (11, 2)]
-    assert len(pixel.collect_rows(data, "train", 0, True, PixelConfig(), 0).x) == 6  # top 0: every method
+    assert len(pixel_rows.collect_rows(data, plan, "train", True, 32).x) == 6  # top 0: every method
+
+
+def test_val_partition_is_disjoint_seeded_and_sized(monkeypatch):
+    from types import SimpleNamespace
+
+    from rssqa.tasks.sqa import pixel_rows
+
+    keys = [(r, 100 + r) for r in range(20)]
+    monkeypatch.setattr(pixel_rows, "choose_images", lambda data, source, split, n, seed: keys if split == "val" else [])
+    data = SimpleNamespace(sqed=SimpleNamespace(folder="f"))
+    train, select = pixel_rows.partition_val(data, "s", 8, 4, 0)
+    assert len(train) == 8 and len(select) == 4 and not set(train) & set(select)
+    assert (train, select) == pixel_rows.partition_val(data, "s", 8, 4, 0)
+    everything, quarter = pixel_rows.partition_val(data, "s", 0, 0, 0)  # 0: a quarter to choose, the rest to train
+    assert len(quarter) == 5 and len(everything) == 15 and sorted(everything + quarter) == keys
+    assert len(pixel_rows.partition_val(data, "s", 0, 50, 0)[0]) == 1  # at least one image left to train on
+    monkeypatch.setattr(pixel_rows, "choose_images", lambda data, source, split, n, seed: keys[:1])
+    with pytest.raises(RSSQAError, match="f: s has 1 val-split images"):
+        pixel_rows.partition_val(data, "s", 0, 0, 0)

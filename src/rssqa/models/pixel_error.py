@@ -6,7 +6,10 @@ For one method's result on an image, each pixel gets the channels :data:`PIXEL_N
   ``log C``), ``margin`` (top-1 minus top-2 probability);
 - from the other methods of the image (:func:`rssqa.agreement.agreement_maps`, at least three
   methods in all): ``share`` of the others that predict its class, ``majority`` (the others' vote is
-  its class) and ``support`` (the others' mean probability of its class).
+  its class) and ``support`` (the others' mean probability of its class);
+- the same two votes with each other method weighted by its predicted quality on the image
+  (:func:`rssqa.agreement.quality_agreement_maps`, the scores of the image-level head that
+  recommends methods): ``q_share`` and ``q_support``.
 
 :class:`PixelErrorHead` reads these channels and, optionally, the frozen CLIP-RS patch tokens of the
 image (projected and upsampled), and predicts the probability that the method's class is wrong at
@@ -25,8 +28,10 @@ from torch import nn
 
 from rssqa.errors import RSSQAError
 
-PIXEL_NAMES = ("uncertainty", "entropy", "margin", "share", "majority", "support")
+PIXEL_NAMES = ("uncertainty", "entropy", "margin", "share", "majority", "support", "q_share", "q_support")
 OWN = 3  # the first three channels come from the method's own softmax
+AGREE = slice(3, 6)  # agreement with the other methods
+QUALITY = slice(6, 8)  # agreement weighted by the others' predicted quality
 # per-pixel label-free error scores (higher = more likely wrong), read off pixel_inputs' channels
 BASELINES = {
     "max_prob": lambda x: x[:, 0],  # 1 - max probability
@@ -36,16 +41,18 @@ BASELINES = {
 
 
 @torch.no_grad()
-def pixel_inputs(probs: torch.Tensor, agree: torch.Tensor | None = None) -> torch.Tensor:
+def pixel_inputs(probs: torch.Tensor, agree: torch.Tensor | None = None, quality: torch.Tensor | None = None) -> torch.Tensor:
     """The per-pixel channels :data:`PIXEL_NAMES` of one method's result.
 
     Args:
         probs: ``B×C×H×W`` the method's softmax.
         agree: ``B×3×H×W`` its agreement with the other methods (``share, majority, support``), or
             ``None`` with fewer than three methods (those channels are then NaN).
+        quality: ``B×2×H×W`` its quality-weighted agreement (``q_share, q_support``), or ``None``
+            (NaN channels).
 
     Returns:
-        ``B×6×H×W`` float32.
+        ``B×8×H×W`` float32.
     """
     if probs.ndim != 4:
         raise RSSQAError(f"pixel inputs: probabilities of shape {tuple(probs.shape)}; expected B x C x H x W")
@@ -53,11 +60,14 @@ def pixel_inputs(probs: torch.Tensor, agree: torch.Tensor | None = None) -> torc
     top2 = p.topk(2, dim=1).values if p.shape[1] > 1 else torch.cat([p, torch.zeros_like(p)], 1)
     h = -(p * torch.log(p.clamp_min(1e-12))).sum(1) / math.log(max(p.shape[1], 2))
     own = torch.stack([1.0 - top2[:, 0], h, top2[:, 0] - top2[:, 1]], 1)
-    if agree is None:
-        agree = torch.full((p.shape[0], 3, *p.shape[2:]), float("nan"), device=p.device)
-    elif agree.shape[0] != p.shape[0] or agree.shape[2:] != p.shape[2:] or agree.shape[1] != 3:
-        raise RSSQAError(f"pixel inputs: agreement maps {tuple(agree.shape)} do not fit probabilities {tuple(p.shape)}")
-    return torch.cat([own, agree.float()], 1)
+    parts = [own]
+    for name, maps, width in (("agreement", agree, 3), ("quality-weighted agreement", quality, 2)):
+        if maps is None:
+            maps = torch.full((p.shape[0], width, *p.shape[2:]), float("nan"), device=p.device)
+        elif maps.shape[0] != p.shape[0] or maps.shape[2:] != p.shape[2:] or maps.shape[1] != width:
+            raise RSSQAError(f"pixel inputs: {name} maps {tuple(maps.shape)} do not fit probabilities {tuple(p.shape)}")
+        parts.append(maps.float().to(p.device))
+    return torch.cat(parts, 1)
 
 
 class PixelErrorHead(nn.Module):
@@ -71,12 +81,23 @@ class PixelErrorHead(nn.Module):
         token_dim: width of the CLIP-RS patch tokens (0: no semantic input).
         token_channels: channels the tokens are projected to.
         hidden: channels of the two 3×3 convolutions.
+        quality_power: > 0: also read the quality-weighted agreement channels, made with this power
+            of the others' predicted quality (:func:`rssqa.agreement.quality_agreement_maps`); needs
+            ``agreement``. 0: not read.
     """
 
-    def __init__(self, agreement: bool = True, token_dim: int = 0, token_channels: int = 8, hidden: int = 16):
+    def __init__(
+        self, agreement: bool = True, token_dim: int = 0, token_channels: int = 8, hidden: int = 16, quality_power: float = 0.0
+    ):
         super().__init__()
+        if quality_power and not agreement:
+            raise RSSQAError("pixel error head: quality-weighted agreement needs the agreement channels (agreement=True)")
         self.agreement, self.token_dim, self.token_channels, self.hidden = agreement, token_dim, token_channels, hidden
-        n = len(PIXEL_NAMES) if agreement else OWN
+        self.quality_power = float(quality_power)
+        self.index = [*range(OWN)]
+        self.index += [*range(AGREE.start, AGREE.stop)] if agreement else []
+        self.index += [*range(QUALITY.start, QUALITY.stop)] if self.quality_power > 0 else []
+        n = len(self.index)
         self.register_buffer("mean", torch.zeros(n))
         self.register_buffer("std", torch.ones(n))
         self.tokens = nn.Conv2d(token_dim, token_channels, 1) if token_dim > 0 else None
@@ -90,25 +111,31 @@ class PixelErrorHead(nn.Module):
     @property
     def kwargs(self) -> dict[str, int | bool]:
         """The constructor's arguments (what a scorer folder records)."""
-        return {"agreement": self.agreement, "token_dim": self.token_dim, "token_channels": self.token_channels, "hidden": self.hidden}
+        out: dict[str, int | bool | float] = {
+            "agreement": self.agreement, "token_dim": self.token_dim, "token_channels": self.token_channels, "hidden": self.hidden,
+        }  # fmt: skip
+        return {**out, "quality_power": self.quality_power} if self.quality_power > 0 else out
 
     def channels(self, x: torch.Tensor) -> torch.Tensor:
-        """The channels of :func:`pixel_inputs` this head reads."""
-        x = x if self.agreement else x[:, :OWN]
+        """The channels of :func:`pixel_inputs` (``B×8×H×W``) this head reads."""
+        if x.shape[1] != len(PIXEL_NAMES):
+            raise RSSQAError(f"pixel error head: inputs of {x.shape[1]} channels; expected {len(PIXEL_NAMES)} ({', '.join(PIXEL_NAMES)})")
+        x = x[:, self.index]
         if torch.isnan(x).any():
-            raise RSSQAError("pixel error head: agreement channels missing (it needs at least three methods)")
+            what = "quality-weighted agreement" if self.quality_power > 0 and not torch.isnan(x[:, OWN:6]).any() else "agreement"
+            raise RSSQAError(f"pixel error head: {what} channels missing (it needs at least three methods)")
         return x
 
     @torch.no_grad()
     def fit_standardisation(self, x: torch.Tensor) -> None:
-        """Set the input standardisation from training pixels ``N×6`` (or ``B×6×H×W``)."""
+        """Set the input standardisation from training pixels ``N×8`` (or ``B×8×H×W``)."""
         x = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.ndim == 4 else x
-        x = x[:, : self.mean.numel()].float()
+        x = x[:, self.index].float()
         self.mean.copy_(x.mean(0))
         self.std.copy_(x.std(0).clamp_min(1e-4))
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Error logits ``B×H×W`` from ``B×6×H×W`` pixel inputs (and ``B×T×h×w`` tokens)."""
+        """Error logits ``B×H×W`` from ``B×8×H×W`` pixel inputs (and ``B×T×h×w`` tokens)."""
         x = (self.channels(x) - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
         if self.tokens is not None:
             if tokens is None:
@@ -123,7 +150,7 @@ class PixelErrorHead(nn.Module):
         return torch.sigmoid(self(x, tokens))
 
 
-def load_pixel_head(kwargs: Mapping[str, int | bool], state: Mapping[str, torch.Tensor], where: str) -> PixelErrorHead:
+def load_pixel_head(kwargs: Mapping[str, int | bool | float], state: Mapping[str, torch.Tensor], where: str) -> PixelErrorHead:
     """A :class:`PixelErrorHead` from its recorded arguments and weights, or a one-line error naming ``where``."""
     try:
         head = PixelErrorHead(**kwargs)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rssqa.agreement import MIN_METHODS
+from rssqa.agreement import MIN_METHODS, quality_agreement_maps
 from rssqa.errors import RSSQAError
 from rssqa.models.pixel_error import BASELINES as PIXEL_BASELINES
 from rssqa.models.pixel_error import pixel_inputs
@@ -103,11 +103,7 @@ class SceneJob:
         if len(self.names) > len(METHOD_COLOURS):
             raise RSSQAError(f"--methods: at most {len(METHOD_COLOURS)} methods per scene, got {len(self.names)}")
         self.agreement = len(self.methods) >= MIN_METHODS
-        self.head = (
-            scorer.ranking_model if self.agreement and scorer.ranking_model is not None
-            else scorer.agreement_model if self.agreement and scorer.agreement_model is not None
-            else scorer.model
-        )  # fmt: skip
+        self.head = scorer.recommend_head(len(self.methods))  # ranking, else agreement (>= 3 methods), else the paper's
         self.head_name = "ranking" if self.head is scorer.ranking_model else "agreement" if self.head is scorer.agreement_model else "paper"
         self.pixel_head = getattr(scorer, "pixel_model", None)
         if self.pixel_head is not None and self.pixel_head.agreement and not self.agreement:
@@ -171,7 +167,13 @@ class SceneJob:
             pix = inp["pixels"]
             chosen = torch.stack([pix[c]["probs"][i].float().cpu() for i, c in enumerate(choice)])
             agree = torch.stack([pix[c]["agree"][i].float().cpu() for i, c in enumerate(choice)]) if self.agreement else None
-            x = pixel_inputs(chosen, agree)
+            weighted = None
+            if self.pixel_head is not None and self.pixel_head.quality_power > 0:  # the others weighted by the scores
+                quality = torch.ones(len(padded), len(self.methods))
+                quality[:k] = torch.from_numpy(s).float()
+                maps = quality_agreement_maps([p["probs"] for p in pix], [p["pred"] for p in pix], quality, self.pixel_head.quality_power)
+                weighted = torch.stack([maps[c][i].float().cpu() for i, c in enumerate(choice)])
+            x = pixel_inputs(chosen, agree, weighted)
             if self.pixel_head is not None:
                 tokens = inp.get("sem_tokens")
                 tokens = tokens[:k] if tokens is not None and self.pixel_head.token_dim > 0 else None

@@ -135,6 +135,12 @@ def recommended_methods(data: SQADataModule, score: np.ndarray, split: str = "te
     return {img: m for img, (_, m) in best.items()}
 
 
+def predicted_quality(data: SQADataModule, score: np.ndarray, split: str) -> dict[tuple[int, str], float]:
+    """``(image index, method) -> score`` over ``data.rows(split)`` (the pixel head's quality weights)."""
+    rows = data.rows(split)
+    return dict(zip(zip(data.image_idx[rows].tolist(), data.method_of[rows].tolist(), strict=True), np.asarray(score).tolist(), strict=True))
+
+
 def recommendation_headroom(data: SQADataModule, preds: dict[str, dict[str, np.ndarray]], split: str = "test") -> dict[str, Any]:
     """How exact a score must be for top1 to reach 0.73 on ``split``, beside each learned model's
     within-image error (:func:`rssqa.recommend.headroom`, :func:`rssqa.recommend.within_image_error`)."""
@@ -314,7 +320,8 @@ def _evaluate_runs(
     # the error map serves the method the scorer recommends: the ranking head, else the agreement model's, else RS-SQA's
     recommender = next(runs[k]["preds"] for k in (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa") if k in runs)
     chosen = recommended_methods(data, recommender["test"])
-    pixel_head, pixel_error = run_pixel(data, pixel, seed, chosen) if pixel.enabled else (None, None)
+    quality = {s: predicted_quality(data, recommender[s], s) for s in ("val", "test")}
+    pixel_head, pixel_error = run_pixel(data, pixel, seed, chosen, quality) if pixel.enabled else (None, None)
     scorer_dir = export_scorer(
         main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task,
         pixel=pixel_head,
