@@ -75,6 +75,9 @@ def test_quality_weighted_agreement_matches_the_reference():
                 support = sum(w[k] * float(probs[k][b, c, y, x]) for k in range(m))
                 assert got[j][b, 0, y, x] == pytest.approx(share, abs=1e-6)
                 assert got[j][b, 1, y, x] == pytest.approx(support, abs=1e-6)
+    # one method per image (a scene's chosen ones): the same maps
+    picked = quality_agreement_maps(probs, preds, quality, power, which=torch.tensor([2, 0]))
+    assert torch.equal(picked[0], got[2][0]) and torch.equal(picked[1], got[0][1])
     # equal weights: the unweighted share and support
     plain = agreement_statistics(probs, grid=1, preds=preds, keep_maps=True)
     for g, p in zip(got, plain, strict=True):

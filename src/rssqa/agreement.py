@@ -123,8 +123,9 @@ def agreement_statistics(
 
 @torch.no_grad()
 def quality_agreement_maps(
-    probs: Sequence[torch.Tensor], preds: Sequence[torch.Tensor], quality: torch.Tensor, power: float
-) -> list[torch.Tensor]:
+    probs: Sequence[torch.Tensor], preds: Sequence[torch.Tensor], quality: torch.Tensor, power: float,
+    which: torch.Tensor | None = None,
+) -> list[torch.Tensor] | torch.Tensor:
     """Per-pixel agreement of each method with the others, each other weighted by its predicted quality.
 
     Args:
@@ -132,9 +133,12 @@ def quality_agreement_maps(
         preds: each method's ``B×H×W`` arg-max class.
         quality: ``B×M`` predicted quality (overall accuracy) of each method on each image.
         power: the weights are ``max(quality, 1e-3) ** power`` over the others, normalised per image.
+        which: ``B`` method indices: the maps of that one method per image only (what a scene's
+            error map needs: each window's chosen method), as one ``B×2×H×W`` tensor.
 
     Returns:
-        One ``B×2×H×W`` float32 tensor per method, channels as :data:`QUALITY_NAMES`.
+        One ``B×2×H×W`` float32 tensor per method, channels as :data:`QUALITY_NAMES` (one tensor for
+        the methods ``which`` names).
     """
     m = len(probs)
     if m < MIN_METHODS:
@@ -145,19 +149,28 @@ def quality_agreement_maps(
             f"{tuple(quality.shape)}; expected B x {m} for B = {probs[0].shape[0]}"
         )
     w = quality.float().to(probs[0].device).clamp(1e-3, 1.0).pow(power)  # B×M
-    maps = []
-    for j in range(m):
-        others = w.clone()
-        others[:, j] = 0
-        others = others / others.sum(1, keepdim=True)
-        idx = preds[j].unsqueeze(1)
-        share = torch.zeros(preds[j].shape, device=w.device)
-        support = torch.zeros(preds[j].shape, device=w.device)
-        for k in range(m):
-            if k == j:
-                continue
-            wk = others[:, k].view(-1, 1, 1)
-            share += wk * (preds[k] == preds[j]).float()
-            support += wk * probs[k].float().gather(1, idx).squeeze(1)
-        maps.append(torch.stack([share, support], 1))
-    return maps
+    if which is None:
+        return [_weighted_votes(probs, preds, w, j, slice(None)) for j in range(m)]
+    out = torch.zeros((len(w), 2, *preds[0].shape[1:]), device=w.device)
+    for j in which.unique().tolist():
+        rows = (which == j).nonzero().squeeze(1).to(w.device)
+        out[rows] = _weighted_votes(probs, preds, w, j, rows)
+    return out
+
+
+def _weighted_votes(probs: Sequence[torch.Tensor], preds: Sequence[torch.Tensor], w: torch.Tensor, j: int, rows) -> torch.Tensor:
+    """``q_share, q_support`` of method ``j`` on images ``rows``: ``b×2×H×W``."""
+    others = w[rows].clone()
+    others[:, j] = 0
+    others = others / others.sum(1, keepdim=True)
+    mine = preds[j][rows]
+    idx = mine.unsqueeze(1)
+    share = torch.zeros(mine.shape, device=w.device)
+    support = torch.zeros(mine.shape, device=w.device)
+    for k in range(len(probs)):
+        if k == j:
+            continue
+        wk = others[:, k].view(-1, 1, 1)
+        share += wk * (preds[k][rows] == mine).float()
+        support += wk * probs[k][rows].float().gather(1, idx).squeeze(1)
+    return torch.stack([share, support], 1)

@@ -171,8 +171,11 @@ class SceneJob:
             if self.pixel_head is not None and self.pixel_head.quality_power > 0:  # the others weighted by the scores
                 quality = torch.ones(len(padded), len(self.methods))
                 quality[:k] = torch.from_numpy(s).float()
-                maps = quality_agreement_maps([p["probs"] for p in pix], [p["pred"] for p in pix], quality, self.pixel_head.quality_power)
-                weighted = torch.stack([maps[c][i].float().cpu() for i, c in enumerate(choice)])
+                which = torch.zeros(len(padded), dtype=torch.long)
+                which[:k] = torch.as_tensor(choice)
+                weighted = quality_agreement_maps(
+                    [p["probs"] for p in pix], [p["pred"] for p in pix], quality, self.pixel_head.quality_power, which
+                )[:k].cpu()  # fmt: skip
             x = pixel_inputs(chosen, agree, weighted)
             if self.pixel_head is not None:
                 tokens = inp.get("sem_tokens")
