@@ -190,3 +190,25 @@ def test_val_partition_is_disjoint_seeded_and_sized(monkeypatch):
     monkeypatch.setattr(pixel_rows, "choose_images", lambda data, source, split, n, seed: keys[:1])
     with pytest.raises(RSSQAError, match="f: s has 1 val-split images"):
         pixel_rows.partition_val(data, "s", 0, 0, 0)
+
+
+def test_training_plans_fall_back_without_enough_val_images(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from rssqa.tasks.sqa import pixel, pixel_rows
+
+    n_val = {"a": 8, "b": 1}
+
+    def choose(data, source, split, n, seed):
+        return [(r, r) for r in range(n_val[source] if split == "val" else 6)]
+
+    monkeypatch.setattr(pixel, "choose_images", choose)
+    monkeypatch.setattr(pixel_rows, "choose_images", choose)
+    data = SimpleNamespace(sqed=SimpleNamespace(folder="f"))
+    cfg = PixelConfig(train_images=0, val_images=2)
+    plans = pixel.training_plans(data, {"a": ["m"]}, cfg, 0, True)
+    assert plans["weighted"] and len(plans["train"]["a"]) == 6 and len(plans["val"]["a"]) == 2  # both from val
+    plans = pixel.training_plans(data, {"a": ["m"], "b": ["m"]}, cfg, 0, True)
+    assert not plans["weighted"] and len(plans["train"]["b"]) == 6 and len(plans["val"]["b"]) == 1  # train and val
+    assert "fewer than 2 val-split images in b: the head trains without quality weights" in capsys.readouterr().err
+    assert not pixel.training_plans(data, {"a": ["m"]}, cfg, 0, False)["weighted"]

@@ -376,6 +376,22 @@ def evaluate_pixel_head(
 
 
 # ------------------------------------------------------------------------------------------- run
+def training_plans(data: SQADataModule, methods: Mapping[str, Sequence[str]], cfg: PixelConfig, seed: int, weighted: bool) -> dict[str, Any]:
+    """The images per source the head trains on (``train``) and chooses its epoch on (``val``), and
+    whether it reads the quality weights (``weighted``): with them, two disjoint parts of the val
+    split (the scores are out of sample there only); without them, or where a source has fewer than
+    two val images (said in one line), the train and val splits."""
+    if weighted:
+        short = [s for s in methods if len(choose_images(data, s, "val", 0, seed)) < 2]
+        if short:
+            line(LABEL, f"fewer than 2 val-split images in {', '.join(short)}: the head trains without quality weights")
+        else:
+            parts = {s: partition_val(data, s, cfg.train_images, cfg.val_images, seed) for s in methods}
+            return {"weighted": True, **{k: {s: p[i] for s, p in parts.items()} for i, k in enumerate(("train", "val"))}}
+    pairs = (("train", cfg.train_images), ("val", cfg.val_images))
+    return {"weighted": False, **{k: {s: choose_images(data, s, k, n, seed) for s in methods} for k, n in pairs}}
+
+
 def run_pixel(
     data: SQADataModule, cfg: PixelConfig | Mapping[str, Any] | None, seed: int = 0, chosen: Mapping[int, int] | None = None,
     quality: Mapping[str, Scores] | None = None,
@@ -401,12 +417,8 @@ def run_pixel(
     tokens = data.sem["clip_rs"]["tokens"] if cfg.tokens else None
     for source in methods:
         data.sqed.masks(source)  # a one-line error naming the file before any work
-    weighted = agreement and cfg.quality_power > 0 and quality is not None
-    if weighted:  # the predicted quality is out of sample on val: train and choose the epoch there
-        parts = {s: partition_val(data, s, cfg.train_images, cfg.val_images, seed) for s in methods}
-        plans = {k: {s: p[i] for s, p in parts.items()} for i, k in enumerate(("train", "val"))}
-    else:
-        plans = {k: {s: choose_images(data, s, k, n, seed) for s in methods} for k, n in (("train", cfg.train_images), ("val", cfg.val_images))}
+    plans = training_plans(data, methods, cfg, seed, agreement and cfg.quality_power > 0 and quality is not None)
+    weighted = plans.pop("weighted")
     q_val = quality["val"] if weighted else None
     train = collect_rows(data, plans["train"], "train", agreement, cfg.block, cfg.top, q_val, cfg.quality_power)
     val = collect_rows(data, plans["val"], "val", agreement, cfg.block, cfg.top, q_val, cfg.quality_power)
