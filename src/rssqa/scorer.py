@@ -402,8 +402,12 @@ class Scorer:
                 rec = self.recommend_head(len(run))
                 inp = self._inputs(batch, run, rec, True, pixels=True)
                 quality = torch.from_numpy(self.head_scores(inp, run, len(run), rec, self.chunk)).float()
-                pix = inp["pixels"]
-                weighted = quality_agreement_maps([p["probs"] for p in pix], [p["pred"] for p in pix], quality, head.quality_power)
+                probs, preds = [p["probs"] for p in inp["pixels"]], [p["pred"] for p in inp["pixels"]]
+                # the maps of the scored methods only (the others are run for their votes)
+                weighted = [
+                    quality_agreement_maps(probs, preds, quality, head.quality_power, torch.full((len(quality),), j))
+                    for j in range(len(chosen))
+                ]
             else:
                 inp = self.quality_inputs(
                     batch, [m.segmenter for m in run], self.clip if head.token_dim > 0 else None, [0] * len(run),
@@ -474,8 +478,6 @@ class Scorer:
         order methods) or else its agreement head, where it has them; the paper's head otherwise.
         """
         labels = self.method_names(methods, source)
-        enough = len(labels) >= MIN_METHODS
-        ranking = enough and self.ranking_model is not None
-        agreement = enough and self.agreement_model is not None
-        scores = self.score(images, methods, source, names=names, agreement=agreement, ranking=ranking)
+        head = self.recommend_head(len(labels))
+        scores = self.score(images, methods, source, names=names, agreement=head is not self.model, ranking=head is self.ranking_model)
         return [rank_methods(dict(zip(labels, row.tolist(), strict=True))) for row in scores]

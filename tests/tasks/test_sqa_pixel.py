@@ -206,9 +206,9 @@ def test_training_plans_fall_back_without_enough_val_images(monkeypatch, capsys)
     monkeypatch.setattr(pixel_rows, "choose_images", choose)
     data = SimpleNamespace(sqed=SimpleNamespace(folder="f"))
     cfg = PixelConfig(train_images=0, val_images=2)
-    plans = pixel.training_plans(data, {"a": ["m"]}, cfg, 0, True)
-    assert plans["weighted"] and len(plans["train"]["a"]) == 6 and len(plans["val"]["a"]) == 2  # both from val
-    plans = pixel.training_plans(data, {"a": ["m"], "b": ["m"]}, cfg, 0, True)
-    assert not plans["weighted"] and len(plans["train"]["b"]) == 6 and len(plans["val"]["b"]) == 1  # train and val
+    weighted, plans = pixel.training_plans(data, {"a": ["m"]}, cfg, 0, True)
+    assert weighted and len(plans["train"]["a"]) == 6 and len(plans["val"]["a"]) == 2  # both from val
+    weighted, plans = pixel.training_plans(data, {"a": ["m"], "b": ["m"]}, cfg, 0, True)
+    assert not weighted and len(plans["train"]["b"]) == 6 and len(plans["val"]["b"]) == 1  # train and val
     assert "fewer than 2 val-split images in b: the head trains without quality weights" in capsys.readouterr().err
-    assert not pixel.training_plans(data, {"a": ["m"]}, cfg, 0, False)["weighted"]
+    assert not pixel.training_plans(data, {"a": ["m"]}, cfg, 0, False)[0]

@@ -122,7 +122,7 @@ class PixelErrorHead(nn.Module):
             raise RSSQAError(f"pixel error head: inputs of {x.shape[1]} channels; expected {len(PIXEL_NAMES)} ({', '.join(PIXEL_NAMES)})")
         x = x[:, self.index]
         if torch.isnan(x).any():
-            what = "quality-weighted agreement" if self.quality_power > 0 and not torch.isnan(x[:, OWN:6]).any() else "agreement"
+            what = "quality-weighted agreement" if self.quality_power > 0 and not torch.isnan(x[:, AGREE]).any() else "agreement"
             raise RSSQAError(f"pixel error head: {what} channels missing (it needs at least three methods)")
         return x
 

@@ -34,6 +34,7 @@ from rssqa.tasks.sqa.pixel_auroc import auroc_bootstrap
 from rssqa.tasks.sqa.pixel_rows import (
     IGNORE,
     LABEL,
+    MIN_VAL_IMAGES,
     Progress,
     Rows,
     Scores,
@@ -211,8 +212,8 @@ def fit_pixel_head(
         tokens: the data module's CLIP-RS patch tokens ``I×T×h×w`` (``None``: the head reads none).
         agreement: the head reads the agreement channels.
         cfg: the ``pixel:`` config.
-        quality: the head also reads the quality-weighted agreement (``cfg.quality_power``).
         seed: seeds the initial weights, the order of the rows and the pixels standardisation reads.
+        quality: the head also reads the quality-weighted agreement (``cfg.quality_power``).
 
     Returns:
         ``(head in eval mode on the CPU, {val_auroc, val_auroc_per_epoch, best_epoch, val_baselines,
@@ -376,20 +377,21 @@ def evaluate_pixel_head(
 
 
 # ------------------------------------------------------------------------------------------- run
-def training_plans(data: SQADataModule, methods: Mapping[str, Sequence[str]], cfg: PixelConfig, seed: int, weighted: bool) -> dict[str, Any]:
-    """The images per source the head trains on (``train``) and chooses its epoch on (``val``), and
-    whether it reads the quality weights (``weighted``): with them, two disjoint parts of the val
-    split (the scores are out of sample there only); without them, or where a source has fewer than
-    two val images (said in one line), the train and val splits."""
+def training_plans(
+    data: SQADataModule, methods: Mapping[str, Sequence[str]], cfg: PixelConfig, seed: int, weighted: bool
+) -> tuple[bool, dict[str, dict[str, list[tuple[int, int]]]]]:
+    """Whether the head reads the quality weights, and the images per source it trains on (``train``)
+    and chooses its epoch on (``val``): with the weights, two disjoint parts of the val split (the
+    scores are out of sample there only); without them, or where a source has fewer than
+    :data:`~rssqa.tasks.sqa.pixel_rows.MIN_VAL_IMAGES` val images (said in one line), the train and val splits."""
     if weighted:
-        short = [s for s in methods if len(choose_images(data, s, "val", 0, seed)) < 2]
-        if short:
-            line(LABEL, f"fewer than 2 val-split images in {', '.join(short)}: the head trains without quality weights")
-        else:
+        short = [s for s in methods if len(choose_images(data, s, "val", 0, seed)) < MIN_VAL_IMAGES]
+        if not short:
             parts = {s: partition_val(data, s, cfg.train_images, cfg.val_images, seed) for s in methods}
-            return {"weighted": True, **{k: {s: p[i] for s, p in parts.items()} for i, k in enumerate(("train", "val"))}}
+            return True, {k: {s: p[i] for s, p in parts.items()} for i, k in enumerate(("train", "val"))}
+        line(LABEL, f"fewer than {MIN_VAL_IMAGES} val-split images in {', '.join(short)}: the head trains without quality weights")
     pairs = (("train", cfg.train_images), ("val", cfg.val_images))
-    return {"weighted": False, **{k: {s: choose_images(data, s, k, n, seed) for s in methods} for k, n in pairs}}
+    return False, {k: {s: choose_images(data, s, k, n, seed) for s in methods} for k, n in pairs}
 
 
 def run_pixel(
@@ -417,8 +419,7 @@ def run_pixel(
     tokens = data.sem["clip_rs"]["tokens"] if cfg.tokens else None
     for source in methods:
         data.sqed.masks(source)  # a one-line error naming the file before any work
-    plans = training_plans(data, methods, cfg, seed, agreement and cfg.quality_power > 0 and quality is not None)
-    weighted = plans.pop("weighted")
+    weighted, plans = training_plans(data, methods, cfg, seed, agreement and cfg.quality_power > 0 and quality is not None)
     q_val = quality["val"] if weighted else None
     train = collect_rows(data, plans["train"], "train", agreement, cfg.block, cfg.top, q_val, cfg.quality_power)
     val = collect_rows(data, plans["val"], "val", agreement, cfg.block, cfg.top, q_val, cfg.quality_power)

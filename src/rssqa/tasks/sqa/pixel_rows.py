@@ -28,6 +28,7 @@ from rssqa.tasks.sqa.data import SQADataModule
 IGNORE = 255  # the ignore index of RS-SQED's masks
 LABEL = "sqa/pixel"
 Scores = Mapping[tuple[int, str], float]  # (data image index, method) -> the recommender's predicted OA
+MIN_VAL_IMAGES = 2  # per source, to train on some val images and choose the epoch on others
 
 
 def pixel_device() -> torch.device:
@@ -54,7 +55,7 @@ class Progress:
 class Rows:
     """Per-pixel inputs of (image, method) rows at full resolution.
 
-    ``x``: ``6×H×W`` per row, float16 (stored rows serve training and epoch selection; the test
+    ``x``: ``8×H×W`` per row (:func:`~rssqa.models.pixel_error.pixel_inputs`), float16 (stored rows serve training and epoch selection; the test
     split is scored on the float32 inputs, as the scorer computes them); ``target``: ``H×W`` uint8
     per row (0 right, 1 wrong, 255 unlabelled); ``image``: the data module's image index (for the
     tokens); ``method``: index into the data module's methods; ``source``: the source's name.
@@ -89,8 +90,10 @@ def partition_val(data: SQADataModule, source: str, n_train: int, n_select: int,
     """The val split's images of ``source`` in two disjoint seeded parts: ``n_select`` to choose the
     epoch (0: a quarter) and up to ``n_train`` of the rest to train on (0: all of the rest)."""
     keys = choose_images(data, source, "val", 0, seed)
-    if len(keys) < 2:
-        raise RSSQAError(f"{data.sqed.folder}: {source} has {len(keys)} val-split images; the pixel error head with quality weights needs at least 2")
+    if len(keys) < MIN_VAL_IMAGES:
+        raise RSSQAError(
+            f"{data.sqed.folder}: {source} has {len(keys)} val-split images; the pixel error head with quality weights needs at least {MIN_VAL_IMAGES}"
+        )
     order = np.random.default_rng([seed, zlib.crc32(f"{source}/partition".encode())]).permutation(len(keys))
     n_select = min(n_select or max(1, len(keys) // 4), len(keys) - 1)
     select, rest = sorted(order[:n_select]), sorted(order[n_select:])
