@@ -184,6 +184,7 @@ def test_val_partition_is_disjoint_seeded_and_sized(monkeypatch):
     train, select = pixel_rows.partition_val(data, "s", 8, 4, 0)
     assert len(train) == 8 and len(select) == 4 and not set(train) & set(select)
     assert (train, select) == pixel_rows.partition_val(data, "s", 8, 4, 0)
+    assert train != sorted(set(keys) - set(select))[:8]  # drawn from the rest, not its first images
     everything, quarter = pixel_rows.partition_val(data, "s", 0, 0, 0)  # 0: a quarter to choose, the rest to train
     assert len(quarter) == 5 and len(everything) == 15 and sorted(everything + quarter) == keys
     assert len(pixel_rows.partition_val(data, "s", 0, 50, 0)[0]) == 1  # at least one image left to train on

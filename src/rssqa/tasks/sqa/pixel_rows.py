@@ -96,9 +96,9 @@ def partition_val(data: SQADataModule, source: str, n_train: int, n_select: int,
         )
     order = np.random.default_rng([seed, zlib.crc32(f"{source}/partition".encode())]).permutation(len(keys))
     n_select = min(n_select or max(1, len(keys) // 4), len(keys) - 1)
-    select, rest = sorted(order[:n_select]), sorted(order[n_select:])
-    train = rest[:n_train] if n_train else rest
-    return [keys[i] for i in sorted(train)], [keys[i] for i in select]
+    rest = order[n_select:]
+    train = rest[:n_train] if n_train else rest  # a seeded draw of the rest, not its first images
+    return [keys[i] for i in sorted(train)], [keys[i] for i in sorted(order[:n_select])]
 
 
 def seam_blocks(
