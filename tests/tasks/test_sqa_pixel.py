@@ -67,6 +67,8 @@ def test_pixel_config_refuses_unknown_keys_and_bad_values():
         PixelConfig.of({"epoch": 2})
     with pytest.raises(RSSQAError, match="pixel.batch"):
         PixelConfig(batch=0)
+    with pytest.raises(RSSQAError, match="pixel.quality_folds: 0 \\(off\\) or at least 2, got 1"):
+        PixelConfig(quality_folds=1)
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +90,12 @@ def test_stage_tests_and_exports_the_pixel_error_head(run_root):
     # every test row draws pixels_per_row of its labelled pixels (the fixture leaves a strip unlabelled)
     assert px["n_pixels"] == n_test * len(METHODS) * min(px["pixels_per_row"], SIZE * (SIZE - 4))
     assert px["agreement"] is True and 1 <= px["best_epoch"] <= px["config"]["epochs"]
-    # quality-weighted agreement: the recommender's scores are out of sample on val, so the head trains on
-    # val images (3 per source here: 2 choose the epoch, the one left trains), not on the 6 train ones
-    assert px["quality_weighted"] is True and px["train_split"] == "val" and px["model"]["quality_power"] == 8
-    assert px["train_images"] == 1 * len(SOURCES) and px["val_rows"] == 2 * len(SOURCES) * len(METHODS)
+    # quality-weighted agreement: the recommender's scores are out of sample on val, and on the train split
+    # from the fits that left out each fold of it (quality_folds 3), so the head trains on the val images
+    # not kept to choose the epoch (3 per source here: 2 choose, 1 left) and on the 6 train ones
+    assert px["quality_weighted"] is True and px["train_split"] == "train+val" and px["model"]["quality_power"] == 8
+    assert px["config"]["quality_folds"] == 3
+    assert px["train_images"] == (1 + 6) * len(SOURCES) and px["val_rows"] == 2 * len(SOURCES) * len(METHODS)
     assert set(px["per_source"]) == set(SOURCES) and math.isfinite(px["val_auroc"])
     assert px["config"]["top"] == 0 and px["train_rows"] == px["train_images"] * len(METHODS)  # every method's rows
     # the recommended population: one row per test image, the method the scorer's ranking head puts first
@@ -213,3 +217,32 @@ def test_training_plans_fall_back_without_enough_val_images(monkeypatch, capsys)
     assert not weighted and len(plans["train"]["b"]) == 6 and len(plans["val"]["b"]) == 1  # train and val
     assert "fewer than 2 val-split images in b: the head trains without quality weights" in capsys.readouterr().err
     assert not pixel.training_plans(data, {"a": ["m"]}, cfg, 0, False)[0]
+    # with out-of-fold scores on the train split: its images join the val images the head trains on
+    weighted, plans = pixel.training_plans(data, {"a": ["m"]}, cfg, 0, True, crossfit=True)
+    assert weighted and len(plans["train"]["a"]) == 6 + 6 and len(plans["val"]["a"]) == 2
+
+
+def test_crossfit_splits_hold_out_each_train_group_once():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from rssqa.tasks.sqa import pixel_rows
+
+    split = ["train"] * 7 + ["val", "val", "test", "seg"]
+    group = ["g0", "g0", "g1", "g2", "g3", "g3", "g4", "v", "v", "t", "s"]
+    rows = [{"source": "a", "group": g, "split": sp} for g, sp in zip(group, split, strict=True)]
+    data = SimpleNamespace(sqed=SimpleNamespace(rows=rows), split_of=np.array(split))
+    folds = pixel_rows.crossfit_splits(data, 3)
+    assert len(folds) == 3
+    held = np.stack([f == "test" for f in folds])
+    assert (held[:, :7].sum(0) == 1).all() and not held[:, 7:].any()  # every train row out of fold once
+    assert all(f[0] == f[1] and f[4] == f[5] for f in folds)  # a group stays together
+    for f in folds:
+        assert list(f[7:]) == ["val", "val", "unused", "unused"]
+        assert set(f[:7]) <= {"train", "test"} and (f[:7] == "train").any()
+    with pytest.raises(RSSQAError, match="at least 2"):
+        pixel_rows.crossfit_splits(data, 1)
+    assert len(pixel_rows.crossfit_splits(data, 6)) == 5  # one fold per group where there are fewer
+    data.sqed.rows = [{**r, "group": "one"} for r in rows]
+    assert pixel_rows.crossfit_splits(data, 3) == []  # a single group: no out-of-fold scores

@@ -85,6 +85,13 @@ class PixelConfig:
             each image's recommended method 0.767 / 0.761 / 0.774 without, 0.792 / 0.788 / 0.803
             with power 8 (power 1: 0.780 on the first split; the true OA as weights, a bound: 0.819).
             0: off (the head trains on the train split and chooses its epoch on the val split).
+        quality_folds: >= 2 (with ``quality_power``): the recommending model is also trained this many
+            times, each time without one fold of the train split's groups, so that the train split has
+            out-of-sample scores too (:func:`~rssqa.tasks.sqa.pixel_rows.crossfit_splits`); the head then
+            trains on ``train_images`` train-split images per source as well as the val images above.
+            Measured on the demo (3 folds, 32 train-split images per source besides the 32 val ones;
+            the same images to choose the epoch): val AUROC 0.8779 against 0.8764 with the val images
+            alone, 0.8792 with 64 train-split images (pixel stage 95 s, 65 s, 121 s). 0: off.
     """
 
     enabled: bool = True
@@ -102,6 +109,7 @@ class PixelConfig:
     block: int = 32
     n_boot: int = 1000
     quality_power: float = 8.0
+    quality_folds: int = 0
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch", "hidden", "block", "n_boot"):
@@ -112,6 +120,8 @@ class PixelConfig:
                 raise RSSQAError(f"pixel.{key}: must not be negative, got {getattr(self, key)}")
         if self.lr <= 0:
             raise RSSQAError(f"pixel.lr: must be positive, got {self.lr}")
+        if self.quality_folds < 0 or self.quality_folds == 1:
+            raise RSSQAError(f"pixel.quality_folds: 0 (off) or at least 2, got {self.quality_folds}")
         if self.quality_power < 0:
             raise RSSQAError(f"pixel.quality_power: must not be negative, got {self.quality_power}")
 
@@ -378,17 +388,22 @@ def evaluate_pixel_head(
 
 # ------------------------------------------------------------------------------------------- run
 def training_plans(
-    data: SQADataModule, methods: Mapping[str, Sequence[str]], cfg: PixelConfig, seed: int, weighted: bool
+    data: SQADataModule, methods: Mapping[str, Sequence[str]], cfg: PixelConfig, seed: int, weighted: bool,
+    crossfit: bool = False,
 ) -> tuple[bool, dict[str, dict[str, list[tuple[int, int]]]]]:
     """Whether the head reads the quality weights, and the images per source it trains on (``train``)
     and chooses its epoch on (``val``): with the weights, two disjoint parts of the val split (the
-    scores are out of sample there only); without them, or where a source has fewer than
+    scores are out of sample there), and with ``crossfit`` (out-of-fold scores on the train split)
+    ``train_images`` train-split images besides; without them, or where a source has fewer than
     :data:`~rssqa.tasks.sqa.pixel_rows.MIN_VAL_IMAGES` val images (said in one line), the train and val splits."""
     if weighted:
         short = [s for s in methods if len(choose_images(data, s, "val", 0, seed)) < MIN_VAL_IMAGES]
         if not short:
             parts = {s: partition_val(data, s, cfg.train_images, cfg.val_images, seed) for s in methods}
-            return True, {k: {s: p[i] for s, p in parts.items()} for i, k in enumerate(("train", "val"))}
+            plans = {k: {s: p[i] for s, p in parts.items()} for i, k in enumerate(("train", "val"))}
+            if crossfit:  # the train split has out-of-fold scores too
+                plans["train"] = {s: choose_images(data, s, "train", cfg.train_images, seed) + p for s, p in plans["train"].items()}
+            return True, plans
         line(LABEL, f"fewer than {MIN_VAL_IMAGES} val-split images in {', '.join(short)}: the head trains without quality weights")
     pairs = (("train", cfg.train_images), ("val", cfg.val_images))
     return False, {k: {s: choose_images(data, s, k, n, seed) for s in methods} for k, n in pairs}
@@ -406,8 +421,9 @@ def run_pixel(
         seed: seeds the image choice, the weights, the order of the rows and the pixel subsample.
         chosen: test image index -> index of the method the scorer recommends there (the summary's
             ``recommended``: the figures on the rows an error map is made of).
-        quality: per split (``val``, ``test``), the recommending model's predicted OA of each (image
-            index, method): the weights of the quality-weighted agreement (``cfg.quality_power``).
+        quality: per split (``val``, ``test``, and ``train`` when out of fold: ``cfg.quality_folds``),
+            the recommending model's predicted OA of each (image index, method): the weights of the
+            quality-weighted agreement (``cfg.quality_power``).
 
     Returns:
         ``(the trained head, the summary's pixel_error)``.
@@ -419,8 +435,10 @@ def run_pixel(
     tokens = data.sem["clip_rs"]["tokens"] if cfg.tokens else None
     for source in methods:
         data.sqed.masks(source)  # a one-line error naming the file before any work
-    weighted, plans = training_plans(data, methods, cfg, seed, agreement and cfg.quality_power > 0 and quality is not None)
-    q_val = quality["val"] if weighted else None
+    use = agreement and cfg.quality_power > 0 and quality is not None
+    crossfit = use and "train" in quality
+    weighted, plans = training_plans(data, methods, cfg, seed, use, crossfit)
+    q_val = ({**quality["val"], **quality["train"]} if crossfit else quality["val"]) if weighted else None
     train = collect_rows(data, plans["train"], "train", agreement, cfg.block, cfg.top, q_val, cfg.quality_power)
     val = collect_rows(data, plans["val"], "val", agreement, cfg.block, cfg.top, q_val, cfg.quality_power)
     head, info = fit_pixel_head(train, val, tokens, agreement, cfg, seed, weighted)
@@ -444,7 +462,7 @@ def run_pixel(
         "val_rows": info["val_rows"],
         "agreement": agreement,
         "quality_weighted": weighted,
-        "train_split": "val" if weighted else "train",
+        "train_split": ("train+val" if crossfit else "val") if weighted else "train",
         "model": head.kwargs,
         "config": asdict(cfg),
         "fit_seconds": info["fit_seconds"],

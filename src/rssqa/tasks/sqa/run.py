@@ -15,6 +15,7 @@ from rssqa import baselines, metrics, recommend
 from rssqa.agreement import AGREEMENT_NAMES
 from rssqa.agreement import BASELINES as AGREEMENT_BASELINES
 from rssqa.errors import RSSQAError
+from rssqa.progress import line
 from rssqa.runs import atomic_write_json, write_summary
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.export import export_scorer
@@ -23,6 +24,8 @@ from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe
 from rssqa.tasks.sqa.folds import cross_validate_groups, fold_jobs
 from rssqa.tasks.sqa.loso import leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig, run_pixel
+from rssqa.tasks.sqa.pixel_rows import LABEL as PIXEL_LABEL
+from rssqa.tasks.sqa.pixel_rows import crossfit_splits
 from rssqa.tasks.sqa.task import SQATask
 
 # ablation name -> (model variant, semantic features); "rs_sqa" is the configured model itself
@@ -36,6 +39,7 @@ ABLATIONS: dict[str, tuple[str | None, str]] = {
 LABEL_FREE = ("msp", "entropy", "margin", "atc", *AGREEMENT_BASELINES)
 AGREEMENT_MODEL = "with_agreement"  # RS-SQA that also reads agreement between methods (a variant)
 RANKING_MODEL = "with_agreement_ranking"  # the same, trained with stronger ranking terms, for recommendation
+CROSSFIT = "pxfold"  # the recommender's fits per fold of the train split (the pixel head's train-split weights)
 BASELINE_KEYS = (*LABEL_FREE, *ABLATIONS, AGREEMENT_MODEL, RANKING_MODEL)
 SUMMARY_METRICS = ("srcc", "plcc", "krcc", "rmse")
 
@@ -226,6 +230,8 @@ def run_sqa(
     for name in ablations:
         variant, semantic = ABLATIONS[name]
         jobs.append(FitJob(name, {**hparams, "variant": variant or hparams["variant"]}, semantic, seed=seed))
+    crossfit = _crossfit_jobs(data, pixel, with_agreement, agree_hp, ranking_overrides, seed)
+    jobs += crossfit
     loso_models = {"rs_sqa": hparams, **({AGREEMENT_MODEL: agree_hp} if with_agreement else {})}
     if loso:
         jobs += loso_jobs(loso_models, data, seed)
@@ -236,8 +242,8 @@ def run_sqa(
         for job in jobs:
             fits.submit(job)
         summary = _evaluate_runs(
-            fits, [j.run for j in jobs if not j.run.startswith(("loso_", "fold"))], data, out, seed, pixel, hparams,
-            agreement_overrides, ranking_overrides,
+            fits, [j.run for j in jobs if not j.run.startswith(("loso_", "fold", CROSSFIT))], data, out, seed, pixel, hparams,
+            agreement_overrides, ranking_overrides, crossfit,
         )  # fmt: skip
         if loso:
             folds = leave_one_source_out(
@@ -275,6 +281,7 @@ def _evaluate_runs(
     hparams: dict[str, Any],
     agreement_overrides: dict[str, Any] | None,
     ranking_overrides: dict[str, Any] | None,
+    crossfit: Sequence[FitJob] = (),
 ) -> dict[str, Any]:
     """Everything but leave-one-source-out: the comparison, recommendation, figures, pixel head, scorer."""
     main, preds, best = fits.result("rs_sqa")
@@ -321,6 +328,12 @@ def _evaluate_runs(
     recommender = next(runs[k]["preds"] for k in (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa") if k in runs)
     chosen = recommended_methods(data, recommender["test"])
     quality = {s: predicted_quality(data, recommender[s], s) for s in ("val", "test")}
+    if crossfit:  # out-of-fold scores on the train split, each from the fit that did not see its fold
+        quality["train"] = {}
+        for job in crossfit:
+            rows = np.flatnonzero(job.split_of == "test")
+            keys = zip(data.image_idx[rows].tolist(), data.method_of[rows].tolist(), strict=True)
+            quality["train"].update(zip(keys, fits.result(job.run)[1]["test"].tolist(), strict=True))
     pixel_head, pixel_error = run_pixel(data, pixel, seed, chosen, quality) if pixel.enabled else (None, None)
     scorer_dir = export_scorer(
         main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task,
@@ -365,6 +378,21 @@ def _evaluate_runs(
         summary["ranking_hparams"] = {**(agreement_overrides or {}), **ranking_overrides, "agreement": True}
     atomic_write_json(out / "predictions.json", _predictions(data, runs, base))
     return summary
+
+
+def _crossfit_jobs(
+    data: SQADataModule, pixel: PixelConfig, with_agreement: bool, agree_hp: dict[str, Any],
+    ranking_overrides: dict[str, Any] | None, seed: int,
+) -> list[FitJob]:
+    """The recommending model once per fold of the train split (``pixel.quality_folds``): out-of-fold
+    quality weights for the pixel head's train-split rows; none when the head reads no weights."""
+    if not (pixel.enabled and pixel.quality_power > 0 and pixel.quality_folds and with_agreement):
+        return []
+    name, hp = (RANKING_MODEL, {**agree_hp, **ranking_overrides}) if ranking_overrides else (AGREEMENT_MODEL, agree_hp)
+    splits = crossfit_splits(data, pixel.quality_folds)
+    if not splits:
+        line(PIXEL_LABEL, "pixel.quality_folds: the train split has fewer than two groups; the pixel head trains on val images only")
+    return [FitJob(f"{CROSSFIT}{f}_{name}", hp, split_of=split, seed=seed) for f, split in enumerate(splits)]
 
 
 def _image_sources(data: SQADataModule) -> np.ndarray:
