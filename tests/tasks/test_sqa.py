@@ -125,6 +125,7 @@ def stage_args(root: Path, out: Path, epochs: int = 2) -> list[str]:
         "--wandb", "false",
         "--loso", "true",
         "--group_folds", "3",
+        "--pixel.quality_folds", "3",  # the pixel head's out-of-fold weights (the demo's setting; smoke: off)
     ]  # fmt: skip
 
 
