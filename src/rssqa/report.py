@@ -149,10 +149,11 @@ def _pixel_section(px: dict[str, Any], table: Any) -> str:
     trained = f"each image's {top} most accurate methods" if top else "all their methods"
     if px.get("quality_weighted"):
         power = (px.get("model") or {}).get("quality_power")
-        folds = (px.get("config") or {}).get("quality_folds") or 0
-        images = (f"{px.get('train_images')} train and val images ({trained}; on the train split, the scores of {folds} fits "
-                  "that each left out the image's fold)") if px.get("train_split") == "train+val" else (
-                  f"{px.get('train_images')} val images ({trained})")  # fmt: skip
+        images = f"{px.get('train_images')} val images ({trained})"
+        if px.get("train_split") == "train+val":
+            folds = (px.get("config") or {}).get("quality_folds")
+            images = (f"{px.get('train_images')} train and val images ({trained}; on the train split, the scores of {folds} "
+                      "fits that each left out the image's fold)")  # fmt: skip
         where = (f"{images}, its epoch chosen on other val images; it also reads the "
                  f"other methods' agreement weighted by their predicted OA ** {power:g} (the recommending model's scores, out "
                  "of sample on val and test)")  # fmt: skip

@@ -227,13 +227,13 @@ def test_crossfit_splits_hold_out_each_train_group_once():
 
     import numpy as np
 
-    from rssqa.tasks.sqa import pixel_rows
+    from rssqa.tasks.sqa.folds import crossfit_splits
 
     split = ["train"] * 7 + ["val", "val", "test", "seg"]
     group = ["g0", "g0", "g1", "g2", "g3", "g3", "g4", "v", "v", "t", "s"]
     rows = [{"source": "a", "group": g, "split": sp} for g, sp in zip(group, split, strict=True)]
     data = SimpleNamespace(sqed=SimpleNamespace(rows=rows), split_of=np.array(split))
-    folds = pixel_rows.crossfit_splits(data, 3)
+    folds = crossfit_splits(data, 3)
     assert len(folds) == 3
     held = np.stack([f == "test" for f in folds])
     assert (held[:, :7].sum(0) == 1).all() and not held[:, 7:].any()  # every train row out of fold once
@@ -242,7 +242,7 @@ def test_crossfit_splits_hold_out_each_train_group_once():
         assert list(f[7:]) == ["val", "val", "unused", "unused"]
         assert set(f[:7]) <= {"train", "test"} and (f[:7] == "train").any()
     with pytest.raises(RSSQAError, match="at least 2"):
-        pixel_rows.crossfit_splits(data, 1)
-    assert len(pixel_rows.crossfit_splits(data, 6)) == 5  # one fold per group where there are fewer
+        crossfit_splits(data, 1)
+    assert len(crossfit_splits(data, 6)) == 5  # one fold per group where there are fewer
     data.sqed.rows = [{**r, "group": "one"} for r in rows]
-    assert pixel_rows.crossfit_splits(data, 3) == []  # a single group: no out-of-fold scores
+    assert crossfit_splits(data, 3) == []  # a single group: no out-of-fold scores

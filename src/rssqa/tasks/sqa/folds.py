@@ -71,6 +71,30 @@ def fold_splits(data: SQADataModule, k: int) -> list[np.ndarray]:
     return out
 
 
+def crossfit_splits(data: SQADataModule, k: int) -> list[np.ndarray]:
+    """Per fold, the split of every table row for out-of-fold quality weights on the train split: the
+    train split's groups dealt into ``k`` folds (round robin over the sorted ``source/group`` keys; an
+    image's methods share its group), the fold's rows ``test``, the other train rows ``train``, the val
+    rows ``val`` (epoch selection, as in the full fit), everything else ``unused``. With fewer groups
+    than ``k``, one fold per group; with fewer than two groups, none (no out-of-fold scores)."""
+    if k < 2:
+        raise RSSQAError(f"pixel.quality_folds: {k} folds; out-of-fold scores need at least 2")
+    keys = _group_keys(data)
+    train = data.split_of == "train"
+    groups = sorted(set(keys[train].tolist()))
+    if len(groups) < 2:
+        return []
+    k = min(k, len(groups))
+    fold = {g: i % k for i, g in enumerate(groups)}
+    out = []
+    for f in range(k):
+        split = np.full(len(keys), "unused", dtype=object)
+        split[data.split_of == "val"] = "val"
+        split[train] = ["test" if fold[g] == f else "train" for g in keys[train]]
+        out.append(split)
+    return out
+
+
 def run_name(fold: int, model: str) -> str:
     """The fit of ``model`` on fold ``fold``."""
     return f"fold{fold}_{model}"

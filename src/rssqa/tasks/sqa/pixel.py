@@ -87,7 +87,7 @@ class PixelConfig:
             0: off (the head trains on the train split and chooses its epoch on the val split).
         quality_folds: >= 2 (with ``quality_power``): the recommending model is also trained this many
             times, each time without one fold of the train split's groups, so that the train split has
-            out-of-sample scores too (:func:`~rssqa.tasks.sqa.pixel_rows.crossfit_splits`); the head then
+            out-of-sample scores too (:func:`~rssqa.tasks.sqa.folds.crossfit_splits`); the head then
             trains on ``train_images`` train-split images per source as well as the val images above.
             Measured on the demo (3 folds, 32 train-split images per source besides the 32 val ones;
             the same images to choose the epoch): val AUROC 0.8779 against 0.8764 with the val images
@@ -438,7 +438,7 @@ def run_pixel(
     use = agreement and cfg.quality_power > 0 and quality is not None
     crossfit = use and "train" in quality
     weighted, plans = training_plans(data, methods, cfg, seed, use, crossfit)
-    q_val = ({**quality["val"], **quality["train"]} if crossfit else quality["val"]) if weighted else None
+    q_val = {**quality["val"], **quality.get("train", {})} if weighted else None  # train: with crossfit only
     train = collect_rows(data, plans["train"], "train", agreement, cfg.block, cfg.top, q_val, cfg.quality_power)
     val = collect_rows(data, plans["val"], "val", agreement, cfg.block, cfg.top, q_val, cfg.quality_power)
     head, info = fit_pixel_head(train, val, tokens, agreement, cfg, seed, weighted)

@@ -101,30 +101,6 @@ def partition_val(data: SQADataModule, source: str, n_train: int, n_select: int,
     return [keys[i] for i in sorted(train)], [keys[i] for i in sorted(order[:n_select])]
 
 
-def crossfit_splits(data: SQADataModule, k: int) -> list[np.ndarray]:
-    """Per fold, the split of every table row for out-of-fold quality weights on the train split: the
-    train split's groups dealt into ``k`` folds (round robin over the sorted ``source/group`` keys; an
-    image's methods share its group), the fold's rows ``test``, the other train rows ``train``, the val
-    rows ``val`` (epoch selection, as in the full fit), everything else ``unused``. With fewer groups
-    than ``k``, one fold per group; with fewer than two groups, none (no out-of-fold scores)."""
-    if k < 2:
-        raise RSSQAError(f"pixel.quality_folds: {k} folds; out-of-fold scores need at least 2")
-    keys = np.array([f"{r['source']}/{r['group']}" for r in data.sqed.rows], dtype=object)
-    train = data.split_of == "train"
-    groups = sorted(set(keys[train].tolist()))
-    if len(groups) < 2:
-        return []
-    k = min(k, len(groups))
-    fold = {g: i % k for i, g in enumerate(groups)}
-    out = []
-    for f in range(k):
-        split = np.full(len(keys), "unused", dtype=object)
-        split[data.split_of == "val"] = "val"
-        split[train] = ["test" if fold[g] == f else "train" for g in keys[train]]
-        out.append(split)
-    return out
-
-
 def seam_blocks(
     data: SQADataModule, source: str, methods: Sequence[str], chosen: Sequence[tuple[int, int]], agreement: bool, block: int,
     quality: Scores | None = None, power: float = 0.0,

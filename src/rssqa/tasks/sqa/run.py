@@ -21,11 +21,10 @@ from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.export import export_scorer
 from rssqa.tasks.sqa.figures import plot_comparison, plot_embedding, plot_scatter
 from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe
-from rssqa.tasks.sqa.folds import cross_validate_groups, fold_jobs
+from rssqa.tasks.sqa.folds import cross_validate_groups, crossfit_splits, fold_jobs
 from rssqa.tasks.sqa.loso import leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig, run_pixel
 from rssqa.tasks.sqa.pixel_rows import LABEL as PIXEL_LABEL
-from rssqa.tasks.sqa.pixel_rows import crossfit_splits
 from rssqa.tasks.sqa.task import SQATask
 
 # ablation name -> (model variant, semantic features); "rs_sqa" is the configured model itself
@@ -40,6 +39,7 @@ LABEL_FREE = ("msp", "entropy", "margin", "atc", *AGREEMENT_BASELINES)
 AGREEMENT_MODEL = "with_agreement"  # RS-SQA that also reads agreement between methods (a variant)
 RANKING_MODEL = "with_agreement_ranking"  # the same, trained with stronger ranking terms, for recommendation
 CROSSFIT = "pxfold"  # the recommender's fits per fold of the train split (the pixel head's train-split weights)
+RECOMMENDERS = (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa")  # the first one trained recommends methods
 BASELINE_KEYS = (*LABEL_FREE, *ABLATIONS, AGREEMENT_MODEL, RANKING_MODEL)
 SUMMARY_METRICS = ("srcc", "plcc", "krcc", "rmse")
 
@@ -139,9 +139,8 @@ def recommended_methods(data: SQADataModule, score: np.ndarray, split: str = "te
     return {img: m for img, (_, m) in best.items()}
 
 
-def predicted_quality(data: SQADataModule, score: np.ndarray, split: str) -> dict[tuple[int, str], float]:
-    """``(image index, method) -> score`` over ``data.rows(split)`` (the pixel head's quality weights)."""
-    rows = data.rows(split)
+def predicted_quality(data: SQADataModule, score: np.ndarray, rows: Sequence[int]) -> dict[tuple[int, str], float]:
+    """``(image index, method) -> score`` over the table rows ``rows`` (the pixel head's quality weights)."""
     return dict(zip(zip(data.image_idx[rows].tolist(), data.method_of[rows].tolist(), strict=True), np.asarray(score).tolist(), strict=True))
 
 
@@ -222,20 +221,16 @@ def run_sqa(
     # this process goes on; the recommender first (the pixel head's evaluation waits for it), LOSO last
     agree_hp = {**hparams, **(agreement_overrides or {}), "agreement": True}
     with_agreement = agreement_model and data.agree is not None
-    jobs = [FitJob("rs_sqa", hparams, seed=seed)]
-    if with_agreement:
-        jobs.append(FitJob(AGREEMENT_MODEL, agree_hp, seed=seed))
-        if ranking_overrides:
-            jobs.append(FitJob(RANKING_MODEL, {**agree_hp, **ranking_overrides}, seed=seed))
+    loso_models = {"rs_sqa": hparams, **({AGREEMENT_MODEL: agree_hp} if with_agreement else {})}
+    fold_models = {**loso_models, **({RANKING_MODEL: {**agree_hp, **ranking_overrides}} if with_agreement and ranking_overrides else {})}
+    jobs = [FitJob(name, hp, seed=seed) for name, hp in fold_models.items()]  # RS-SQA and the agreement models
     for name in ablations:
         variant, semantic = ABLATIONS[name]
         jobs.append(FitJob(name, {**hparams, "variant": variant or hparams["variant"]}, semantic, seed=seed))
-    crossfit = _crossfit_jobs(data, pixel, with_agreement, agree_hp, ranking_overrides, seed)
+    crossfit = _crossfit_jobs(data, pixel, fold_models, seed)
     jobs += crossfit
-    loso_models = {"rs_sqa": hparams, **({AGREEMENT_MODEL: agree_hp} if with_agreement else {})}
     if loso:
         jobs += loso_jobs(loso_models, data, seed)
-    fold_models = {**loso_models, **({RANKING_MODEL: {**agree_hp, **ranking_overrides}} if with_agreement and ranking_overrides else {})}
     if group_folds:
         jobs += fold_jobs(fold_models, data, group_folds, seed)
     with Fits(data, recipe, fit_workers, threads) as fits:
@@ -260,7 +255,7 @@ def run_sqa(
                     m: sum(f[m]["vs_consensus"]["verdict"] == "ahead" for f in folds.values()) for m in loso_models
                 }
         if group_folds:
-            recommender = next(k for k in (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa") if k in fold_models)
+            recommender = next(k for k in RECOMMENDERS if k in fold_models)
             summary["group_folds"] = cross_validate_groups(
                 fold_models, data, group_folds, lambda run: fits.result(run)[1]["test"], baseline_scores, best_fixed,
                 LABEL_FREE, recommender, seed,
@@ -325,15 +320,13 @@ def _evaluate_runs(
     plot_comparison(table, test, figures / "comparison.png")
 
     # the error map serves the method the scorer recommends: the ranking head, else the agreement model's, else RS-SQA's
-    recommender = next(runs[k]["preds"] for k in (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa") if k in runs)
+    recommender = next(runs[k]["preds"] for k in RECOMMENDERS if k in runs)
     chosen = recommended_methods(data, recommender["test"])
-    quality = {s: predicted_quality(data, recommender[s], s) for s in ("val", "test")}
+    quality = {s: predicted_quality(data, recommender[s], data.rows(s)) for s in ("val", "test")}
     if crossfit:  # out-of-fold scores on the train split, each from the fit that did not see its fold
         quality["train"] = {}
         for job in crossfit:
-            rows = np.flatnonzero(job.split_of == "test")
-            keys = zip(data.image_idx[rows].tolist(), data.method_of[rows].tolist(), strict=True)
-            quality["train"].update(zip(keys, fits.result(job.run)[1]["test"].tolist(), strict=True))
+            quality["train"].update(predicted_quality(data, fits.result(job.run)[1]["test"], np.flatnonzero(job.split_of == "test")))
     pixel_head, pixel_error = run_pixel(data, pixel, seed, chosen, quality) if pixel.enabled else (None, None)
     scorer_dir = export_scorer(
         main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task,
@@ -380,15 +373,14 @@ def _evaluate_runs(
     return summary
 
 
-def _crossfit_jobs(
-    data: SQADataModule, pixel: PixelConfig, with_agreement: bool, agree_hp: dict[str, Any],
-    ranking_overrides: dict[str, Any] | None, seed: int,
-) -> list[FitJob]:
-    """The recommending model once per fold of the train split (``pixel.quality_folds``): out-of-fold
-    quality weights for the pixel head's train-split rows; none when the head reads no weights."""
-    if not (pixel.enabled and pixel.quality_power > 0 and pixel.quality_folds and with_agreement):
+def _crossfit_jobs(data: SQADataModule, pixel: PixelConfig, models: dict[str, dict[str, Any]], seed: int) -> list[FitJob]:
+    """The recommending model of ``models`` (run name -> hyper-parameters; the first of
+    :data:`RECOMMENDERS`) once per fold of the train split (``pixel.quality_folds``): out-of-fold quality
+    weights for the pixel head's train-split rows; none when the head reads no weights (they need agreement)."""
+    name = next(k for k in RECOMMENDERS if k in models)
+    if not (pixel.enabled and pixel.quality_power > 0 and pixel.quality_folds and name != "rs_sqa"):
         return []
-    name, hp = (RANKING_MODEL, {**agree_hp, **ranking_overrides}) if ranking_overrides else (AGREEMENT_MODEL, agree_hp)
+    hp = models[name]
     splits = crossfit_splits(data, pixel.quality_folds)
     if not splits:
         line(PIXEL_LABEL, "pixel.quality_folds: the train split has fewer than two groups; the pixel head trains on val images only")
