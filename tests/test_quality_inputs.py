@@ -121,3 +121,33 @@ def test_agreement_columns_and_head(built):
         scorer.score([pool[0]], ["fpn"], SOURCE, with_methods=["pspnet"])
     ranked = scorer.recommend([pool[0]], source=SOURCE)[0]
     assert sorted(m for m, _ in ranked) == sorted(METHODS)
+
+
+def test_agreement_skip_scores_alike_in_training_and_scoring(built, tmp_path):
+    """The agreement's direct logit term: the exported scorer gives what the trained head gives on the
+    cached inputs of the same row, and the term changes the score."""
+    from rssqa.scorer import Scorer
+    from rssqa.tasks.sqa import SQATask, export_scorer
+
+    data, _ = built
+    with pytest.raises(RSSQAError, match="agreement_skip: needs the agreement inputs"):
+        SQATask(agreement_skip=True)
+    task = SQATask(per_method_adapters=True)
+    task.build_for(data)
+    skip = SQATask(per_method_adapters=True, agreement=True, agreement_skip=True)
+    skip.build_for(data)
+    with torch.no_grad():
+        skip.model.agree_logit.weight.fill_(0.5)
+    export_scorer(task, data, tmp_path / "scorer", agreement=skip)
+    scorer = Scorer.load(tmp_path / "scorer")
+    assert scorer.agreement_model.agree_logit is not None
+    rows = data.sqed.rows
+    row = next(n for n, r in enumerate(rows) if r["method"] == "fpn")
+    cached = data.batch(torch.tensor([row]))
+    with torch.no_grad():
+        trained = float(skip.model.eval()(cached)[0])
+        image = data.sqed.images(SOURCE)[rows[row]["image_row"]]
+        live = scorer.score([image], METHODS, SOURCE, agreement=True)[0, METHODS.index("fpn")]
+        assert live == pytest.approx(trained, abs=1e-5)
+        scorer.agreement_model.agree_logit.weight.zero_()
+        assert scorer.score([image], METHODS, SOURCE, agreement=True)[0, METHODS.index("fpn")] != pytest.approx(live, abs=1e-4)

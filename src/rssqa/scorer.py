@@ -303,14 +303,13 @@ class Scorer:
         sem = head.encode_semantics(inp["sem_embed"], inp["sem_tokens"]) if head.uses_sem else None
         out = np.zeros((n, scored))
         for j, m in enumerate(methods[:scored]):
-            seg = None
+            seg, s = None, inp["methods"][j] if head.uses_seg or head.agreement else {}
             if head.uses_seg:
-                s = inp["methods"][j]
                 idx = torch.full((self.chunk,), m.adapter, dtype=torch.long)
                 seg = head.encode_segmentation(
                     s["seg_cells"], s["seg_global"], s.get("seg_feats"), idx, s.get("agree_maps"), s.get("agree_global")
                 )
-            out[:, j] = head.score(sem, seg)[:n].double().numpy()
+            out[:, j] = head.score(sem, seg, head.agreement_offset(s.get("agree_global")))[:n].double().numpy()
         return out
 
     def score(

@@ -123,6 +123,9 @@ class RSSQA(nn.Module):
         agreement: the segmentation branch also reads the method's agreement with the other methods
             of the image (``agree_maps`` ``B×A×g×g`` beside the cell descriptors, ``agree_global`` ``B×A``
             beside the global statistics; :mod:`rssqa.agreement`). Not in the paper: a variant.
+        agreement_skip: with ``agreement``, the per-image agreement also reaches the output logit by a
+            linear term of its own (starting at zero), so that a small training set can lean on the
+            agreement directly instead of only through the fused tokens.
     """
 
     def __init__(
@@ -139,8 +142,11 @@ class RSSQA(nn.Module):
         feat_dim: int = 0,
         dropout: float = 0.1,
         agreement: bool = False,
+        agreement_skip: bool = False,
     ):
         super().__init__()
+        if agreement_skip and not agreement:
+            raise RSSQAError("sqa.agreement_skip: needs the agreement inputs (agreement: true)")
         if variant not in VARIANTS:
             raise RSSQAError(f"sqa.variant: {variant!r} is not one of {', '.join(VARIANTS)}")
         if methods and feat_dim <= 0:
@@ -168,6 +174,10 @@ class RSSQA(nn.Module):
             self.norm_agree_global = Standardize(n, channel_dim=1)
             self.agree_cells = nn.Linear(n, width)
             self.agree_global = nn.Linear(n, width)
+        self.agree_logit = nn.Linear(len(AGREEMENT_NAMES), 1) if agreement_skip else None
+        if self.agree_logit is not None:
+            nn.init.zeros_(self.agree_logit.weight)
+            nn.init.zeros_(self.agree_logit.bias)
         # per-method adapters as one batched weight: row m maps method m's padded features to w, plus a
         # per-method offset (what is typical of the method); both start at zero = the shared adapter alone
         self.method_weight = nn.Parameter(torch.zeros(len(self.methods), feat_dim, width)) if self.methods else None
@@ -261,15 +271,17 @@ class RSSQA(nn.Module):
             out = out.index_copy(0, rows, z @ self.method_weight[m] + self.method_bias[m])
         return out
 
-    def score(self, sem: torch.Tensor | None, seg: torch.Tensor | None) -> torch.Tensor:
-        """Quality in (0, 1) from encoded tokens, ``B×L×w`` each (one may be ``None`` for an ablation)."""
+    def score(self, sem: torch.Tensor | None, seg: torch.Tensor | None, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Quality in (0, 1) from encoded tokens, ``B×L×w`` each (one may be ``None`` for an ablation),
+        with ``offset`` ``B`` added to the logit (the agreement's direct term)."""
         if self.variant == "image_only":
             h = sem
         elif self.variant == "seg_only":
             h = seg
         else:
             h = self.fuse(seg, sem)
-        return torch.sigmoid(self.head(h.mean(dim=1)).squeeze(-1))
+        logit = self.head(h.mean(dim=1)).squeeze(-1)
+        return torch.sigmoid(logit if offset is None else logit + offset)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Score a batch of (image, method) rows.
@@ -298,7 +310,15 @@ class RSSQA(nn.Module):
             if self.uses_seg
             else None
         )
-        return self.score(sem, seg)
+        return self.score(sem, seg, self.agreement_offset(batch.get("agree_global")))
+
+    def agreement_offset(self, agree_global: torch.Tensor | None) -> torch.Tensor | None:
+        """The agreement's direct term of the logit, ``B`` (``None`` without ``agreement_skip``)."""
+        if self.agree_logit is None:
+            return None
+        if agree_global is None:
+            raise RSSQAError("sqa: this head reads agreement between methods; score a method among at least 3")
+        return self.agree_logit(self.norm_agree_global(agree_global)).squeeze(-1)
 
 
 def _pool(x: torch.Tensor, grid: int) -> torch.Tensor:

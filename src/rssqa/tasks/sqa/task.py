@@ -43,6 +43,8 @@ class SQATask(L.LightningModule):
             on a few thousand rows, so fewer of its results depend on the seed.
         agreement: the head also reads each method's agreement with the other methods of the image
             (needs RS-SQED built with at least three methods; a variant, not the paper's model).
+        agreement_skip: with ``agreement``, a direct linear term from the per-image agreement to the
+            output logit (:class:`~rssqa.models.sqa.RSSQA`).
         dims: input widths (filled from the data in ``setup``; stored so checkpoints rebuild alone).
         methods: method names with adapters (filled from the data).
         feat_dim: raw feature width of the adapters (filled from the data).
@@ -67,6 +69,7 @@ class SQATask(L.LightningModule):
         list_temperature: float = 0.02,
         ema_decay: float = 0.0,
         agreement: bool = False,
+        agreement_skip: bool = False,
         dims: dict[str, int] | None = None,
         methods: list[str] | None = None,
         feat_dim: int = 0,
@@ -74,6 +77,8 @@ class SQATask(L.LightningModule):
         super().__init__()
         if variant not in VARIANTS:
             raise RSSQAError(f"model.variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        if agreement_skip and not agreement:
+            raise RSSQAError("model.agreement_skip: needs the agreement inputs (model.agreement: true)")
         if not 0.0 <= ema_decay < 1.0:
             raise RSSQAError(f"model.ema_decay: must be in [0, 1), got {ema_decay}")
         self.save_hyperparameters()
@@ -95,6 +100,7 @@ class SQATask(L.LightningModule):
             "feat_dim": hp.feat_dim if adapters else 0,
             "dropout": hp.dropout,
             **({"agreement": True} if hp.get("agreement") else {}),
+            **({"agreement_skip": True} if hp.get("agreement_skip") else {}),
         }
 
     def _build(self) -> RSSQA:
