@@ -183,7 +183,10 @@ def test_stage_writes_the_whole_comparison(run_root):
     assert (out / "scorer" / "scorer_agreement.safetensors").is_file()
     config = json.loads((out / "scorer" / "scorer.json").read_text())
     assert config["agreement_model"]["agreement"] is True and config["ranking_model"]["agreement"] is True
-    assert s["ranking_hparams"] == {"w_rank_image": 4.0, "w_list": 2.0, "agreement": True}
+    # the smoke profile's agreement_overrides reach both agreement heads, and their exported arguments
+    assert s["agreement_hparams"] == {"agreement_skip": True, "agreement": True}
+    assert s["ranking_hparams"] == {"agreement_skip": True, "w_rank_image": 4.0, "w_list": 2.0, "agreement": True}
+    assert config["agreement_model"]["agreement_skip"] is True and config["ranking_model"]["agreement_skip"] is True
     loso = s["leave_one_source_out"]
     assert set(loso) == set(SOURCES)
     for held, fold in loso.items():
