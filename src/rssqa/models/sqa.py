@@ -105,6 +105,9 @@ class Standardize(nn.Module):
         return (x - self.mean.view(shape)) / self.std.view(shape)
 
 
+_NEEDS_AGREEMENT = "sqa: this head reads agreement between methods; score a method among at least 3"
+
+
 class RSSQA(nn.Module):
     """The RS-SQA quality head (everything after the frozen encoders).
 
@@ -175,7 +178,7 @@ class RSSQA(nn.Module):
             self.agree_cells = nn.Linear(n, width)
             self.agree_global = nn.Linear(n, width)
         self.agree_logit = nn.Linear(len(AGREEMENT_NAMES), 1) if agreement_skip else None
-        if self.agree_logit is not None:
+        if self.agree_logit is not None:  # starts as no term at all
             nn.init.zeros_(self.agree_logit.weight)
             nn.init.zeros_(self.agree_logit.bias)
         # per-method adapters as one batched weight: row m maps method m's padded features to w, plus a
@@ -249,7 +252,7 @@ class RSSQA(nn.Module):
         x = self.seg_cells(cells) + self.seg_global(self.norm_global(seg_global)).unsqueeze(1)
         if self.agreement:
             if agree_maps is None or agree_global is None:
-                raise RSSQAError("sqa: this head reads agreement between methods; score a method among at least 3")
+                raise RSSQAError(_NEEDS_AGREEMENT)
             maps = self.norm_agree_maps(agree_maps).flatten(2).transpose(1, 2)
             x = x + self.agree_cells(maps) + self.agree_global(self.norm_agree_global(agree_global)).unsqueeze(1)
         if self.method_weight is not None and seg_feats is not None and method_idx is not None:
@@ -317,7 +320,7 @@ class RSSQA(nn.Module):
         if self.agree_logit is None:
             return None
         if agree_global is None:
-            raise RSSQAError("sqa: this head reads agreement between methods; score a method among at least 3")
+            raise RSSQAError(_NEEDS_AGREEMENT)
         return self.agree_logit(self.norm_agree_global(agree_global)).squeeze(-1)
 
 
