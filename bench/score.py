@@ -41,7 +41,7 @@ def stand_in(size: int, chunk: int) -> tuple[Scorer, str]:
     feat_dim = max(sum(sh[f"feat/{k}"][0] for k in layers) for sh in shapes.values())
     cells, glob = segmentation_input_dims(layers, 20, 8)
     kw = dict(grid=4, width=64, hidden=64, methods=list(segmenters), feat_dim=feat_dim)
-    head, agree = RSSQA(128, 128, cells, glob, **kw), RSSQA(128, 128, cells, glob, agreement=True, **kw)
+    head, agree = RSSQA(128, 128, cells, glob, **kw), RSSQA(128, 128, cells, glob, agreement=True, agreement_skip=True, **kw)
     return Scorer.from_parts(head, clip, segmenters, layers, chunk=chunk, source="world", agreement_model=agree), "world"
 
 
