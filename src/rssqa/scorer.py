@@ -303,7 +303,9 @@ class Scorer:
         sem = head.encode_semantics(inp["sem_embed"], inp["sem_tokens"]) if head.uses_sem else None
         out = np.zeros((n, scored))
         for j, m in enumerate(methods[:scored]):
-            seg, s = None, inp["methods"][j] if head.uses_seg or head.agree_logit is not None else {}
+            # the method's own inputs: read by the segmentation branch and by the agreement's direct term
+            s = inp["methods"][j] if head.uses_seg or head.agree_logit is not None else {}
+            seg = None
             if head.uses_seg:
                 idx = torch.full((self.chunk,), m.adapter, dtype=torch.long)
                 seg = head.encode_segmentation(
