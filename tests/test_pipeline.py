@@ -65,7 +65,7 @@ def test_make_demo_smoke_end_to_end(tmp_path):
            "pretrain_raw": ("pretrain", ["zeroshot_top1", "retrieval_mean_recall"]),
            "sqed": ("sqed", ["oa_mean", "best_method_share"]), "sqa": ("sqa", ["test/srcc", "recommend/top1"])}  # fmt: skip
     for folder, (stage, metrics) in key.items():
-        run = read_offline_run(root / folder / "wandb")  # the latest run: for sqa, the comparison's
+        run = read_offline_run(root / folder / "wandb", wait_s=30)  # the latest run: for sqa, the comparison's
         assert (run["project"], run["group"], run["job_type"], run["name"]) == ("rssqa", "pipeline-test", stage, folder)
         for m in metrics:
             expected = summaries[folder]
@@ -73,7 +73,7 @@ def test_make_demo_smoke_end_to_end(tmp_path):
                 expected = expected[part]
             assert run["summary"][f"{stage}/{m}"] == pytest.approx(expected), (folder, m)
     assert run["summary"]["sqa/baselines/msp/srcc"] == pytest.approx(summaries["sqa"]["baselines"]["msp"]["srcc"])
-    report_run = read_offline_run(root / "report_plots" / "wandb")
+    report_run = read_offline_run(root / "report_plots" / "wandb", wait_s=30)
     assert (report_run["group"], report_run["name"]) == ("pipeline-test", "report")
     assert report_run["summary"]["report/sqa_comparison/_type"] == "table-file"
     assert report_run["summary"]["report/figures/sqa_scatter_test/_type"] == "images/separated"

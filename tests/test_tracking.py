@@ -50,7 +50,7 @@ def test_offline_run_holds_group_summary_history_and_tables(tmp_path, monkeypatc
     for lg in loggers:
         lg.finalize("success")
 
-    run = read_offline_run(run_dir / "wandb")
+    run = read_offline_run(run_dir / "wandb", wait_s=30)  # the W&B service may still be writing it
     assert (run["project"], run["group"], run["name"], run["job_type"]) == ("rssqa", "pipeline-42", "pretrain_raw", "pretrain")
     assert set(run["tags"]) == {"demo", "pretrain"}
     assert run["config"]["lr"] == 0.001
@@ -66,3 +66,11 @@ def test_offline_run_holds_group_summary_history_and_tables(tmp_path, monkeypatc
 def test_reading_a_folder_without_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(RSSQAError, match="no run-"):
         read_offline_run(tmp_path)
+
+
+def test_a_log_without_its_run_record_is_a_clear_error_after_the_wait(tmp_path):
+    run = tmp_path / "offline-run-x"
+    run.mkdir()
+    (run / "run-x.wandb").write_bytes(b":W&B\x00\x00\x00")  # the header alone: the service has written nothing yet
+    with pytest.raises(RSSQAError, match=r"run-x\.wandb: no run record in the log"):
+        read_offline_run(run, wait_s=0.3)

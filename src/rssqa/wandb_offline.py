@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,13 @@ def _items(items) -> dict[str, Any]:
     return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
 
 
-def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+def read_offline_run(run_dir: str | os.PathLike, wait_s: float = 0.0) -> dict[str, Any]:
     """Read ``run_dir`` (an ``offline-run-*`` folder, or a ``wandb`` folder: its latest run).
+
+    Args:
+        run_dir: the run's folder, or a ``wandb`` folder (its ``latest-run``).
+        wait_s: how long to wait, polling, for the log of a finished run (its exit record): W&B's service
+            process may still be writing the log after ``finish()`` has returned on a busy machine.
 
     Returns:
         ``{"project", "group", "name", "job_type", "tags", "config", "summary", "history"}`` where
@@ -63,8 +69,22 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     logs = sorted(run_dir.glob("run-*.wandb"))
     if not logs:
         raise RSSQAError(f"{run_dir}: no run-*.wandb log in this folder")
+    deadline = time.monotonic() + wait_s
+    while True:
+        out, finished = _read_log(logs[0])
+        if finished or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if "project" not in out:
+        raise RSSQAError(f"{logs[0]}: no run record in the log (is the run still being written?)")
+    return out
+
+
+def _read_log(path: Path) -> tuple[dict[str, Any], bool]:
+    """The run's identity, config, summary and history, and whether the log holds the run's exit."""
     out: dict[str, Any] = {"config": {}, "summary": {}, "history": []}
-    for r in _records(logs[0]):
+    finished = False
+    for r in _records(path):
         kind = r.WhichOneof("record_type")
         if kind == "run":
             out.update(project=r.run.project, group=r.run.run_group, name=r.run.display_name,
@@ -76,4 +96,6 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
             out["summary"].update(_items(r.summary.update))
         elif kind == "history":
             out["history"].append(_items(r.history.item))
-    return out
+        elif kind == "exit":
+            finished = True
+    return out, finished
