@@ -7,6 +7,7 @@ test then runs the real ``stages/sqa.py`` main on it.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -165,7 +166,12 @@ def test_stage_writes_the_whole_comparison(run_root):
     assert s["n_rows"] == {"train": 2 * 6 * 3, "val": 2 * 3 * 3, "test": 2 * 3 * 3}
     for fig in ("scatter_test.png", "clip_embedding.png", "comparison.png"):
         assert (out / "figures" / fig).stat().st_size > 1000
-    assert (out / "logs" / "rs_sqa" / "metrics.csv").is_file()
+    # the loss terms once an epoch (their means over the epoch's rows), beside each validation
+    with open(out / "logs" / "rs_sqa" / "metrics.csv") as f:
+        logged = list(csv.DictReader(f))
+    train = [r for r in logged if r.get("train_loss")]
+    assert [int(r["epoch"]) for r in train] == list(range(len(train))) and len(train) >= 2
+    assert all(float(r["train_loss"]) >= 0 and r.get("train_mse") for r in train)
     assert (out / "scorer" / "scorer.json").is_file()
     head = s["recommend_headroom"]
     assert set(head["within_image_error"]) == {"rs_sqa", "image_only", "seg_only", "generic_clip", "no_gating", "with_agreement",
