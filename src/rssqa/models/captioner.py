@@ -14,8 +14,10 @@ configs (``coca_ViT-L-14``) use open_clip's tokenizer unchanged.
 
 Decoding: ``"greedy"`` is our own argmax loop over the model's towers which projects only the last
 position onto the vocabulary (open_clip's ``generate`` projects every position at every step, which
-makes the vocabulary projection the dominant cost of a small CoCa); ``"beam_search"``, ``"top_k"`` and
-``"top_p"`` call open_clip's :meth:`CoCa.generate`.
+makes the vocabulary projection the dominant cost of a small CoCa) and feeds one new token a step
+through cached prefixes (open_clip's towers run the whole prefix again at every step): the same
+tokens, 2.7 to 3.0 times as many captions a second for the demo's captioner (``bench/caption.py``);
+``"beam_search"``, ``"top_k"`` and ``"top_p"`` call open_clip's :meth:`CoCa.generate`.
 """
 
 from __future__ import annotations
@@ -259,9 +261,84 @@ def _hidden_states(decoder: torch.nn.Module):
         decoder.text_projection = proj
 
 
+class _PrefixCache:
+    """Incremental decoding over open_clip's CoCa towers: each step feeds only the newest token.
+
+    Every self-attention block keeps the layer-normed inputs of the positions already decoded, so a
+    step attends from one new position to them instead of running the whole prefix again (open_clip's
+    towers recompute every position at every step; both are causal, so the earlier positions'
+    outputs do not change). The text tower's appended class token is not needed for the decoder's
+    input (CoCa passes it the tokens before it). Supports batch-first towers of open_clip's
+    :class:`~open_clip.transformer.ResidualAttentionBlock`; :func:`incremental_ok` says whether a
+    model has them.
+    """
+
+    def __init__(self, model: torch.nn.Module, image_embs: torch.Tensor):
+        self.text, self.decoder = model.text, model.text_decoder
+        self.image_embs = image_embs
+        n_blocks = len(self.text.transformer.resblocks) + len(self.decoder.resblocks)
+        self.past: list[torch.Tensor | None] = [None] * n_blocks
+        # the text tower (with its class token) masks keys by the padding id at every position: the key of
+        # a padding token, or (open_clip's legacy CoCa mask, ``correct_cls_mask=False``) the key after it
+        self.pad_id = getattr(self.text, "pad_id", None) if self.text.cls_emb is not None else None
+        self.shifted = not getattr(self.text, "correct_cls_mask", True)
+        self.pads: torch.Tensor | None = None  # B×t: the keys masked so far
+        self.last: torch.Tensor | None = None  # B: the previous token
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep the cache rows ``rows`` (the rows still decoding)."""
+        self.image_embs = self.image_embs[rows]
+        self.past = [p[rows] if p is not None else None for p in self.past]
+        self.pads = self.pads[rows] if self.pads is not None else None
+        self.last = self.last[rows] if self.last is not None else None
+
+    def _self_block(self, i: int, block: torch.nn.Module, x: torch.Tensor, pads: torch.Tensor | None = None) -> torch.Tensor:
+        h = block.ln_1(x)
+        self.past[i] = h if self.past[i] is None else torch.cat([self.past[i], h], dim=1)
+        x = x + block.ls_1(block.attn(h, self.past[i], self.past[i], need_weights=False, key_padding_mask=pads)[0])
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Hidden state (before the vocabulary projection) after ``tokens`` (``B``) at ``position``."""
+        text = self.text
+        cast = text.transformer.get_cast_dtype()
+        x = text.token_embedding(tokens).to(cast).unsqueeze(1) + text.positional_embedding[position].to(cast)
+        pads = None
+        if self.pad_id is not None:
+            masked = self.last if self.shifted else tokens
+            new = (masked == self.pad_id) if masked is not None else torch.zeros_like(tokens, dtype=torch.bool)
+            self.pads = new.unsqueeze(1) if self.pads is None else torch.cat([self.pads, new.unsqueeze(1)], dim=1)
+            self.last = tokens
+            pads = self.pads if bool(self.pads.any()) else None
+        i = 0
+        for block in text.transformer.resblocks:
+            x = self._self_block(i, block, x, pads)
+            i += 1
+        for block, cross in zip(self.decoder.resblocks, self.decoder.cross_attn, strict=True):
+            x = self._self_block(i, block, x)
+            i += 1
+            x = cross(x, k_x=self.image_embs, v_x=self.image_embs)
+        return self.decoder.ln_final(x)[:, 0]
+
+
+def incremental_ok(model: torch.nn.Module) -> bool:
+    """Whether :class:`_PrefixCache` can decode with ``model`` (batch-first open_clip residual blocks)."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    text, decoder = getattr(model, "text", None), getattr(model, "text_decoder", None)
+    if text is None or decoder is None or not hasattr(text, "transformer"):
+        return False
+    blocks = [*text.transformer.resblocks, *decoder.resblocks, *decoder.cross_attn]
+    return (
+        all(type(b) is ResidualAttentionBlock and b.attn.batch_first for b in blocks)
+        and getattr(text.transformer, "batch_first", False) and getattr(decoder, "batch_first", False)
+    )
+
+
 @torch.no_grad()
 def greedy_decode(
-    model: torch.nn.Module, images: torch.Tensor, max_tokens: int = 24, min_tokens: int = 4, sot: int = SOT, eot: int = EOT
+    model: torch.nn.Module, images: torch.Tensor, max_tokens: int = 24, min_tokens: int = 4, sot: int = SOT, eot: int = EOT,
+    incremental: bool | None = None,
 ) -> torch.Tensor:
     """Argmax decoding with a CoCa: ``B×3×S×S`` preprocessed images -> ``B×max_tokens`` token ids.
 
@@ -269,6 +346,9 @@ def greedy_decode(
 
     Rows that have emitted the end token are dropped from the batch, so a batch costs what its
     longest caption costs for the few rows still running only. Deterministic: no sampling.
+    ``incremental`` (default: whenever the model's blocks allow it) feeds one new token per step
+    through cached prefixes (:class:`_PrefixCache`) instead of the whole prefix: the same tokens, at a
+    cost that grows with the caption's length rather than with its square.
     """
     was_training = model.training
     model.eval()
@@ -279,18 +359,25 @@ def greedy_decode(
         out[:, 0] = sot
         running = torch.arange(n, device=images.device)
         decoder = model.text_decoder
+        cache = _PrefixCache(model, image_embs) if (incremental_ok(model) if incremental is None else incremental) else None
         for step in range(1, max_tokens):
-            _, token_embs = model._encode_text(out[running, :step])
             with _hidden_states(decoder) as proj:
-                hidden = decoder(image_embs[running], token_embs)
-            logits = hidden[:, -1] @ proj
+                if cache is not None:
+                    hidden = cache.step(out[running, step - 1], step - 1)
+                else:
+                    _, token_embs = model._encode_text(out[running, :step])
+                    hidden = decoder(image_embs[running], token_embs)[:, -1]
+            logits = hidden @ proj
             logits[:, sot] = -torch.inf
             if step < min_tokens - 1:
                 logits[:, eot] = -torch.inf
             nxt = eot if step == max_tokens - 1 else logits.argmax(-1)
             out[running, step] = nxt
             if step < max_tokens - 1:
-                running = running[nxt != eot]
+                going = nxt != eot
+                running = running[going]
+                if cache is not None and not bool(going.all()):
+                    cache.keep(going)
             if running.numel() == 0:
                 break
         return out
