@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 lint: setup ## ruff over the code
 	$(VENV)/bin/ruff check src tests stages bench
 
-test: setup lint ## lint + the whole test suite (about 9 minutes on 2 cores; CI runs this)
+test: setup lint ## lint + the whole test suite (about 7 minutes on 2 cores; CI runs this)
 	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=10
 
 test-fast: setup lint ## lint + the tests not marked slow (about a minute)
