@@ -85,6 +85,8 @@ class SQATask(L.LightningModule):
         self.loss = SQALoss(w_mse, w_plcc, w_rank, w_rank_image, rank_min_gap, rank_scale, w_list, list_temperature)
         self.model: RSSQA | None = self._build() if dims is not None else None
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._train_sums: dict[str, torch.Tensor] = {}  # the epoch's loss terms x rows (reset each epoch)
+        self._train_rows = 0
         self.best_val_srcc = float("-inf")
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -141,8 +143,7 @@ class SQATask(L.LightningModule):
         return self.model(batch)
 
     def on_train_epoch_start(self) -> None:
-        self._train_sums: dict[str, torch.Tensor] = {}
-        self._train_rows = 0
+        self._train_sums, self._train_rows = {}, 0
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.loss(self(batch), batch["oa"], batch["image_idx"])
