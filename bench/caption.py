@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
-    same = torch.equal(*(greedy_decode(model, images, args.max_tokens, 4, sot, eot, incremental=i) for i in (False, True)))
+    full, tokens = (greedy_decode(model, images, args.max_tokens, 4, sot, eot, incremental=i) for i in (False, True))
+    same = torch.equal(full, tokens)
     rates = time_runs({"full_prefix": decode(False), "incremental": decode(True)}, args.repeats)
     med = {k: median(v) for k, v in rates.items()}
     ratio = round(med["incremental"] / med["full_prefix"], 2)
-    tokens = greedy_decode(model, images, args.max_tokens, 4, sot, eot)
     length = float((tokens > 0).sum(1).float().mean())
     results = {"captions_per_s": med, "speedup": ratio, "same_tokens": same, "captioner": name, "images": args.images,
                "max_tokens": args.max_tokens, "mean_tokens": round(length, 1), "threads": args.threads, "runs": rates}  # fmt: skip

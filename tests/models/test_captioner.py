@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rssqa.models.captioner import EOT, SOT, _PrefixCache, create_captioner, greedy_decode, incremental_ok
+from rssqa.models.captioner import (
+    EOT,
+    SOT,
+    CaptionVocab,
+    _PrefixCache,
+    create_captioner,
+    greedy_decode,
+    incremental_ok,
+)
 
 
 def _captioner(name: str, **kw) -> torch.nn.Module:
@@ -22,7 +30,7 @@ def test_incremental_decoding_gives_the_full_prefix_tokens(name):
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size
     images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(1))
-    sot, eot = (1, 2) if name == "rs-coca-tiny" else (SOT, EOT)
+    sot, eot = (CaptionVocab.SOT, CaptionVocab.EOT) if name == "rs-coca-tiny" else (SOT, EOT)
     full = greedy_decode(model, images, 12, 3, sot, eot, incremental=False)
     cached = greedy_decode(model, images, 12, 3, sot, eot, incremental=True)
     assert torch.equal(full, cached)

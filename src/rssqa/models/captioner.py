@@ -310,13 +310,11 @@ class _PrefixCache:
             self.pads = new.unsqueeze(1) if self.pads is None else torch.cat([self.pads, new.unsqueeze(1)], dim=1)
             self.last = tokens
             pads = self.pads if bool(self.pads.any()) else None
-        i = 0
-        for block in text.transformer.resblocks:
+        for i, block in enumerate(text.transformer.resblocks):
             x = self._self_block(i, block, x, pads)
-            i += 1
-        for block, cross in zip(self.decoder.resblocks, self.decoder.cross_attn, strict=True):
+        first = len(text.transformer.resblocks)  # the decoder's caches follow the text tower's
+        for i, (block, cross) in enumerate(zip(self.decoder.resblocks, self.decoder.cross_attn, strict=True), start=first):
             x = self._self_block(i, block, x)
-            i += 1
             x = cross(x, k_x=self.image_embs, v_x=self.image_embs)
         return self.decoder.ln_final(x)[:, 0]
 
