@@ -190,9 +190,11 @@ def test_stage_writes_the_whole_comparison(run_root):
     config = json.loads((out / "scorer" / "scorer.json").read_text())
     assert config["agreement_model"]["agreement"] is True and config["ranking_model"]["agreement"] is True
     # the smoke profile's agreement_overrides reach both agreement heads, and their exported arguments
-    assert s["agreement_hparams"] == {"agreement_skip": True, "agreement": True}
-    assert s["ranking_hparams"] == {"agreement_skip": True, "w_rank_image": 4.0, "w_list": 2.0, "agreement": True}
+    assert s["agreement_hparams"] == {"agreement_skip": True, "variant": "seg_only", "agreement": True}
+    assert s["ranking_hparams"] == {"agreement_skip": True, "variant": "full", "w_rank_image": 4.0, "w_list": 2.0, "agreement": True}
     assert config["agreement_model"]["agreement_skip"] is True and config["ranking_model"]["agreement_skip"] is True
+    # the agreement model reads no CLIP-RS branch, the ranking model does (their variants in the profile)
+    assert config["agreement_model"]["variant"] == "seg_only" and config["ranking_model"]["variant"] == "full"
     loso = s["leave_one_source_out"]
     assert set(loso) == set(SOURCES)
     for held, fold in loso.items():
