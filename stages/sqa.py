@@ -146,11 +146,13 @@ def print_summary(s: dict) -> None:
         f"recommend: top1 {r['top1']:.3f}, chosen OA {r['chosen_oa']:.3f}, best fixed ({r['best_fixed_method']}) "
         f"{r['best_fixed_oa']:.3f}, oracle {r['oracle_oa']:.3f}, regret {r['regret']:.3f}; {s['seconds']} s"
     )
-    for name in ("with_agreement", "with_agreement_ranking"):
+    for name in ("with_agreement", "with_agreement_ranking", "error_map"):
         a = s.get("recommend_baselines", {}).get(name)
         if a:  # gap_closed is null where the best fixed method is already the oracle
             gap = "-" if a["gap_closed"] is None else f"{a['gap_closed']:.2f}"
-            print(f"{name}: top1 {a['top1']:.3f}, chosen OA {a['chosen_oa']:.3f}, regret {a['regret']:.3f}, gap closed {gap}")
+            v = a.get("vs_best_fixed") or {}
+            vs = f", minus best fixed {v['diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}] {v['verdict']}" if v.get("verdict") else ""
+            print(f"{name}: top1 {a['top1']:.3f}, chosen OA {a['chosen_oa']:.3f}, regret {a['regret']:.3f}, gap closed {gap}{vs}")
     px = s.get("pixel_error")
     num = lambda x, f=".3f": "-" if x is None else format(x, f)  # noqa: E731 - undefined figures are null
     for what, c in (("every (image, method)", px), ("recommended method", (px or {}).get("recommended"))):

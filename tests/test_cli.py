@@ -113,6 +113,20 @@ def test_cli_score_with_other_methods_uses_agreement(run_root, folder, capsys):
     assert "agreement needs at least 3 methods in all, got 2" in capsys.readouterr().err
 
 
+def test_cli_score_by_the_error_map(run_root, folder, capsys):
+    """``--error-map``: 1 - the mean of the pixel error head's map, as the scorer draws it."""
+    from rssqa.scorer import Scorer
+
+    img, scorer = str(folder / "tile_0.png"), str(run_root / "sqa" / "scorer")
+    args = ["score", img, "--scorer", scorer, "--source", "beta", "--method", "fpn", "--json", "--error-map"]
+    assert main([*args, "--with", "pspnet,upernet"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    maps = Scorer.load(scorer).pixel_error([np.asarray(Image.open(img).convert("RGB"))], ["fpn"], "beta", ["pspnet", "upernet"])[0]
+    assert [r["method"] for r in got] == ["fpn"] and got[0]["score"] == pytest.approx(1.0 - float(maps.mean()), abs=1e-6)
+    assert main([*args, "--with", "pspnet"]) == 2  # the head reads agreement: three methods at least
+    assert "at least 3 methods" in capsys.readouterr().err
+
+
 def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "garbage.png").write_bytes(b"not an image at all")
     Image.fromarray(_image(0)[..., 0]).save(tmp / "gray.png")

@@ -80,3 +80,16 @@ def test_paired_bootstrap_separates_a_better_score_from_a_tie():
     assert tie["low"] < 0 < tie["high"] and 0.05 < tie["a_better"] < 0.95
     with pytest.raises(RSSQAError, match="one size"):
         metrics.paired_bootstrap(good[:-1], poor[:-1], oa[:-1], images[:-1])
+
+
+def test_mean_bootstrap_over_images():
+    rng = np.random.default_rng(1)
+    gain = rng.normal(0.02, 0.01, 200)  # a per-image gain clearly above zero
+    v = metrics.mean_bootstrap(gain, n_boot=500)
+    assert v["diff"] == pytest.approx(gain.mean()) and 0 < v["low"] < v["diff"] < v["high"]
+    assert v["verdict"] == "ahead" and v["a_better"] == 1.0
+    assert metrics.mean_bootstrap(-gain, n_boot=500)["verdict"] == "behind"
+    noise = rng.normal(0, 0.01, 200)
+    assert metrics.mean_bootstrap(noise - noise.mean(), n_boot=500)["verdict"] == "tie"  # centred on zero
+    assert metrics.mean_bootstrap(gain, n_boot=500, seed=3) == metrics.mean_bootstrap(gain, n_boot=500, seed=3)
+    assert metrics.mean_bootstrap(np.zeros(0))["verdict"] == "tie"

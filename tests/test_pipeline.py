@@ -29,7 +29,7 @@ def test_make_demo_smoke_end_to_end(tmp_path):
     assert summaries["sqed"]["n_rows"] == summaries["sqed"]["n_images"] * 8
     assert set(summaries["sqa"]["baselines"]) == {
         "msp", "entropy", "margin", "atc", "agreement", "consensus", "image_only", "seg_only", "generic_clip",
-        "no_gating", "with_agreement", "with_agreement_ranking",
+        "no_gating", "with_agreement", "with_agreement_ranking", "error_map",
     }  # fmt: skip
     # eight methods: agreement between them is computed, and the agreement model trained and compared
     assert all(summaries["sqa"]["baselines"][k] is not None for k in ("agreement", "consensus", "with_agreement"))

@@ -100,12 +100,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     methods = args.method or None
     others = [m for part in args.with_methods for m in part.split(",") if m]
     names = scorer.method_names(methods, args.source, args.segmenter)
+    if args.error_map and (args.segmenter or scorer.pixel_model is None):
+        raise RSSQAError("score --error-map: needs registered --method names and a scorer with a pixel error head")
     scorer.use_agreement(names, others)  # a one-line error before any image is read
     results = []
     for block in _blocks(files, folder and not args.quiet):
-        scores = scorer.score(
-            read_images(block), methods, args.source, args.segmenter, names=[str(f) for f in block], with_methods=others
-        )
+        if args.error_map:  # the OA the pixel error head's map predicts
+            scores = scorer.error_map_quality(read_images(block), methods, args.source, others, names=[str(f) for f in block])
+        else:
+            scores = scorer.score(
+                read_images(block), methods, args.source, args.segmenter, names=[str(f) for f in block], with_methods=others
+            )  # fmt: skip
         for f, row in zip(block, scores, strict=True):
             results += [{"image": str(f), "method": m, "score": float(s)} for m, s in zip(names, row, strict=True)]
     if args.json:
@@ -222,6 +227,11 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         help="other registered methods to run for their agreement with the scored one: the scorer's agreement "
         "head then scores (at least three methods in all); without it, the paper's inputs",
     )
+    p.add_argument(
+        "--error-map", action="store_true",
+        help="score by the pixel error head instead: 1 - the mean probability that a pixel is wrong (with --with: "
+        "at least three methods in all; the most accurate score of the demo and of the Dubai set)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_score)
 
 

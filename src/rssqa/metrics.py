@@ -189,6 +189,18 @@ def paired_bootstrap(
     return out
 
 
+def mean_bootstrap(diff: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Mean of per-image differences (e.g. the chosen method's OA minus the best fixed method's) with the
+    95% interval of a bootstrap over images, the share of draws above zero and the :func:`verdict`."""
+    diff = np.asarray(diff, dtype=np.float64)
+    if not len(diff):
+        return {"diff": math.nan, "low": math.nan, "high": math.nan, "a_better": math.nan, "verdict": "tie"}
+    draws = np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))
+    means = diff[draws].mean(1)
+    low, high = (float(x) for x in np.percentile(means, [2.5, 97.5]))
+    return {"diff": float(diff.mean()), "low": low, "high": high, "a_better": float((means > 0).mean()), "verdict": verdict(low, high)}
+
+
 def verdict(low: float, high: float) -> str:
     """``ahead`` where a 95% interval of a difference lies above zero, ``behind`` below, ``tie`` otherwise."""
     if math.isfinite(low) and low > 0:

@@ -137,6 +137,13 @@ def _pixel_margin(v: dict[str, Any] | None, best: str | None) -> str:
     return f"head minus the best baseline ({best}) in pixel AUROC: {diff}, 95% interval {interval}, verdict: {v.get('verdict')}"
 
 
+def _versus_cells(v: dict | None) -> list:
+    """A bootstrap comparison as three table cells: the difference, its 95% interval and the verdict."""
+    if not v:
+        return [None, "", ""]
+    return [v["diff"], f"[{v['low']:+.3f}, {v['high']:+.3f}]", v["verdict"]]
+
+
 def _pixel_section(px: dict[str, Any], table: Any) -> str:
     """The pixel error head against the per-pixel label-free baselines (the sqa summary's ``pixel_error``)."""
     rec = px.get("recommended") or {}
@@ -343,7 +350,8 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
         md.append(table("sqa_comparison", ["model", *METRICS], rows))
         srcc = {r[0]: float(r[1]) for r in rows if r[1] is not None}
         md.append(img(_bar(plots / "sqa_srcc.png", "SRCC with true OA (test)", {"SRCC": srcc}, "SRCC"), "srcc"))
-        for key, who in (("vs_rs_sqa", "RS-SQA"), ("vs_with_agreement", "RS-SQA with agreement")):
+        for key, who in (("vs_rs_sqa", "RS-SQA"), ("vs_with_agreement", "RS-SQA with agreement"),
+                         ("vs_error_map", "the OA of the pixel error map")):
             vs = a.get(key)
             if not vs:
                 continue
@@ -400,8 +408,11 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
         if others:
             md.append("Ranking the methods by another score instead:\n\n")
             rb = ["top1", "top1_within", "chosen_oa", "regret", "gap_closed"]
-            md.append(table("sqa_recommend_by_score", ["ranked by", *rb],
-                            [["RS-SQA", *[rec.get(k) for k in rb]]] + [[n, *[v.get(k) for k in rb]] for n, v in others.items()]))  # fmt: skip
+            md.append("The last columns: the chosen method's OA minus the best fixed method's, per image, with the 95% "
+                      "interval of a bootstrap over images and the verdict.\n\n")  # fmt: skip
+            md.append(table("sqa_recommend_by_score", ["ranked by", *rb, "minus best fixed", "95% interval", "verdict"],
+                            [[n, *[v.get(k) for k in rb], *_versus_cells(v.get("vs_best_fixed"))]
+                             for n, v in {"RS-SQA": rec, **others}.items()]))  # fmt: skip
         head = a.get("recommend_headroom")
         if head:
             err = head.get("within_image_error", {})

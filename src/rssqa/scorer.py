@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from rssqa.agreement import MIN_METHODS, quality_agreement_maps
 from rssqa.errors import RSSQAError
 from rssqa.models.clip import clip_fingerprint, image_size, load_clip
-from rssqa.models.pixel_error import PixelErrorHead, load_pixel_head, pixel_inputs
+from rssqa.models.pixel_error import PixelErrorHead, image_quality, load_pixel_head, pixel_inputs
 from rssqa.models.quality_inputs import QualityInputs
 from rssqa.models.segmenters import Segmenter, load_segmenter
 from rssqa.models.sqa import RSSQA
@@ -424,6 +424,19 @@ class Scorer:
             for j, i in enumerate(part):
                 out[i] = stacked[j]
         return out
+
+    def error_map_quality(
+        self, images: Sequence[np.ndarray], methods: Sequence[str] | None = None, source: str | None = None,
+        with_methods: Sequence[str] = (), names: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """Predicted OA read off the pixel error head's maps: ``1 -`` the mean error probability of each
+        method's map (:func:`~rssqa.models.pixel_error.image_quality`; arguments as :meth:`pixel_error`).
+
+        Returns:
+            ``n_images×M`` float64, methods in the order given.
+        """
+        maps = self.pixel_error(images, methods, source, with_methods, names)
+        return np.stack([image_quality(torch.from_numpy(m)).double().numpy() for m in maps])
 
     def recommend_head(self, n_methods: int) -> RSSQA:
         """The head that ranks ``n_methods`` methods (:meth:`recommend`): the ranking head, else the

@@ -153,7 +153,7 @@ def test_stage_writes_the_whole_comparison(run_root):
     s = read_summary(out)
     assert set(s["test"]) >= {"srcc", "plcc", "krcc", "rmse"}
     assert set(s["baselines"]) == {"msp", "entropy", "margin", "atc", "agreement", "consensus", "image_only", "seg_only",
-                                   "generic_clip", "no_gating", "with_agreement", "with_agreement_ranking"}  # fmt: skip
+                                   "generic_clip", "no_gating", "with_agreement", "with_agreement_ranking", "error_map"}  # fmt: skip
     for name, m in s["baselines"].items():
         assert set(m) >= {"srcc", "plcc", "krcc", "rmse"}, name
         assert m["rmse"] is not None and 0 <= m["rmse"] <= 1, name
@@ -219,6 +219,10 @@ def test_stage_writes_the_whole_comparison(run_root):
         assert rec["gap_closed"] == pytest.approx((rec["chosen_oa"] - r["best_fixed_oa"]) / gap)
     else:  # the best fixed method is the oracle on this tiny test set: nothing to close
         assert rec["gap_closed"] is None
+    # how sure each choice is: the chosen minus the best fixed method's OA, averaged over the test images
+    for v in (s["recommend"]["vs_best_fixed"], rec["vs_best_fixed"], s["recommend_baselines"]["error_map"]["vs_best_fixed"]):
+        assert v["low"] <= v["high"] and v["verdict"] == ("ahead" if v["low"] > 0 else "behind" if v["high"] < 0 else "tie")
+    assert rec["vs_best_fixed"]["diff"] == pytest.approx(rec["chosen_oa"] - r["best_fixed_oa"])
 
 
 def test_scorer_holds_the_averaged_weights(run_root):

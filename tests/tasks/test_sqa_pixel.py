@@ -121,6 +121,25 @@ def test_stage_tests_and_exports_the_pixel_error_head(run_root):
         scorer.pixel_error([image], ["fpn"], source="alpha")
 
 
+def test_error_map_score_is_the_scorers_map_averaged(run_root):
+    """The stage's ``error_map`` score of a test row is 1 - the mean of the map the scorer draws for it."""
+    from rssqa.data.sqed import SQED
+    from rssqa.scorer import Scorer
+
+    s = read_summary(run_root / "sqa")
+    assert s["baselines"]["error_map"]["srcc"] is not None and "error_map" in s["recommend_baselines"]
+    assert set(s["vs_error_map"]) == {"rs_sqa", *s["baselines"]} - {"error_map"}
+    preds = json.loads((run_root / "sqa" / "predictions.json").read_text())
+    key = preds["rows"][0]["key"]
+    mine = {r["method"]: v for r, v in zip(preds["rows"], preds["scores"]["error_map"], strict=True) if r["key"] == key}
+    entry = next(r for r in SQED(str(run_root / "sqed")).rows if r["key"] == key)
+    image = np.ascontiguousarray(SQED(str(run_root / "sqed")).images(entry["source"])[entry["image_row"]])
+    methods = sorted(mine)
+    maps = Scorer.load(run_root / "sqa" / "scorer").pixel_error([image], methods, source=entry["source"])[0]
+    assert len(methods) == len(METHODS)
+    assert 1.0 - maps.mean(axis=(1, 2)) == pytest.approx([mine[m] for m in methods], abs=1e-4)
+
+
 def test_report_has_the_pixel_error_section(run_root):
     from rssqa.report import build_report
 

@@ -150,6 +150,13 @@ class PixelErrorHead(nn.Module):
         return torch.sigmoid(self(x, tokens))
 
 
+def image_quality(error: torch.Tensor) -> torch.Tensor:
+    """Predicted overall accuracy read off error maps: ``1 - mean`` error probability over each map's
+    pixels, ``B×H×W`` -> ``B``. OA is the mean of per-pixel correctness, so a calibrated error map
+    estimates it directly; label-free, every pixel counts (no mask says which are labelled)."""
+    return 1.0 - error.float().mean(dim=(-2, -1))
+
+
 def load_pixel_head(kwargs: Mapping[str, int | bool | float], state: Mapping[str, torch.Tensor], where: str) -> PixelErrorHead:
     """A :class:`PixelErrorHead` from its recorded arguments and weights, or a one-line error naming ``where``."""
     try:

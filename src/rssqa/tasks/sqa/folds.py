@@ -109,15 +109,6 @@ def fold_jobs(models: Mapping[str, dict[str, Any]], data: SQADataModule, k: int,
     ]
 
 
-def _mean_bootstrap(diff: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """Mean of per-image differences with the 95% interval of a bootstrap over images and its verdict."""
-    draws = np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))
-    means = diff[draws].mean(1)
-    low, high = (float(x) for x in np.percentile(means, [2.5, 97.5]))
-    return {"diff": float(diff.mean()), "low": low, "high": high, "a_better": float((means > 0).mean()),
-            "verdict": metrics.verdict(low, high)}  # fmt: skip
-
-
 def cross_validate_groups(
     models: Mapping[str, dict[str, Any]],
     data: SQADataModule,
@@ -211,6 +202,6 @@ def cross_validate_groups(
             "mean_fold_srcc": {m: float(np.mean([f["scores"][m]["srcc"] for f in folds])) for m in names},
             "best_label_free": best_lf, "vs_consensus": versus("consensus"), "vs_best_label_free": versus(best_lf),
             "models": list(models), "recommend": choice, "recommender": recommender,
-            "recommended_minus_best_fixed": _mean_bootstrap(gain, n_boot, seed) if len(gain) else None,
+            "recommended_minus_best_fixed": metrics.mean_bootstrap(gain, n_boot, seed) if len(gain) else None,
         },  # fmt: skip
     }

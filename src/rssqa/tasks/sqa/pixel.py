@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_average_
 
 from rssqa.agreement import MIN_METHODS
 from rssqa.errors import RSSQAError
-from rssqa.models.pixel_error import BASELINES, PixelErrorHead
+from rssqa.models.pixel_error import BASELINES, PixelErrorHead, image_quality
 from rssqa.progress import line
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.pixel_auroc import auroc_bootstrap
@@ -151,12 +151,14 @@ def sample_pixels(target: torch.Tensor, n: int, seed: int, image: int, method: i
 
 @dataclass
 class _Sample:
-    """Scores of the sampled pixels, pooled: ``scores`` {name: N}, ``target`` N bool, ``image`` N, ``source`` N."""
+    """Scores of the sampled pixels, pooled: ``scores`` {name: N}, ``target`` N bool, ``image`` N, ``source`` N;
+    ``quality``: (image index, method index) -> the OA the head's whole error map predicts (:func:`image_quality`)."""
 
     scores: dict[str, list[torch.Tensor]]
     target: list[torch.Tensor]
     image: list[np.ndarray]
     source: list[np.ndarray]
+    quality: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def pooled(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray, np.ndarray]:
         return (
@@ -186,6 +188,7 @@ def _score_rows(
     if head is not None:
         at = next(head.parameters()).device
         scores[HEAD] = head.probability(x.to(at), None if tokens is None else tokens.to(at)).cpu()
+        sample.quality.update(zip(zip(images, methods, strict=True), image_quality(scores[HEAD]).tolist(), strict=True))
     for name in names:
         scores[name] = BASELINES[name](x)
     for b in range(len(x)):
@@ -383,6 +386,7 @@ def evaluate_pixel_head(
     out["error_rate"] = float(target.double().mean())
     out["n_test_images"] = len(np.unique(image))
     out["n_test_rows"] = total
+    out["image_quality"] = sample.quality
     return out
 
 
@@ -412,7 +416,7 @@ def training_plans(
 def run_pixel(
     data: SQADataModule, cfg: PixelConfig | Mapping[str, Any] | None, seed: int = 0, chosen: Mapping[int, int] | None = None,
     quality: Mapping[str, Scores] | None = None,
-) -> tuple[PixelErrorHead, dict[str, Any]]:
+) -> tuple[PixelErrorHead, dict[str, Any], dict[tuple[int, int], float]]:
     """Train, select and test the pixel error head on the data module's RS-SQED.
 
     Args:
@@ -426,7 +430,8 @@ def run_pixel(
             quality-weighted agreement (``cfg.quality_power``).
 
     Returns:
-        ``(the trained head, the summary's pixel_error)``.
+        ``(the trained head, the summary's pixel_error, the OA its error map predicts per test (image
+        index, method index))``: :func:`~rssqa.models.pixel_error.image_quality` of every test row.
     """
     t0 = time.perf_counter()
     cfg = PixelConfig.of(cfg)
@@ -469,4 +474,4 @@ def run_pixel(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     line(LABEL, f"test AUROC {summary['auroc']:.4f}, best baseline {summary['best_baseline']}; {summary['seconds']} s")
-    return head, summary
+    return head, summary, test["image_quality"]

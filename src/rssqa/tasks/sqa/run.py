@@ -40,7 +40,8 @@ AGREEMENT_MODEL = "with_agreement"  # RS-SQA that also reads agreement between m
 RANKING_MODEL = "with_agreement_ranking"  # the same, trained with stronger ranking terms, for recommendation
 CROSSFIT = "pxfold"  # the recommender's fits per fold of the train split (the pixel head's train-split weights)
 RECOMMENDERS = (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa")  # the first one trained recommends methods
-BASELINE_KEYS = (*LABEL_FREE, *ABLATIONS, AGREEMENT_MODEL, RANKING_MODEL)
+ERROR_MAP = "error_map"  # the OA the pixel error head's map predicts (1 - its mean error probability)
+BASELINE_KEYS = (*LABEL_FREE, *ABLATIONS, AGREEMENT_MODEL, RANKING_MODEL, ERROR_MAP)
 SUMMARY_METRICS = ("srcc", "plcc", "krcc", "rmse")
 
 
@@ -126,7 +127,11 @@ def recommendation(data: SQADataModule, preds: dict[str, np.ndarray], split: str
     gap = out["oracle_oa"] - out["best_fixed_oa"]
     # share of the best-fixed-method-to-oracle gap that the score's choices close (1: the oracle)
     closed = (out["chosen_oa"] - out["best_fixed_oa"]) / gap if gap > 0 else float("nan")
-    return {**out, "best_fixed_method": fixed, "gap_closed": closed}
+    # how sure: the chosen method's OA minus the best fixed method's, per image, bootstrapped over images
+    chosen, fixed_oa, _ = recommend.per_image_choices(
+        data.image_idx[rows].tolist(), data.method_of[rows], data.oa[rows].double().tolist(), preds[split].tolist(), fixed
+    )  # fmt: skip
+    return {**out, "best_fixed_method": fixed, "gap_closed": closed, "vs_best_fixed": metrics.mean_bootstrap(chosen - fixed_oa)}
 
 
 def recommended_methods(data: SQADataModule, score: np.ndarray, split: str = "test") -> dict[int, int]:
@@ -289,11 +294,25 @@ def _evaluate_runs(
     # the table's order: RS-SQA, the ablations, then the agreement models
     runs = {k: runs[k] for k in sorted(runs, key=lambda k: (k in (AGREEMENT_MODEL, RANKING_MODEL), k != "rs_sqa"))}
 
+    # the error map serves the method the scorer recommends: the ranking head, else the agreement model's, else RS-SQA's
+    recommender = next(runs[k]["preds"] for k in RECOMMENDERS if k in runs)
+    chosen = recommended_methods(data, recommender["test"])
+    quality = {s: predicted_quality(data, recommender[s], data.rows(s)) for s in ("val", "test")}
+    if crossfit:  # out-of-fold scores on the train split, each from the fit that did not see its fold
+        quality["train"] = {}
+        for job in crossfit:
+            quality["train"].update(predicted_quality(data, fits.result(job.run)[1]["test"], np.flatnonzero(job.split_of == "test")))
+    pixel_head, pixel_error, pixel_quality = run_pixel(data, pixel, seed, chosen, quality) if pixel.enabled else (None, None, {})
+
     base = baseline_scores(data)
     thresholds = base.pop("_atc_thresholds")
     test_rows = data.rows("test")
     oa_test = data.oa[test_rows].double().numpy()
     test_scores = {**{k: v["test"] for k, v in base.items()}, **{k: v["preds"]["test"] for k, v in runs.items() if k != "rs_sqa"}}
+    if pixel_error is not None:  # a score of its own: the OA each test row's error map predicts
+        test_scores[ERROR_MAP] = np.array([
+            pixel_quality[(img, data.methods.index(m))] for img, m in zip(data.image_idx[test_rows].tolist(), data.method_of[test_rows], strict=True)
+        ])  # fmt: skip
     table: dict[str, Any] = {k: _headline(test_scores[k], oa_test) if k in test_scores else None for k in BASELINE_KEYS}
     test = evaluate(data, preds)
     images_test = data.image_idx[test_rows].numpy()
@@ -307,6 +326,8 @@ def _evaluate_runs(
     rec = recommendation(data, preds)
     rec_baselines = {n: recommendation(data, base[n]) for n in LABEL_FREE if n in base}
     rec_baselines.update({n: recommendation(data, runs[n]["preds"]) for n in runs if n != "rs_sqa"})
+    if ERROR_MAP in test_scores:
+        rec_baselines[ERROR_MAP] = recommendation(data, {"test": test_scores[ERROR_MAP]})
     headroom = recommendation_headroom(data, {k: v["preds"] for k, v in runs.items()})
 
     figures = out / "figures"
@@ -319,15 +340,6 @@ def _evaluate_runs(
     plot_embedding(sem["embed"].numpy(), per_image_oa / counts, figures / "clip_embedding.png", groups=_image_sources(data))
     plot_comparison(table, test, figures / "comparison.png")
 
-    # the error map serves the method the scorer recommends: the ranking head, else the agreement model's, else RS-SQA's
-    recommender = next(runs[k]["preds"] for k in RECOMMENDERS if k in runs)
-    chosen = recommended_methods(data, recommender["test"])
-    quality = {s: predicted_quality(data, recommender[s], data.rows(s)) for s in ("val", "test")}
-    if crossfit:  # out-of-fold scores on the train split, each from the fit that did not see its fold
-        quality["train"] = {}
-        for job in crossfit:
-            quality["train"].update(predicted_quality(data, fits.result(job.run)[1]["test"], np.flatnonzero(job.split_of == "test")))
-    pixel_head, pixel_error = run_pixel(data, pixel, seed, chosen, quality) if pixel.enabled else (None, None)
     scorer_dir = export_scorer(
         main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task,
         pixel=pixel_head,
@@ -342,9 +354,9 @@ def _evaluate_runs(
         "test_per_source": test["per_source"],
         "test_per_method": test["per_method"],
         "baselines": table,
-        "recommend": {k: rec[k] for k in (*recommend.KEYS, "top1_within", "gap_closed", "n_images", "best_fixed_method")},
+        "recommend": {k: rec[k] for k in (*recommend.KEYS, "top1_within", "gap_closed", "vs_best_fixed", "n_images", "best_fixed_method")},
         "recommend_baselines": {
-            k: {m: v[m] for m in ("top1", "top1_within", "regret", "chosen_oa", "gap_closed")} for k, v in rec_baselines.items()
+            k: {m: v[m] for m in ("top1", "top1_within", "regret", "chosen_oa", "gap_closed", "vs_best_fixed")} for k, v in rec_baselines.items()
         },
         "recommend_headroom": headroom,
         "pixel_error": pixel_error,
@@ -367,9 +379,12 @@ def _evaluate_runs(
     if AGREEMENT_MODEL in runs:
         summary["vs_with_agreement"] = versus(runs[AGREEMENT_MODEL]["preds"]["test"], AGREEMENT_MODEL)
         summary["agreement_hparams"] = {**(agreement_overrides or {}), "agreement": True}
+    if ERROR_MAP in test_scores:
+        summary["vs_error_map"] = versus(test_scores[ERROR_MAP], ERROR_MAP)
     if RANKING_MODEL in runs:
         summary["ranking_hparams"] = {**(agreement_overrides or {}), **ranking_overrides, "agreement": True}
-    atomic_write_json(out / "predictions.json", _predictions(data, runs, base))
+    extra = {ERROR_MAP: {"test": test_scores[ERROR_MAP]}} if ERROR_MAP in test_scores else {}
+    atomic_write_json(out / "predictions.json", _predictions(data, runs, {**base, **extra}))
     return summary
 
 
