@@ -210,7 +210,11 @@ def test_stage_writes_the_whole_comparison(run_root):
     # cross-validation over the split groups (here each image is its own group): every non-seg image tested once
     cv = s["group_folds"]
     assert cv["k"] == 3 and cv["pooled"]["n_images"] == 2 * 12 and sum(f["n_images"] for f in cv["folds"]) == 2 * 12
-    assert set(cv["pooled"]["vs_consensus"]) == {"rs_sqa", "with_agreement", "with_agreement_ranking"}
+    # the error map's OA out of fold too: a pixel head trained per fold, compared like the models
+    assert set(cv["pooled"]["vs_consensus"]) == {"rs_sqa", "with_agreement", "with_agreement_ranking", "error_map"}
+    assert cv["pooled"]["models"][-1] == "error_map" and all("error_map" in f["scores"] for f in cv["folds"])
+    v = cv["pooled"]["recommend"]["error_map"]["vs_best_fixed"]
+    assert v["diff"] == pytest.approx(cv["pooled"]["recommend"]["error_map"]["chosen_oa"] - cv["pooled"]["recommend"]["error_map"]["best_fixed_oa"])
     assert cv["pooled"]["recommender"] == "with_agreement_ranking"
     assert (out / "checkpoints" / "fold2_with_agreement_ranking" / "best.ckpt").is_file()
     rec = s["recommend_baselines"]["with_agreement"]

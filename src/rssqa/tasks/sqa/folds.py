@@ -120,6 +120,8 @@ def cross_validate_groups(
     recommender: str,
     seed: int = 0,
     n_boot: int = 1000,
+    extra: Callable[[int, SQADataModule], Mapping[str, np.ndarray]] | None = None,
+    extra_names: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Out-of-fold figures of ``models`` and the label-free scores, per fold and pooled.
 
@@ -134,18 +136,22 @@ def cross_validate_groups(
         recommender: the model whose first-ranked method is the recommendation (``pooled.recommend``).
         seed: seeds the bootstraps.
         n_boot: bootstrap draws.
+        extra: ``(fold, data)`` -> more learned scores on that fold's test rows (``data`` has the fold's
+            split), named ``extra_names``: e.g. the error map of a pixel head trained for the fold.
+        extra_names: the names ``extra`` returns; they are compared like ``models``.
 
     Returns:
         ``{"k", "folds": [{groups, n_images, best_fixed_method, best_fixed_oa, oracle_oa, scores: {name: {srcc,
         regret, chosen_oa}}}],
         "pooled": {n_images, n_rows, srcc: {name: value}, mean_fold_srcc: {name: value}, best_label_free, models,
         vs_consensus: {model: paired bootstrap}, vs_best_label_free: {model: ...}, recommend: {name:
-        {chosen_oa, best_fixed_oa, oracle_oa, regret, gap_closed}}, recommended_minus_best_fixed: {...}}}``.
+        {chosen_oa, best_fixed_oa, oracle_oa, regret, gap_closed, vs_best_fixed}}, recommended_minus_best_fixed: {...}}}``.
     """
     original = data.split_of.copy()
     fold_of = fold_of_groups(data, k)
     n = len(data.split_of)
-    pooled = {name: np.full(n, np.nan) for name in (*models, *label_free)}
+    learned = (*models, *extra_names)
+    pooled = {name: np.full(n, np.nan) for name in (*learned, *label_free)}
     tested = np.zeros(n, bool)
     per_image: dict[str, list[np.ndarray]] = {}  # per score: images x (chosen, best fixed, best) OA, fold by fold
     folds = []
@@ -155,6 +161,8 @@ def cross_validate_groups(
             rows = data.rows("test")
             oa = data.oa[rows].double().numpy()
             scores = {name: np.asarray(test_predictions(run_name(f, name)), np.float64) for name in models}
+            if extra is not None:
+                scores.update({name: np.asarray(v, np.float64) for name, v in extra(f, data).items() if name in extra_names})
             base = baselines(data)
             base.pop("_atc_thresholds", None)
             scores.update({name: np.asarray(v["test"], np.float64) for name, v in base.items() if name in label_free})
@@ -184,14 +192,18 @@ def cross_validate_groups(
     def versus(against: str | None) -> dict[str, Any]:
         if against not in srcc:
             return {}
-        return {m: metrics.paired_bootstrap(pooled[m][rows], pooled[against][rows], oa, images, n_boot, seed)["srcc"] for m in models}
+        return {
+            m: metrics.paired_bootstrap(pooled[m][rows], pooled[against][rows], oa, images, n_boot, seed)["srcc"] for m in learned if m in srcc
+        }  # fmt: skip
 
     choice = {}
     for m in names:
-        chosen, fixed_oa, oracle = np.concatenate(per_image[m]).mean(0)
+        every = np.concatenate(per_image[m])
+        chosen, fixed_oa, oracle = every.mean(0)
         gap = oracle - fixed_oa
         choice[m] = {"chosen_oa": float(chosen), "best_fixed_oa": float(fixed_oa), "oracle_oa": float(oracle),
-                     "regret": float(oracle - chosen), "gap_closed": float((chosen - fixed_oa) / gap) if gap > 0 else None}  # fmt: skip
+                     "regret": float(oracle - chosen), "gap_closed": float((chosen - fixed_oa) / gap) if gap > 0 else None,
+                     "vs_best_fixed": metrics.mean_bootstrap(every[:, 0] - every[:, 1], n_boot, seed)}  # fmt: skip
     picks = np.concatenate(per_image[recommender]) if recommender in per_image else np.zeros((0, 3))
     gain = picks[:, 0] - picks[:, 1]
     return {
@@ -201,7 +213,7 @@ def cross_validate_groups(
             "n_images": len(np.unique(images)), "n_rows": len(rows), "srcc": srcc,
             "mean_fold_srcc": {m: float(np.mean([f["scores"][m]["srcc"] for f in folds])) for m in names},
             "best_label_free": best_lf, "vs_consensus": versus("consensus"), "vs_best_label_free": versus(best_lf),
-            "models": list(models), "recommend": choice, "recommender": recommender,
+            "models": [*models, *(m for m in extra_names if m in srcc)], "recommend": choice, "recommender": recommender,
             "recommended_minus_best_fixed": metrics.mean_bootstrap(gain, n_boot, seed) if len(gain) else None,
         },  # fmt: skip
     }

@@ -92,6 +92,9 @@ class PixelConfig:
             Measured on the demo (3 folds, 32 train-split images per source besides the 32 val ones;
             the same images to choose the epoch): val AUROC 0.8779 against 0.8764 with the val images
             alone, 0.8792 with 64 train-split images (pixel stage 95 s, 65 s, 121 s). 0: off.
+        group_folds: with the stage's ``group_folds``, also train a head per fold (on that fold's val
+            images, weighted by that fold's recommender) so that the error map's OA (``error_map``) is
+            scored out of fold beside the other scores.
     """
 
     enabled: bool = True
@@ -110,6 +113,7 @@ class PixelConfig:
     n_boot: int = 1000
     quality_power: float = 8.0
     quality_folds: int = 0
+    group_folds: bool = True
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch", "hidden", "block", "n_boot"):

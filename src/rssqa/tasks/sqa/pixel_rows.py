@@ -69,9 +69,12 @@ class Rows:
 
 
 def choose_images(data: SQADataModule, source: str, split: str, n: int, seed: int) -> list[tuple[int, int]]:
-    """``(pool image_row, data image index)`` of ``n`` seeded images of ``split`` in ``source`` (0: all)."""
+    """``(pool image_row, data image index)`` of ``n`` seeded images of ``split`` in ``source`` (0: all); the
+    split is the data module's (``data.split_of``, RS-SQED's own unless a fold or a held-out source set it)."""
     key_index = {k: i for i, k in enumerate(data.image_keys)}
-    rows = {r["key"]: r["image_row"] for r in data.sqed.rows if r["source"] == source and r["split"] == split}
+    rows = {
+        r["key"]: r["image_row"] for r, sp in zip(data.sqed.rows, data.split_of, strict=True) if r["source"] == source and sp == split
+    }  # fmt: skip
     keys = sorted(rows, key=lambda k: rows[k])
     if n and n < len(keys):
         pick = np.random.default_rng([seed, zlib.crc32(f"{source}/{split}".encode())]).permutation(len(keys))[:n]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from rssqa.tasks.sqa.export import export_scorer
 from rssqa.tasks.sqa.figures import plot_comparison, plot_embedding, plot_scatter
 from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe
 from rssqa.tasks.sqa.folds import cross_validate_groups, crossfit_splits, fold_jobs
+from rssqa.tasks.sqa.folds import run_name as fold_run_name
 from rssqa.tasks.sqa.loso import leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig, run_pixel
 from rssqa.tasks.sqa.pixel_rows import LABEL as PIXEL_LABEL
@@ -149,6 +150,14 @@ def predicted_quality(data: SQADataModule, score: np.ndarray, rows: Sequence[int
     return dict(zip(zip(data.image_idx[rows].tolist(), data.method_of[rows].tolist(), strict=True), np.asarray(score).tolist(), strict=True))
 
 
+def error_map_scores(data: SQADataModule, by_row: Mapping[tuple[int, int], float], split: str = "test") -> np.ndarray:
+    """The error map's OA (:func:`~rssqa.tasks.sqa.pixel.run_pixel`'s third result, by (image index, method
+    index)) in the order of ``data.rows(split)``."""
+    rows = data.rows(split)
+    pairs = zip(data.image_idx[rows].tolist(), data.method_of[rows], strict=True)
+    return np.array([by_row[(img, data.methods.index(m))] for img, m in pairs])
+
+
 def recommendation_headroom(data: SQADataModule, preds: dict[str, dict[str, np.ndarray]], split: str = "test") -> dict[str, Any]:
     """How exact a score must be for top1 to reach 0.73 on ``split``, beside each learned model's
     within-image error (:func:`rssqa.recommend.headroom`, :func:`rssqa.recommend.within_image_error`)."""
@@ -261,9 +270,18 @@ def run_sqa(
                 }
         if group_folds:
             recommender = next(k for k in RECOMMENDERS if k in fold_models)
+
+            def fold_error_map(f: int, fold_data: SQADataModule) -> dict[str, np.ndarray]:
+                """A pixel head trained for fold ``f`` (weighted by that fold's recommender), its error map's OA."""
+                scores = fits.result(fold_run_name(f, recommender))[1]
+                quality = {s: predicted_quality(fold_data, scores[s], fold_data.rows(s)) for s in ("val", "test")}
+                _, _, by_row = run_pixel(fold_data, pixel, seed, None, quality)
+                return {ERROR_MAP: error_map_scores(fold_data, by_row)}
+
+            with_map = pixel.enabled and pixel.group_folds and recommender != "rs_sqa"
             summary["group_folds"] = cross_validate_groups(
                 fold_models, data, group_folds, lambda run: fits.result(run)[1]["test"], baseline_scores, best_fixed,
-                LABEL_FREE, recommender, seed,
+                LABEL_FREE, recommender, seed, extra=fold_error_map if with_map else None, extra_names=(ERROR_MAP,) if with_map else (),
             )  # fmt: skip
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary = _clean(summary)
@@ -310,9 +328,7 @@ def _evaluate_runs(
     oa_test = data.oa[test_rows].double().numpy()
     test_scores = {**{k: v["test"] for k, v in base.items()}, **{k: v["preds"]["test"] for k, v in runs.items() if k != "rs_sqa"}}
     if pixel_error is not None:  # a score of its own: the OA each test row's error map predicts
-        test_scores[ERROR_MAP] = np.array([
-            pixel_quality[(img, data.methods.index(m))] for img, m in zip(data.image_idx[test_rows].tolist(), data.method_of[test_rows], strict=True)
-        ])  # fmt: skip
+        test_scores[ERROR_MAP] = error_map_scores(data, pixel_quality)
     table: dict[str, Any] = {k: _headline(test_scores[k], oa_test) if k in test_scores else None for k in BASELINE_KEYS}
     test = evaluate(data, preds)
     images_test = data.image_idx[test_rows].numpy()
