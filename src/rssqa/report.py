@@ -351,11 +351,11 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
         srcc = {r[0]: float(r[1]) for r in rows if r[1] is not None}
         md.append(img(_bar(plots / "sqa_srcc.png", "SRCC with true OA (test)", {"SRCC": srcc}, "SRCC"), "srcc"))
         for key, who in (("vs_rs_sqa", "RS-SQA"), ("vs_with_agreement", "RS-SQA with agreement"),
-                         ("vs_error_map", "the OA of the pixel error map")):
+                         ("vs_error_map", "the error map's OA")):
             vs = a.get(key)
             if not vs:
                 continue
-            md.append(f"{who} minus each other score on the same test images, with the 95% interval of a paired "
+            md.append(f"{who[0].upper()}{who[1:]} minus each other score on the same test images, with the 95% interval of a paired "
                       f"bootstrap over images, the share of draws in which {who} is ahead, and the verdict: "
                       "ahead or behind only where the interval excludes zero, tie otherwise:\n\n")  # fmt: skip
             md.append(table(f"sqa_{key}", ["against", "SRCC diff", "95% interval", "verdict", "share ahead",
