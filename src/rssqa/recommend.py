@@ -111,7 +111,12 @@ def recommend_metrics(
     Returns:
         ``{top1, regret, chosen_oa, best_fixed_oa, oracle_oa, top1_within}`` as floats, plus ``n_images``.
     """
-    chosen, fixed, best = per_image_choices(image_ids, methods, oa, scores, best_fixed)
+    return choice_metrics(*per_image_choices(image_ids, methods, oa, scores, best_fixed), tolerance)
+
+
+def choice_metrics(chosen: np.ndarray, fixed: np.ndarray, best: np.ndarray, tolerance: float = 0.01) -> dict[str, float]:
+    """:func:`recommend_metrics` from :func:`per_image_choices`' three per-image OA arrays (for a caller
+    that also needs the per-image figures)."""
     out = {
         "top1": float(np.mean(chosen >= best - _TIE)),
         "top1_within": float(np.mean(chosen >= best - tolerance - _TIE)),

@@ -122,16 +122,14 @@ def recommendation(data: SQADataModule, preds: dict[str, np.ndarray], split: str
     """Per-image method recommendation on ``split`` from ``preds[split]`` (fixed method from train)."""
     rows = data.rows(split)
     fixed = best_fixed(data)
-    out = recommend.recommend_metrics(
+    chosen, fixed_oa, best = recommend.per_image_choices(
         data.image_idx[rows].tolist(), data.method_of[rows], data.oa[rows].double().tolist(), preds[split].tolist(), fixed
-    )
+    )  # fmt: skip
+    out = recommend.choice_metrics(chosen, fixed_oa, best)
     gap = out["oracle_oa"] - out["best_fixed_oa"]
     # share of the best-fixed-method-to-oracle gap that the score's choices close (1: the oracle)
     closed = (out["chosen_oa"] - out["best_fixed_oa"]) / gap if gap > 0 else float("nan")
     # how sure: the chosen method's OA minus the best fixed method's, per image, bootstrapped over images
-    chosen, fixed_oa, _ = recommend.per_image_choices(
-        data.image_idx[rows].tolist(), data.method_of[rows], data.oa[rows].double().tolist(), preds[split].tolist(), fixed
-    )  # fmt: skip
     return {**out, "best_fixed_method": fixed, "gap_closed": closed, "vs_best_fixed": metrics.mean_bootstrap(chosen - fixed_oa)}
 
 
