@@ -28,10 +28,10 @@ from rssqa.errors import RSSQAError
 NAMES = ("msp", "entropy", "margin", "atc")
 
 
-def _check(probs: torch.Tensor) -> torch.Tensor:
+def _check(probs: torch.Tensor, keep_dtype: bool = False) -> torch.Tensor:
     if probs.ndim != 4 or probs.shape[1] < 2:
         raise RSSQAError(f"baselines: expected probabilities B x C x H x W with C >= 2, got {tuple(probs.shape)}")
-    return probs.double()
+    return probs if keep_dtype and probs.is_floating_point() else probs.double()
 
 
 def max_prob(probs: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ def top2(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     Returns:
         ``(top1 B×H×W, top2 B×H×W, argmax B×H×W int64)``.
     """
-    p = _check(probs)
+    p = _check(probs, keep_dtype=True)  # exact in any floating dtype: no copy to float64
     v1, i1 = p.max(dim=1, keepdim=True)
     v2 = p.scatter(1, i1, float("-inf")).amax(dim=1)
     return v1.squeeze(1), v2, i1.squeeze(1)
@@ -68,7 +68,7 @@ def top2(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def margin(probs: torch.Tensor) -> torch.Tensor:
     """Mean top-1 minus top-2 probability per image, ``B×C×H×W`` -> ``B``, in [0, 1]."""
-    v1, v2, _ = top2(probs)
+    v1, v2, _ = top2(_check(probs))
     return (v1 - v2).mean(dim=(1, 2))
 
 

@@ -95,6 +95,18 @@ def test_statistics_agree_with_the_baselines():
     torch.testing.assert_close(s["maps"][:, 1].mean((1, 2)), s["entropy"])
 
 
+def test_statistics_of_float32_maps_match_float64():
+    # a softmax gives float32: the per-pixel work stays in float32, every output is float64 and equal
+    # to the float64 computation (histograms to one pixel of the 4096 here, the rest to 1e-6)
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(4, 6, 64, 64, generator=g) * 3, dim=1)
+    s32, s64 = probability_statistics(probs, grid=4, bins=20), probability_statistics(probs.double(), grid=4, bins=20)
+    for k, v in s64.items():
+        assert s32[k].dtype == torch.float64, k
+        tol = 1.0 / (64 * 64) if k.startswith("hist_") else 1e-6
+        torch.testing.assert_close(s32[k], v, atol=tol, rtol=0, msg=k)
+
+
 def test_statistics_hand_computed():
     # one image, two pixels: (0.7, 0.25, 0.05) and (0.1, 0.1, 0.8)
     p = torch.tensor([[0.7, 0.1], [0.25, 0.1], [0.05, 0.8]], dtype=torch.float64).reshape(1, 3, 1, 2)
