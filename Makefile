@@ -64,7 +64,7 @@ CLIP_OUT := $(RUNS)/$(CLIP_PROFILE)
 GPUS ?= 8
 LAUNCHER ?= slurm
 
-.PHONY: $(STAGES) report scenes
+.PHONY: $(STAGES) report scenes seeds
 ifdef NODES
 $(STAGES): | $(STAMP)
 	$(PY) -m rssqa.launch $(subst -,_,$@) --profile $(PROFILE) --nodes $(NODES) --gpus $(GPUS) --launcher $(LAUNCHER) \
@@ -104,6 +104,10 @@ SCENES_FROM = $(if $(WORLD),--index $(OUT)/world/scenes/scenes.json,--sqed $(OUT
 scenes: $(OUT)/scenes/summary.json ## rssqa scene on the world's scenes (or the test area's whole images): the four maps
 $(OUT)/scenes/summary.json: $(OUT)/sqa/summary.json $(WORLD) | $(STAMP)
 	$(PY) stages/scenes.py --scorer $(OUT)/sqa/scorer $(SCENES_FROM) --out $(OUT)/scenes --workers 2
+
+SEEDS ?= 0 1 2 3 4
+seeds: $(OUT)/sqa/summary.json | $(STAMP) ## the sqa run's heads trained again under SEEDS= (default 0 1 2 3 4; SEED_MODELS=): the spread, in the report
+	$(PY) -m rssqa.tasks.sqa.seeds --run $(OUT)/sqa --seeds $(SEEDS) --workers $(JOBS) $(if $(SEED_MODELS),--models $(SEED_MODELS))
 
 report: | $(STAMP) ## runs/<profile>/report.md from whatever stages have finished
 	$(PY) -m rssqa.report --runs $(RUNS) --profile $(PROFILE) $(if $(PIPELINE_SECONDS),--pipeline-seconds $(PIPELINE_SECONDS))

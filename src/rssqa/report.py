@@ -207,6 +207,32 @@ def _folds_section(cv: dict[str, Any], table: Any) -> str:
     return "".join(out)
 
 
+_SEED_ORDER = ("rs_sqa", "with_agreement", "with_agreement_ranking", "error_map")  # the summary's keys are sorted
+
+
+def _seeds_section(sd: dict[str, Any], table: Any) -> str:
+    """The quality heads trained again under other seeds: each headline figure's median [min, max]."""
+
+    def span(v: dict[str, Any], key: str, digits: int = 3, sign: str = "") -> str:
+        r = v["spread"].get(key)
+        return "" if r is None else f"{r['median']:{sign}.{digits}f} [{r['min']:{sign}.{digits}f}, {r['max']:{sign}.{digits}f}]"
+
+    def ahead(v: dict[str, Any], key: str) -> str:
+        r = v["spread"].get(key)
+        return "" if r is None else f"{r['ahead']} of {r['of']}"
+
+    rows = [[m, span(v, "srcc"), span(v, "srcc_minus_consensus", sign="+"), ahead(v, "vs_consensus"),
+             span(v, "regret", 4), span(v, "gap_closed"), span(v, "top1"), ahead(v, "vs_best_fixed"),
+             {True: "yes", False: "no", None: ""}[v.get("reproduced")]]
+            for m, v in sorted(sd["models"].items(), key=lambda kv: _SEED_ORDER.index(kv[0]) if kv[0] in _SEED_ORDER else 9)]  # fmt: skip
+    return ("How much is the seed? The heads trained again on the same RS-SQED and splits, once per seed "
+            f"({', '.join(map(str, sd['seeds']))}: initial weights, dropout, batch order); median [min, max] over the seeds, "
+            "and on how many seeds the paired bootstrap says ahead (`python -m rssqa.tasks.sqa.seeds`; the last column: "
+            f"the run's own seed {sd['run_seed']} gives the run's figures):\n\n"
+            + table("sqa_seeds", ["head", "test SRCC", "minus consensus", "ahead of consensus", "regret", "gap closed",
+                                  "top1", "ahead of best fixed", "reproduces the run"], rows))  # fmt: skip
+
+
 def _interval(d: dict[str, Any] | None) -> str:
     if not d:
         return ""
@@ -425,6 +451,10 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
             )
             md.append(table("sqa_recommend_headroom", ["noise sigma (OA)", "top1"], [[k, v] for k, v in head["top1_at_sigma"].items()]))
             data["sqa_recommend_headroom"] = head
+        if is_done(root / "sqa" / "seeds"):  # the heads trained again under other seeds (rssqa.tasks.sqa.seeds)
+            seeds = read_summary(root / "sqa" / "seeds")
+            md.append(_seeds_section(seeds, table))
+            data["sqa_seeds"] = {m: v["spread"] for m, v in seeds["models"].items()}
         for pth in _copy_plots(root / "sqa", plots, "sqa"):
             md.append(img(pth, pth.stem))
         data["sqa"] = {"test": a["test"], "baselines": a.get("baselines", {}), "recommend": a.get("recommend", {})}

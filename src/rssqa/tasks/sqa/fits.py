@@ -83,6 +83,8 @@ class FitJob:
         semantic: which CLIP's features the head reads (``clip_rs`` or ``generic_clip``).
         split_of: a split per table row other than RS-SQED's own (leave one source out), or ``None``.
         seed: seeded right before the fit.
+        data_seed: the training batches' shuffling seed, when not the data module's own (a rerun
+            under another seed, :mod:`rssqa.tasks.sqa.seeds`).
     """
 
     run: str
@@ -90,6 +92,7 @@ class FitJob:
     semantic: str = "clip_rs"
     split_of: np.ndarray | None = None
     seed: int = 0
+    data_seed: int | None = None
 
 
 def fit_one(
@@ -122,19 +125,21 @@ def fit_one(
 
 
 def run_job(job: FitJob, data: SQADataModule, recipe: TrainerRecipe) -> tuple[SQATask, dict[str, np.ndarray], float]:
-    """Train ``job`` on ``data`` (its split restored afterwards) with a Trainer from ``recipe``."""
+    """Train ``job`` on ``data`` (its split and shuffling seed restored afterwards) with a Trainer from ``recipe``."""
     from rssqa.tracking import finish_runs
 
-    original = data.split_of
+    original, shuffle = data.split_of, data.hparams.seed
     if job.split_of is not None:
         data.split_of = job.split_of
+    if job.data_seed is not None:
+        data.hparams.seed = job.data_seed
     trainer = None
     try:
         L.seed_everything(job.seed, workers=True, verbose=False)
         trainer = recipe(job.run)
         return fit_one(SQATask(**job.hparams), data, trainer, job.semantic)
     finally:
-        data.split_of = original
+        data.split_of, data.hparams.seed = original, shuffle
         if trainer is not None:
             finish_runs(trainer.loggers)  # one W&B run at a time per process
 

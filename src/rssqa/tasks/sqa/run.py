@@ -239,7 +239,7 @@ def run_sqa(
     for name in ablations:
         variant, semantic = ABLATIONS[name]
         jobs.append(FitJob(name, {**hparams, "variant": variant or hparams["variant"]}, semantic, seed=seed))
-    crossfit = _crossfit_jobs(data, pixel, fold_models, seed)
+    crossfit = crossfit_jobs(data, pixel, fold_models, seed)
     jobs += crossfit
     if loso:
         jobs += loso_jobs(loso_models, data, seed)
@@ -312,13 +312,8 @@ def _evaluate_runs(
 
     # the error map serves the method the scorer recommends: the ranking head, else the agreement model's, else RS-SQA's
     recommender = next(runs[k]["preds"] for k in RECOMMENDERS if k in runs)
-    chosen = recommended_methods(data, recommender["test"])
-    quality = {s: predicted_quality(data, recommender[s], data.rows(s)) for s in ("val", "test")}
-    if crossfit:  # out-of-fold scores on the train split, each from the fit that did not see its fold
-        quality["train"] = {}
-        for job in crossfit:
-            quality["train"].update(predicted_quality(data, fits.result(job.run)[1]["test"], np.flatnonzero(job.split_of == "test")))
-    pixel_head, pixel_error, pixel_quality = run_pixel(data, pixel, seed, chosen, quality) if pixel.enabled else (None, None, {})
+    folds = [(job, fits.result(job.run)[1]["test"]) for job in crossfit]
+    pixel_head, pixel_error, pixel_quality = pixel_head_for(data, pixel, seed, recommender, folds) if pixel.enabled else (None, None, {})
 
     base = baseline_scores(data)
     thresholds = base.pop("_atc_thresholds")
@@ -402,7 +397,27 @@ def _evaluate_runs(
     return summary
 
 
-def _crossfit_jobs(data: SQADataModule, pixel: PixelConfig, models: dict[str, dict[str, Any]], seed: int) -> list[FitJob]:
+def pixel_head_for(
+    data: SQADataModule, pixel: PixelConfig, seed: int, recommender: Mapping[str, np.ndarray],
+    crossfit: Sequence[tuple[FitJob, np.ndarray]] = (),
+) -> tuple[Any, dict[str, Any], dict[tuple[int, int], float]]:
+    """The pixel error head weighted by a recommending model (:func:`~rssqa.tasks.sqa.pixel.run_pixel`).
+
+    Args:
+        recommender: the recommending model's predictions per split (``val``, ``test``).
+        crossfit: each fold's fit of it on the train split (:func:`crossfit_jobs`) with its predictions
+            on the fold's ``test`` rows: out-of-fold weights for the head's train-split rows.
+    """
+    chosen = recommended_methods(data, recommender["test"])
+    quality = {s: predicted_quality(data, recommender[s], data.rows(s)) for s in ("val", "test")}
+    if crossfit:  # out-of-fold scores on the train split, each from the fit that did not see its fold
+        quality["train"] = {}
+        for job, preds in crossfit:
+            quality["train"].update(predicted_quality(data, preds, np.flatnonzero(job.split_of == "test")))
+    return run_pixel(data, pixel, seed, chosen, quality)
+
+
+def crossfit_jobs(data: SQADataModule, pixel: PixelConfig, models: dict[str, dict[str, Any]], seed: int) -> list[FitJob]:
     """The recommending model of ``models`` (run name -> hyper-parameters; the first of
     :data:`RECOMMENDERS`) once per fold of the train split (``pixel.quality_folds``): out-of-fold quality
     weights for the pixel head's train-split rows; none when the head reads no weights (they need agreement)."""
