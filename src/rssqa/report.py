@@ -230,7 +230,12 @@ def _seeds_section(sd: dict[str, Any], table: Any) -> str:
             "and on how many seeds the paired bootstrap says ahead (`python -m rssqa.tasks.sqa.seeds`; the last column: "
             f"the run's own seed {sd['run_seed']} gives the run's figures):\n\n"
             + table("sqa_seeds", ["head", "test SRCC", "minus consensus", "ahead of consensus", "regret", "gap closed",
-                                  "top1", "ahead of best fixed", "reproduces the run"], rows))  # fmt: skip
+                                  "top1", "ahead of best fixed", "reproduces the run"], rows)
+            + "".join(f"\nEach source left out in turn, {m} above `consensus` in SRCC on {v['spread']['above']['median']:g} "
+                      f"[{v['spread']['above']['min']}, {v['spread']['above']['max']}] of "
+                      f"{next(iter(v['per_seed'].values()))['of']} held-out sources, ahead (interval above zero) on "
+                      f"{v['spread']['ahead']['median']:g} [{v['spread']['ahead']['min']}, {v['spread']['ahead']['max']}].\n"
+                      for m, v in (sd.get("loso") or {}).items()))  # fmt: skip
 
 
 def _interval(d: dict[str, Any] | None) -> str:

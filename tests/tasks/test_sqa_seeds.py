@@ -33,10 +33,18 @@ def test_seeds_reproduce_the_run_and_move_with_the_seed(run_root):
     run = run_root / "sqa"
     models = ["rs_sqa", "with_agreement_ranking", "error_map"]
     alone = seed_spread(run, [0, 1], models=models[:1], workers=1, threads=1)
-    out = seed_spread(run, [0, 1], models=models, workers=1, threads=1)  # rs_sqa kept, the others trained
+    out = seed_spread(run, [0, 1], models=[*models, "loso"], workers=1, threads=1)  # rs_sqa kept, the others trained
     assert out["models"]["rs_sqa"] == alone["models"]["rs_sqa"]
     assert out["run_seed"] == read_summary(run)["seed"] == 0
     assert list(out["models"]) == models
+    # each source left out, per seed: the run's own seed gives the run's leave_one_source_out
+    run_loso = read_summary(run)["leave_one_source_out"]
+    for name in ("rs_sqa", "with_agreement"):
+        lo = out["loso"][name]
+        assert lo["reproduced"] is True, name
+        assert {v["of"] for v in lo["per_seed"].values()} == {len(run_loso)}
+        assert lo["per_seed"]["0"]["above"] == read_summary(run)["loso_above_consensus"][name]
+        assert lo["spread"]["above"]["min"] <= lo["spread"]["above"]["max"] <= len(run_loso)
     for name in models:
         m = out["models"][name]
         assert m["reproduced"] is True, name
@@ -49,9 +57,9 @@ def test_seeds_reproduce_the_run_and_move_with_the_seed(run_root):
         assert m["spread"]["vs_consensus"]["of"] == 2
     assert read_summary(run / "seeds") == out
     # the same seeds again: nothing trained, the same summary
-    assert seed_spread(run, [0, 1], models=models) == out == seed_spread(run, [0, 1], models=models[1:])
+    assert seed_spread(run, [0, 1], models=models) == out == seed_spread(run, [0, 1], models=["loso"])
     md = build_report(run_root.parent, run_root.name, wandb=False).read_text()
-    assert "How much is the seed?" in md and "with_agreement_ranking" in md
+    assert "How much is the seed?" in md and "with_agreement_ranking" in md and "Each source left out in turn" in md
 
 
 def test_seeds_errors(run_root, tmp_path, capsys):
@@ -64,9 +72,11 @@ def test_seeds_errors(run_root, tmp_path, capsys):
     no_pixel = tmp_path / "no_pixel"
     shutil.copytree(run_root / "sqa", no_pixel, ignore=shutil.ignore_patterns("checkpoints", "seeds", "wandb"))
     summary = read_summary(no_pixel)
-    write_summary(no_pixel, {**summary, "pixel_error": None})
+    write_summary(no_pixel, {**summary, "pixel_error": None, "leave_one_source_out": None})
     with pytest.raises(RSSQAError, match="error_map needs a run with the pixel error head"):
         seed_spread(no_pixel, [0], models=["error_map"])
+    with pytest.raises(RSSQAError, match="loso needs a run that left each source out"):
+        seed_spread(no_pixel, [0], models=["loso"])
     # on the command line: one line naming what was wrong, exit status 2
     with pytest.raises(SystemExit) as exit_:
         main(["--run", str(tmp_path / "nothing"), "--seeds", "0"])

@@ -8,7 +8,8 @@ same hyper-parameters and the same splits, once per seed (the seed of the initia
 and the order of the training batches: what ``seed_everything`` sets in a rerun), and reports every seed's headline figures
 beside their median and range (and, asked for, the pixel error head's map, ``error_map``: the head
 trained again per seed, weighted by that seed's recommending model and its fits per fold of the train
-split, as the stage trains it):
+split, as the stage trains it; and ``loso``: RS-SQA and the agreement head with each source left out in
+turn, on how many held-out sources each is above ``consensus``):
 
 - SRCC on the test split, and minus ``consensus`` with the paired bootstrap interval and its verdict;
 - recommendation by that head: top1, regret, the share of the best-fixed-to-oracle gap closed, and the
@@ -42,10 +43,12 @@ from rssqa.progress import line
 from rssqa.runs import is_done, read_summary, write_summary
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe
+from rssqa.tasks.sqa.loso import leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig
 from rssqa.tasks.sqa.run import (
     AGREEMENT_MODEL,
     ERROR_MAP,
+    LABEL_FREE,
     RANKING_MODEL,
     RECOMMENDERS,
     baseline_scores,
@@ -57,7 +60,8 @@ from rssqa.tasks.sqa.run import (
 
 LABEL = "sqa/seeds"
 FOLDER = "seeds"  # under the sqa run folder
-MODELS = ("rs_sqa", AGREEMENT_MODEL, RANKING_MODEL)  # the default; ERROR_MAP too when asked for
+MODELS = ("rs_sqa", AGREEMENT_MODEL, RANKING_MODEL)  # the default; ERROR_MAP and LOSO too when asked for
+LOSO = "loso"  # leave each source out in turn (rssqa.tasks.sqa.loso), per seed
 FIGURES = ("srcc", "srcc_minus_consensus", "top1", "regret", "gap_closed", "chosen_minus_best_fixed")
 
 
@@ -113,6 +117,35 @@ def reproduced(summary: dict[str, Any], name: str, figures: dict[str, Any], tol:
     return abs(srcc - figures["srcc"]) <= tol and abs(regret - figures["regret"]) <= tol
 
 
+def loso_counts(folds: dict[str, Any], model: str) -> dict[str, int]:
+    """On how many held-out sources ``model`` is above ``consensus`` in SRCC, and ahead of it (interval)."""
+    return {
+        "above": sum(f[model]["srcc"] > f["consensus"]["srcc"] for f in folds.values()),
+        "ahead": sum(f[model]["vs_consensus"]["verdict"] == "ahead" for f in folds.values()),
+        "of": len(folds),
+    }
+
+
+def loso_summary(by_source: dict[int, dict[str, Any]], models: Sequence[str], run: dict[str, Any], run_seed: int) -> dict[str, Any]:
+    """Per model: per seed the counts of :func:`loso_counts` and each held-out source's SRCC minus
+    consensus's; over the seeds the counts' median, min and max; ``reproduced`` (the run's seed gives
+    the run's ``leave_one_source_out``)."""
+    out: dict[str, Any] = {}
+    for m in models:
+        per = {
+            str(s): {**loso_counts(f, m), "minus_consensus": {src: f[src][m]["srcc"] - f[src]["consensus"]["srcc"] for src in f}}
+            for s, f in by_source.items()
+        }  # fmt: skip
+        spread_ = {k: {"median": statistics.median(v[k] for v in per.values()), "min": min(v[k] for v in per.values()),
+                       "max": max(v[k] for v in per.values())} for k in ("above", "ahead")}  # fmt: skip
+        same = None
+        if run_seed in by_source:
+            mine, theirs = by_source[run_seed], run["leave_one_source_out"]
+            same = all(abs(mine[src][m]["srcc"] - theirs[src][m]["srcc"]) <= 1e-6 for src in theirs)
+        out[m] = {"per_seed": per, "spread": spread_, "reproduced": same}
+    return out
+
+
 def _fingerprint(run: Path) -> str:
     return hashlib.sha256((run / "summary.json").read_bytes()).hexdigest()[:16]
 
@@ -143,26 +176,31 @@ def seed_spread(
         models = [m for m in MODELS if m in model_hparams(read_summary(run))]
     out = run / FOLDER
     kept: dict[str, Any] = {}  # models already done for these seeds: kept, not trained again
+    kept_loso = None
     if is_done(out) and not force:
         done = read_summary(out)
         if done.get("seeds") == [int(s) for s in seeds] and done.get("run_fingerprint") == _fingerprint(run):
-            if set(done.get("models", {})) >= set(models):
+            have = set(done.get("models", {})) | ({LOSO} if done.get("loso") else set())
+            if have >= set(models):
                 line(LABEL, f"{out}: these seeds are done already (force to train again)")
                 return done
-            kept = done["models"]
-            models = [m for m in models if m not in kept]
+            kept, kept_loso = done["models"], done.get("loso")
+            models = [m for m in models if m not in have]
     summary = read_summary(run)
     try:
         config = yaml.safe_load((run / "config.yaml").read_text())
     except (OSError, yaml.YAMLError) as e:
         raise RSSQAError(f"{run / 'config.yaml'}: cannot read the run's config ({e})") from None
     hp = model_hparams(summary)
-    unknown = [m for m in models if m not in hp and m != ERROR_MAP]
+    unknown = [m for m in models if m not in hp and m not in (ERROR_MAP, LOSO)]
     if unknown:
         raise RSSQAError(f"seeds: the run trained no {unknown[0]!r} (it has {sorted(hp)})")
     pixel = PixelConfig.of(config.get("pixel"))
     if ERROR_MAP in models and not (pixel.enabled and summary.get("pixel_error")):
         raise RSSQAError("seeds: error_map needs a run with the pixel error head (pixel.enabled)")
+    if LOSO in models and not summary.get("leave_one_source_out"):
+        raise RSSQAError("seeds: loso needs a run that left each source out (loso: true, two sources or more)")
+    loso_models = {k: hp[k] for k in ("rs_sqa", AGREEMENT_MODEL) if k in hp}  # as the stage leaves sources out
     recommender = next(k for k in RECOMMENDERS if k in hp)
     # the heads to train: those asked for, and the recommender that weighs the pixel head's inputs
     fitted = [m for m in hp if m in models or (ERROR_MAP in models and m == recommender)]
@@ -178,7 +216,12 @@ def seed_spread(
         for s in jobs:
             folds[s] = [dataclasses.replace(j, run=f"seed{s}_{j.run}", seed=s, data_seed=s)
                         for j in crossfit_jobs(data, pixel, {recommender: hp[recommender]}, s)]  # fmt: skip
-    results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in models}
+    held_out = {s: [] for s in jobs}
+    if LOSO in models:
+        held_out = {s: [dataclasses.replace(j, run=f"seed{s}_{j.run}", seed=s, data_seed=s) for j in loso_jobs(loso_models, data, s)]
+                    for s in jobs}  # fmt: skip
+    results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in models if m != LOSO}
+    by_source: dict[int, dict[str, Any]] = {}
 
     def record(name: str, seed: int, preds: dict[str, np.ndarray]) -> None:
         results[name][seed] = r = head_figures(data, preds, consensus, seed=run_seed)
@@ -186,7 +229,7 @@ def seed_spread(
 
     with Fits(data, recipe, workers, threads) as fits:
         for s in jobs:
-            for job in (*jobs[s], *folds[s]):
+            for job in (*jobs[s], *folds[s], *held_out[s]):
                 fits.submit(job)
         for s in jobs:
             for job in jobs[s]:
@@ -197,6 +240,13 @@ def seed_spread(
                 oof = [(j, fits.result(j.run)[1]["test"]) for j in folds[s]]
                 _, _, by_row = pixel_head_for(data, pixel, s, fits.result(f"seed{s}_{recommender}")[1], oof)
                 record(ERROR_MAP, s, {"test": error_map_scores(data, by_row)})
+            if LOSO in models:
+                by_source[s] = leave_one_source_out(
+                    loso_models, data, lambda run, s=s: fits.result(f"seed{s}_{run}")[1]["test"], baseline_scores,
+                    recommendation, LABEL_FREE,
+                )  # fmt: skip
+                line(LABEL, f"seed {s} leave one source out: above consensus on "
+                            + ", ".join(f"{m} {loso_counts(by_source[s], m)['above']}" for m in loso_models))  # fmt: skip
     report = {
         "run": str(run),
         "run_fingerprint": _fingerprint(run),  # the run these figures belong to (a rerun of it starts them again)
@@ -213,6 +263,7 @@ def seed_spread(
                 for m, per in results.items()
             },
         },
+        **({"loso": loso_summary(by_source, loso_models, summary, run_seed)} if by_source else {"loso": kept_loso} if kept_loso else {}),
         "n_test_images": len(set(data.image_idx[data.rows("test")].tolist())),
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -224,9 +275,9 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="Train an sqa run's quality heads again under other seeds; report the spread.")
     ap.add_argument("--run", required=True, help="a finished sqa run folder, e.g. runs/demo/sqa")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--models", nargs="+", default=None, choices=(*MODELS, ERROR_MAP),
+    ap.add_argument("--models", nargs="+", default=None, choices=(*MODELS, ERROR_MAP, LOSO),
                     help="the heads to train again (default: those of MODELS the run trained); error_map: the pixel "
-                    "error head's map (minutes per seed)")
+                    "error head's map (minutes per seed); loso: RS-SQA and the agreement head, each source left out")
     ap.add_argument("--workers", type=int, default=2, help="processes that train side by side")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--force", action="store_true", help="train again even when these seeds are done")
@@ -244,6 +295,10 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         s = v["spread"]
         print(f"{m}: SRCC {s['srcc']['median']:.3f} [{s['srcc']['min']:.3f}, {s['srcc']['max']:.3f}], "
               f"regret {s['regret']['median']:.4f} [{s['regret']['min']:.4f}, {s['regret']['max']:.4f}], "
+              f"reproduced {v['reproduced']}")  # fmt: skip
+    for m, v in report.get("loso", {}).items():
+        a = v["spread"]["above"]
+        print(f"{m}, each source left out: above consensus on {a['median']:g} [{a['min']}, {a['max']}] sources, "
               f"reproduced {v['reproduced']}")  # fmt: skip
     print(Path(report["run"]) / FOLDER / "summary.json")
     return report
