@@ -106,3 +106,13 @@ def leave_one_source_out(
     finally:
         data.split_of = original
     return out
+
+
+def above_consensus(folds: Mapping[str, Any], model: str) -> dict[str, int]:
+    """Of :func:`leave_one_source_out`'s held-out sources: on how many ``model`` ranks better than
+    ``consensus`` in SRCC (``above``), on how many the paired bootstrap says ahead (``ahead``), of ``of``."""
+    return {
+        "above": sum(f[model]["srcc"] > f["consensus"]["srcc"] for f in folds.values()),
+        "ahead": sum(f[model]["vs_consensus"]["verdict"] == "ahead" for f in folds.values()),
+        "of": len(folds),
+    }

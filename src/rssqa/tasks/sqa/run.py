@@ -23,7 +23,7 @@ from rssqa.tasks.sqa.figures import plot_comparison, plot_embedding, plot_scatte
 from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe
 from rssqa.tasks.sqa.folds import cross_validate_groups, crossfit_splits, fold_jobs
 from rssqa.tasks.sqa.folds import run_name as fold_run_name
-from rssqa.tasks.sqa.loso import leave_one_source_out, loso_jobs
+from rssqa.tasks.sqa.loso import above_consensus, leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig, run_pixel
 from rssqa.tasks.sqa.pixel_rows import LABEL as PIXEL_LABEL
 from rssqa.tasks.sqa.task import SQATask
@@ -258,14 +258,11 @@ def run_sqa(
             )  # fmt: skip
             summary["leave_one_source_out"] = folds
             if folds and all("consensus" in f for f in folds.values()):
-                # on how many held-out sources each learned model ranks better than consensus (SRCC)
-                summary["loso_above_consensus"] = {
-                    m: sum(f[m]["srcc"] > f["consensus"]["srcc"] for f in folds.values()) for m in loso_models
-                }
-                # ... and on how many the paired bootstrap says ahead (the interval excludes zero)
-                summary["loso_ahead_of_consensus"] = {
-                    m: sum(f[m]["vs_consensus"]["verdict"] == "ahead" for f in folds.values()) for m in loso_models
-                }
+                # on how many held-out sources each learned model ranks better than consensus (SRCC), and on how
+                # many the paired bootstrap says ahead (the interval excludes zero)
+                counts = {m: above_consensus(folds, m) for m in loso_models}
+                summary["loso_above_consensus"] = {m: c["above"] for m, c in counts.items()}
+                summary["loso_ahead_of_consensus"] = {m: c["ahead"] for m, c in counts.items()}
         if group_folds:
             recommender = next(k for k in RECOMMENDERS if k in fold_models)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import statistics
 import sys
 import time
@@ -43,7 +44,7 @@ from rssqa.progress import line
 from rssqa.runs import is_done, read_summary, write_summary
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe
-from rssqa.tasks.sqa.loso import leave_one_source_out, loso_jobs
+from rssqa.tasks.sqa.loso import above_consensus, leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig
 from rssqa.tasks.sqa.run import (
     AGREEMENT_MODEL,
@@ -94,13 +95,17 @@ def head_figures(data: SQADataModule, preds: dict[str, np.ndarray], consensus: n
     return out
 
 
+def _range(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def spread(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per figure: median, min and max over the seeds, and how many seeds say ``ahead``."""
     out: dict[str, dict[str, float]] = {}
     for key in FIGURES:
         values = [v[key] for v in per_seed.values() if v.get(key) is not None]
         if values:
-            out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            out[key] = _range(values)
     for key in ("vs_consensus", "vs_best_fixed"):
         verdicts = [v[key]["verdict"] for v in per_seed.values() if key in v]
         if verdicts:
@@ -117,27 +122,17 @@ def reproduced(summary: dict[str, Any], name: str, figures: dict[str, Any], tol:
     return abs(srcc - figures["srcc"]) <= tol and abs(regret - figures["regret"]) <= tol
 
 
-def loso_counts(folds: dict[str, Any], model: str) -> dict[str, int]:
-    """On how many held-out sources ``model`` is above ``consensus`` in SRCC, and ahead of it (interval)."""
-    return {
-        "above": sum(f[model]["srcc"] > f["consensus"]["srcc"] for f in folds.values()),
-        "ahead": sum(f[model]["vs_consensus"]["verdict"] == "ahead" for f in folds.values()),
-        "of": len(folds),
-    }
-
-
 def loso_summary(by_source: dict[int, dict[str, Any]], models: Sequence[str], run: dict[str, Any], run_seed: int) -> dict[str, Any]:
-    """Per model: per seed the counts of :func:`loso_counts` and each held-out source's SRCC minus
+    """Per model: per seed the counts of :func:`~rssqa.tasks.sqa.loso.above_consensus` and each held-out source's SRCC minus
     consensus's; over the seeds the counts' median, min and max; ``reproduced`` (the run's seed gives
     the run's ``leave_one_source_out``)."""
     out: dict[str, Any] = {}
     for m in models:
         per = {
-            str(s): {**loso_counts(f, m), "minus_consensus": {src: f[src][m]["srcc"] - f[src]["consensus"]["srcc"] for src in f}}
+            str(s): {**above_consensus(f, m), "minus_consensus": {src: f[src][m]["srcc"] - f[src]["consensus"]["srcc"] for src in f}}
             for s, f in by_source.items()
         }  # fmt: skip
-        spread_ = {k: {"median": statistics.median(v[k] for v in per.values()), "min": min(v[k] for v in per.values()),
-                       "max": max(v[k] for v in per.values())} for k in ("above", "ahead")}  # fmt: skip
+        spread_ = {k: _range([v[k] for v in per.values()]) for k in ("above", "ahead")}
         same = None
         if run_seed in by_source:
             mine, theirs = by_source[run_seed], run["leave_one_source_out"]
@@ -172,21 +167,21 @@ def seed_spread(
         raise RSSQAError(f"{run}: not a finished sqa run (no summary.json); run the sqa stage first")
     if not seeds:
         raise RSSQAError("seeds: give at least one seed")
+    summary, fingerprint = read_summary(run), _fingerprint(run)
     if models is None:
-        models = [m for m in MODELS if m in model_hparams(read_summary(run))]
+        models = [m for m in MODELS if m in model_hparams(summary)]
     out = run / FOLDER
     kept: dict[str, Any] = {}  # models already done for these seeds: kept, not trained again
     kept_loso = None
     if is_done(out) and not force:
         done = read_summary(out)
-        if done.get("seeds") == [int(s) for s in seeds] and done.get("run_fingerprint") == _fingerprint(run):
+        if done.get("seeds") == [int(s) for s in seeds] and done.get("run_fingerprint") == fingerprint:
             have = set(done.get("models", {})) | ({LOSO} if done.get("loso") else set())
             if have >= set(models):
                 line(LABEL, f"{out}: these seeds are done already (force to train again)")
                 return done
             kept, kept_loso = done["models"], done.get("loso")
             models = [m for m in models if m not in have]
-    summary = read_summary(run)
     try:
         config = yaml.safe_load((run / "config.yaml").read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -204,7 +199,7 @@ def seed_spread(
     recommender = next(k for k in RECOMMENDERS if k in hp)
     # the heads to train: those asked for, and the recommender that weighs the pixel head's inputs
     fitted = [m for m in hp if m in models or (ERROR_MAP in models and m == recommender)]
-    own = {k: v for k, v in (config.get("data") or {}).items() if k in SQADataModule.__init__.__code__.co_varnames}
+    own = {k: v for k, v in (config.get("data") or {}).items() if k in inspect.signature(SQADataModule.__init__).parameters}
     data = SQADataModule(**{**own, "cache_dir": str(run / "cache"), "seed": config.get("seed_everything", 0)})
     data.setup("fit")
     recipe = TrainerRecipe(str(out), {**(config.get("trainer") or {}), "default_root_dir": str(out)}, wandb=False)
@@ -246,10 +241,10 @@ def seed_spread(
                     recommendation, LABEL_FREE,
                 )  # fmt: skip
                 line(LABEL, f"seed {s} leave one source out: above consensus on "
-                            + ", ".join(f"{m} {loso_counts(by_source[s], m)['above']}" for m in loso_models))  # fmt: skip
+                            + ", ".join(f"{m} {above_consensus(by_source[s], m)['above']}" for m in loso_models))  # fmt: skip
     report = {
         "run": str(run),
-        "run_fingerprint": _fingerprint(run),  # the run these figures belong to (a rerun of it starts them again)
+        "run_fingerprint": fingerprint,  # the run these figures belong to (a rerun of it starts them again)
         "run_seed": run_seed,
         "seeds": [int(s) for s in seeds],
         "models": {
