@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PROFILE ?= smoke
 RUNS ?= runs
 PYTHON ?= python3.11
+TEST_WORKERS ?= 2
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -34,11 +35,14 @@ $(STAMP): pyproject.toml
 lint: setup ## ruff over the code
 	$(VENV)/bin/ruff check src tests stages bench
 
-test: setup lint ## lint + the whole test suite (about 7 minutes on 2 cores; CI runs this)
-	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=10
+# the suite in TEST_WORKERS processes, whole files to each (0: one process); long files first (tests/conftest.py)
+PYTEST_WORKERS = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+test: setup lint ## lint + the whole test suite in TEST_WORKERS=2 processes (CI runs this)
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=10 $(PYTEST_WORKERS)
 
 test-fast: setup lint ## lint + the tests not marked slow (about a minute)
-	$(VENV)/bin/pytest -m "not slow" -q
+	$(VENV)/bin/pytest -m "not slow" -q $(PYTEST_WORKERS)
 
 world: $(OUT)/world/summary.json ## the embedded synthetic world (corpus shards + four sources)
 $(OUT)/world/summary.json: conf/$(PROFILE)/world.yaml | $(STAMP)

@@ -39,6 +39,22 @@ def pretrain_smoke_args(out: Path, shards: Path, epochs: int, *extra: str) -> li
     ]  # fmt: skip
 
 
+# `make test` runs the suite in worker processes, whole files to a worker (pytest-xdist, --dist loadfile),
+# handed out in collection order: the long files go first, so that neither worker ends alone on one of
+# them while the other has finished. The whole-pipeline file first, then the files with slow tests.
+_FIRST_FILES = ("tests/test_pipeline.py",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    files_with_slow = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        rel = item.path.relative_to(ROOT).as_posix() if item.path.is_relative_to(ROOT) else ""
+        return 0 if rel in _FIRST_FILES else 1 if item.path in files_with_slow else 2
+
+    items.sort(key=rank)  # stable: within a rank, the collection order
+
+
 def tiny_world_config(seed: int = 0) -> WorldConfig:
     """The smoke world, shrunk further: 256 pairs at 32 px, 16 tiles per source."""
     return WorldConfig(
