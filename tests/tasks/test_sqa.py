@@ -291,6 +291,39 @@ def test_same_seed_same_numbers(run_root, tmp_path):
     assert summary["pixel_error"] is None and not (tmp_path / "again" / "scorer" / "scorer_pixel.safetensors").exists()
 
 
+def test_fold_pixel_heads_in_the_fit_workers_give_what_this_process_gives(run_root, tmp_path):
+    """The group folds' pixel error heads are queued to the fit workers (Fits.call): with the same thread
+    count a worker's error map is this process's to the last bit, and the data module is left as it was."""
+    from rssqa.tasks.sqa import SQADataModule
+    from rssqa.tasks.sqa.fits import Fits, TrainerRecipe
+    from rssqa.tasks.sqa.folds import fold_splits
+    from rssqa.tasks.sqa.pixel import PixelConfig
+    from rssqa.tasks.sqa.run import fold_error_map
+
+    torch.set_num_threads(1)
+    dm = SQADataModule(str(run_root / "sqed"), str(run_root / "clip_rs"), cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    before = dm.split_of.copy()
+    split = fold_splits(dm, 3)[1]
+    rng = np.random.default_rng(0)  # stand-in predicted OA of the fold's recommender: the agreement's weights
+    quality = {s: {(int(dm.image_idx[r]), str(dm.method_of[r])): float(rng.uniform()) for r in np.flatnonzero(split == s)}
+               for s in ("val", "test")}  # fmt: skip
+    pixel = PixelConfig(epochs=1, hidden=8, pixels_per_row=64)
+    got = {}
+    for workers in (1, 2):
+        with Fits(dm, TrainerRecipe(str(tmp_path / f"w{workers}"), wandb=False), workers, threads=1) as fits:
+            fits.call("pixel_fold1", fold_error_map, split, pixel, 0, quality)
+            with pytest.raises(RSSQAError, match="two fits named 'pixel_fold1'"):
+                fits.call("pixel_fold1", fold_error_map, split, pixel, 0, quality)
+            got[workers] = fits.call_result("pixel_fold1")["error_map"]
+            assert fits.call_result("pixel_fold1")["error_map"] is got[workers]  # asked again: run once
+            with pytest.raises(RSSQAError, match="no work named 'pixel_fold2'"):
+                fits.call_result("pixel_fold2")
+    assert len(got[1]) == int((split == "test").sum()) and np.all((got[1] >= 0) & (got[1] <= 1))
+    np.testing.assert_array_equal(got[1], got[2])
+    np.testing.assert_array_equal(dm.split_of, before)
+
+
 def test_datamodule_batches_whole_images(run_root):
     from rssqa.tasks.sqa import SQADataModule
 

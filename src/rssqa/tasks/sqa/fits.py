@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -164,6 +165,10 @@ def _work(job: FitJob) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[st
     return dict(task.hparams), task.state_dict(), preds, best
 
 
+def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    return fn(_WORKER["data"], *args)
+
+
 def _rebuild(hparams: dict[str, Any], state: dict[str, torch.Tensor]) -> SQATask:
     task = SQATask(**hparams)
     task.load_state_dict(state)
@@ -187,22 +192,56 @@ class Fits:
         self.jobs: dict[str, FitJob] = {}
         self.done: dict[str, tuple[SQATask, dict[str, np.ndarray], float]] = {}
         self.futures: dict[str, Future] = {}
+        self.calls: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
+        self.called: dict[str, Any] = {}
         self.pool: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            own = inspect.signature(SQADataModule.__init__).parameters
+            data_kwargs = {k: v for k, v in self.data.hparams.items() if k in own and k != "self"}
+            self.pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker, initargs=(data_kwargs, self.recipe, self.threads),
+            )  # fmt: skip
+        return self.pool
 
     def submit(self, job: FitJob) -> None:
         """Queue ``job`` (a worker starts it as soon as one is free)."""
-        if job.run in self.jobs:
+        if job.run in self.jobs or job.run in self.calls:
             raise RSSQAError(f"sqa: two fits named {job.run!r}")
         self.jobs[job.run] = job
         if self.workers > 1:
-            if self.pool is None:
-                own = inspect.signature(SQADataModule.__init__).parameters
-                data_kwargs = {k: v for k, v in self.data.hparams.items() if k in own and k != "self"}
-                self.pool = ProcessPoolExecutor(
-                    self.workers, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_worker, initargs=(data_kwargs, self.recipe, self.threads),
-                )  # fmt: skip
-            self.futures[job.run] = self.pool.submit(_work, job)
+            self.futures[job.run] = self._pool().submit(_work, job)
+
+    def call(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue other work that needs no fit of this process: ``fn(data, *args)``, run by a worker on its own
+        data module (here, on :attr:`data`, when its result is asked for, with ``workers=1``).
+
+        ``fn`` must be a module-level function (it is pickled) and leave ``data`` as it found it; with the
+        same thread count it gives the same result wherever it runs, as a fit does (the pixel error heads
+        of the group folds: :mod:`rssqa.tasks.sqa.run`).
+        """
+        if name in self.jobs or name in self.calls:
+            raise RSSQAError(f"sqa: two fits named {name!r}")
+        self.calls[name] = (fn, args)
+        if self.workers > 1:
+            self.futures[name] = self._pool().submit(_call, fn, args)
+
+    def call_result(self, name: str) -> Any:
+        """What the work queued as ``name`` by :meth:`call` returned (waits for it)."""
+        if name not in self.called:
+            if name not in self.calls:
+                raise RSSQAError(f"sqa: no work named {name!r} was queued")
+            if name in self.futures:
+                try:
+                    self.called[name] = self.futures[name].result()
+                except BrokenProcessPool as e:
+                    raise RSSQAError(f"sqa: a fit worker died while running {name!r} ({e})") from None
+            else:
+                fn, args = self.calls[name]
+                self.called[name] = fn(self.data, *args)
+        return self.called[name]
 
     def result(self, run: str) -> tuple[SQATask, dict[str, np.ndarray], float]:
         """``(task, {split: predictions}, best val SRCC)`` of the job named ``run`` (waits for it)."""

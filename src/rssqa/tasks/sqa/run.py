@@ -21,7 +21,7 @@ from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.export import export_scorer
 from rssqa.tasks.sqa.figures import plot_comparison, plot_embedding, plot_scatter
 from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe
-from rssqa.tasks.sqa.folds import cross_validate_groups, crossfit_splits, fold_jobs
+from rssqa.tasks.sqa.folds import cross_validate_groups, crossfit_splits, fold_jobs, fold_splits
 from rssqa.tasks.sqa.folds import run_name as fold_run_name
 from rssqa.tasks.sqa.loso import above_consensus, leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig, run_pixel
@@ -40,6 +40,7 @@ LABEL_FREE = ("msp", "entropy", "margin", "atc", *AGREEMENT_BASELINES)
 AGREEMENT_MODEL = "with_agreement"  # RS-SQA that also reads agreement between methods (a variant)
 RANKING_MODEL = "with_agreement_ranking"  # the same, trained with stronger ranking terms, for recommendation
 CROSSFIT = "pxfold"  # the recommender's fits per fold of the train split (the pixel head's train-split weights)
+PIXEL_FOLD = "pixel_fold"  # the pixel error heads of the group folds (run by the fit workers)
 RECOMMENDERS = (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa")  # the first one trained recommends methods
 ERROR_MAP = "error_map"  # the OA the pixel error head's map predicts (1 - its mean error probability)
 BASELINE_KEYS = (*LABEL_FREE, *ABLATIONS, AGREEMENT_MODEL, RANKING_MODEL, ERROR_MAP)
@@ -148,6 +149,21 @@ def predicted_quality(data: SQADataModule, score: np.ndarray, rows: Sequence[int
     return dict(zip(zip(data.image_idx[rows].tolist(), data.method_of[rows].tolist(), strict=True), np.asarray(score).tolist(), strict=True))
 
 
+def fold_error_map(
+    data: SQADataModule, split_of: np.ndarray, pixel: PixelConfig, seed: int, quality: Mapping[str, Mapping[tuple[int, str], float]]
+) -> dict[str, np.ndarray]:
+    """A pixel head trained on a group fold (``split_of``, one split per table row; its agreement weighted by
+    ``quality``, the fold's recommender's predicted OA on val and test), its error map's OA on the fold's test
+    rows. Run by a fit worker (:meth:`~rssqa.tasks.sqa.fits.Fits.call`) on its own data module."""
+    original = data.split_of
+    data.split_of = split_of
+    try:
+        _, _, by_row = run_pixel(data, pixel, seed, None, quality)
+        return {ERROR_MAP: error_map_scores(data, by_row)}
+    finally:
+        data.split_of = original
+
+
 def error_map_scores(data: SQADataModule, by_row: Mapping[tuple[int, int], float], split: str = "test") -> np.ndarray:
     """The error map's OA (:func:`~rssqa.tasks.sqa.pixel.run_pixel`'s third result, by (image index, method
     index)) in the order of ``data.rows(split)``."""
@@ -252,6 +268,15 @@ def run_sqa(
             fits, [j.run for j in jobs if not j.run.startswith(("loso_", "fold", CROSSFIT))], data, out, seed, pixel, hparams,
             agreement_overrides, ranking_overrides, crossfit,
         )  # fmt: skip
+        recommender = next(k for k in RECOMMENDERS if k in fold_models)
+        with_map = bool(group_folds) and pixel.enabled and pixel.group_folds and recommender != "rs_sqa"
+        if with_map:
+            # a pixel head per group fold, weighted by that fold's recommender: queued to the fit workers, which
+            # are done with the fits by now, while this process goes on (leave one source out)
+            for f, split in enumerate(fold_splits(data, group_folds)):
+                scores = fits.result(fold_run_name(f, recommender))[1]
+                quality = {s: predicted_quality(data, scores[s], np.flatnonzero(split == s).tolist()) for s in ("val", "test")}
+                fits.call(f"{PIXEL_FOLD}{f}", fold_error_map, split, pixel, seed, quality)
         if loso:
             folds = leave_one_source_out(
                 loso_models, data, lambda run: fits.result(run)[1]["test"], baseline_scores, recommendation, LABEL_FREE
@@ -264,19 +289,10 @@ def run_sqa(
                 summary["loso_above_consensus"] = {m: c["above"] for m, c in counts.items()}
                 summary["loso_ahead_of_consensus"] = {m: c["ahead"] for m, c in counts.items()}
         if group_folds:
-            recommender = next(k for k in RECOMMENDERS if k in fold_models)
-
-            def fold_error_map(f: int, fold_data: SQADataModule) -> dict[str, np.ndarray]:
-                """A pixel head trained for fold ``f`` (weighted by that fold's recommender), its error map's OA."""
-                scores = fits.result(fold_run_name(f, recommender))[1]
-                quality = {s: predicted_quality(fold_data, scores[s], fold_data.rows(s)) for s in ("val", "test")}
-                _, _, by_row = run_pixel(fold_data, pixel, seed, None, quality)
-                return {ERROR_MAP: error_map_scores(fold_data, by_row)}
-
-            with_map = pixel.enabled and pixel.group_folds and recommender != "rs_sqa"
             summary["group_folds"] = cross_validate_groups(
                 fold_models, data, group_folds, lambda run: fits.result(run)[1]["test"], baseline_scores, best_fixed,
-                LABEL_FREE, recommender, seed, extra=fold_error_map if with_map else None, extra_names=(ERROR_MAP,) if with_map else (),
+                LABEL_FREE, recommender, seed, extra=(lambda f, _: fits.call_result(f"{PIXEL_FOLD}{f}")) if with_map else None,
+                extra_names=(ERROR_MAP,) if with_map else (),
             )  # fmt: skip
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary = _clean(summary)
