@@ -126,7 +126,7 @@ demo: setup ## the whole pipeline on the embedded world, then the report (PROFIL
 	$(MAKE) --no-print-directory report PROFILE=$(DEMO_PROFILE) PIPELINE_SECONDS=$$(( $$(date +%s) - start )) && \
 	echo "demo ($(DEMO_PROFILE)) done in $$(( $$(date +%s) - start )) s: $(RUNS)/$(DEMO_PROFILE)/report.md"
 
-BENCHES := world shards purify caption pretrain sqed score sqa_head
+BENCHES := world shards purify caption pretrain sqed score sqa_head bootstrap
 bench: setup ## every benchmark, each against its reference in the same run; JSON + tables under runs/bench/
 	@mkdir -p $(RUNS)/bench
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) -m bench.$$b --out $(RUNS)/bench/$$b.json || exit 1; done

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from rssqa import metrics
@@ -80,6 +81,40 @@ def test_paired_bootstrap_separates_a_better_score_from_a_tie():
     assert tie["low"] < 0 < tie["high"] and 0.05 < tie["a_better"] < 0.95
     with pytest.raises(RSSQAError, match="one size"):
         metrics.paired_bootstrap(good[:-1], poor[:-1], oa[:-1], images[:-1])
+
+
+def _bootstrap_pair(a, b, t, groups, n_boot, seed):
+    """The paired bootstrap of one pair from scratch: draws, both scores' correlations, their differences."""
+    from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+
+    _, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == k) for k in range(inv.max() + 1)]
+    draws = np.random.default_rng(seed).integers(0, len(members), (n_boot, len(members)))
+    idx = np.stack([np.concatenate([members[k] for k in d]) for d in draws], axis=1)
+    tt = torch.from_numpy(t[idx])
+    return {name: (fn(torch.from_numpy(a[idx]), tt) - fn(torch.from_numpy(b[idx]), tt)).numpy()
+            for name, fn in (("srcc", spearman_corrcoef), ("plcc", pearson_corrcoef))}  # fmt: skip
+
+
+def test_many_pairs_on_one_set_of_draws_give_each_pair_s_numbers():
+    """PairedBootstrap keeps each score's correlations over the draws: every pair, in any order and asked
+    again, gives exactly what a from-scratch bootstrap of that pair gives."""
+    rng = np.random.default_rng(2)
+    images = np.repeat(np.arange(60), 3)
+    oa = rng.uniform(0.2, 0.9, len(images))
+    scores = [oa + rng.normal(0, s, len(oa)) for s in (0.05, 0.1, 0.3)]
+    boot = metrics.PairedBootstrap(oa, images, n_boot=200, seed=4)
+    for i, j in ((0, 1), (2, 0), (1, 2), (0, 1), (1, 0)):
+        got = boot.compare(scores[i], scores[j])
+        assert got == metrics.paired_bootstrap(scores[i], scores[j], oa, images, n_boot=200, seed=4)
+        ref = _bootstrap_pair(scores[i], scores[j], oa, images, 200, 4)
+        for name in ("srcc", "plcc"):
+            assert got[name]["low"] == float(np.percentile(ref[name], 2.5))
+            assert got[name]["high"] == float(np.percentile(ref[name], 97.5))
+            assert got[name]["a_better"] == float((ref[name] > 0).mean())
+    assert len(boot._kept) == 2 * 3  # one pass per score and metric
+    with pytest.raises(RSSQAError, match="equal lengths"):
+        boot.compare(scores[0][:-3], scores[1][:-3])
 
 
 def test_mean_bootstrap_over_images():

@@ -189,12 +189,12 @@ def cross_validate_groups(
     others = [m for m in label_free if m in srcc and m != "consensus"]
     best_lf = max(others, key=lambda m: np.nan_to_num(srcc[m], nan=-2.0)) if others else None
 
+    boot = metrics.PairedBootstrap(oa, images, n_boot, seed)
+
     def versus(against: str | None) -> dict[str, Any]:
         if against not in srcc:
             return {}
-        return {
-            m: metrics.paired_bootstrap(pooled[m][rows], pooled[against][rows], oa, images, n_boot, seed)["srcc"] for m in learned if m in srcc
-        }  # fmt: skip
+        return {m: boot.compare(pooled[m][rows], pooled[against][rows])["srcc"] for m in learned if m in srcc}
 
     choice = {}
     for m in names:

@@ -339,9 +339,11 @@ def _evaluate_runs(
     test = evaluate(data, preds)
     images_test = data.image_idx[test_rows].numpy()
 
+    boot = metrics.PairedBootstrap(oa_test, images_test, seed=seed)  # one set of draws for every pair
+
     def versus(score: np.ndarray, skip: str) -> dict[str, Any]:
         return {
-            k: metrics.paired_bootstrap(score, test_scores[k] if k != "rs_sqa" else preds["test"], oa_test, images_test, seed=seed)
+            k: boot.compare(score, test_scores[k] if k != "rs_sqa" else preds["test"])
             for k in ("rs_sqa", *BASELINE_KEYS) if k != skip and (k in test_scores or k == "rs_sqa")
         }  # fmt: skip
 
