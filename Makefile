@@ -41,7 +41,7 @@ PYTEST_WORKERS = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: setup lint ## lint + the whole test suite in TEST_WORKERS=2 processes (CI runs this)
 	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=10 $(PYTEST_WORKERS)
 
-test-fast: setup lint ## lint + the tests not marked slow (about a minute)
+test-fast: setup lint ## lint + the tests not marked slow (a few minutes)
 	$(VENV)/bin/pytest -m "not slow" -q $(PYTEST_WORKERS)
 
 world: $(OUT)/world/summary.json ## the embedded synthetic world (corpus shards + four sources)
