@@ -234,10 +234,7 @@ class Fits:
             if name not in self.calls:
                 raise RSSQAError(f"sqa: no work named {name!r} was queued")
             if name in self.futures:
-                try:
-                    self.called[name] = self.futures[name].result()
-                except BrokenProcessPool as e:
-                    raise RSSQAError(f"sqa: a fit worker died while running {name!r} ({e})") from None
+                self.called[name] = self._wait(name, "running")
             else:
                 fn, args = self.calls[name]
                 self.called[name] = fn(self.data, *args)
@@ -249,14 +246,18 @@ class Fits:
             if run not in self.jobs:
                 raise RSSQAError(f"sqa: no fit named {run!r} was submitted")
             if run in self.futures:
-                try:
-                    hparams, state, preds, best = self.futures[run].result()
-                except BrokenProcessPool as e:
-                    raise RSSQAError(f"sqa: a fit worker died while training {run!r} ({e})") from None
+                hparams, state, preds, best = self._wait(run, "training")
                 self.done[run] = (_rebuild(hparams, state), preds, best)
             else:
                 self.done[run] = run_job(self.jobs[run], self.data, self.recipe)
         return self.done[run]
+
+    def _wait(self, name: str, doing: str) -> Any:
+        """The worker's result for ``name`` (a fit or a call); a worker that died is a one-line error."""
+        try:
+            return self.futures[name].result()
+        except BrokenProcessPool as e:
+            raise RSSQAError(f"sqa: a fit worker died while {doing} {name!r} ({e})") from None
 
     def close(self) -> None:
         """Stop the workers (jobs not started are cancelled)."""
