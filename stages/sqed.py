@@ -6,9 +6,9 @@ Relative source roots in the config resolve against ``--data_root`` (default: th
 On many ranks, the same command: ``make sqed NODES=2 GPUS=8`` starts it 16 times (srun or torchrun,
 see ``rssqa.launch``) and each process takes its rank from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
 (else ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``). Each rank trains and labels its share of the
-(source, method) units on its own GPU and prints what it did; the other ranks then exit, and rank 0
-waits for their units (at most ``--wait_s`` without one finishing) and writes the table and the
-summary, equal to a one-process run's. A rerun or a requeued job reuses every finished unit.
+(source, method) units on its own GPU and prints what it did; every rank then waits for the others' units
+(at most ``--wait_s`` without one finishing) and computes the agreement between methods of its share of
+each pool, and rank 0 joins the shares and writes the table and the summary, equal to a one-process run's. A rerun or a requeued job reuses every finished unit.
 On one machine, ``--local_ranks 2`` (``local_ranks: 2`` in the config) starts the second rank itself: two
 processes that share the units as two cluster ranks do, so that both cores stay busy (the same table as one
 process). By hand: ``RANK=0 WORLD_SIZE=2 python stages/sqed.py ... & RANK=1 WORLD_SIZE=2 python stages/sqed.py ...``.

@@ -1,5 +1,6 @@
 """stages/sqed.py as two ranks (``--local_ranks 2``: a second process with RANK/WORLD_SIZE, as torchrun starts
-it) builds what one process builds, each unit trained by exactly one rank.
+it) builds what one process builds, each unit trained by exactly one rank; with three methods, the ranks'
+shares of the agreement between methods join into a one-process build's file.
 
 Compared with a one-process build: the table, splits and pool files byte for byte; the label shards array
 for array and their metadata except ``seconds`` (the labelling time, recorded in the shard, so the files'
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -22,6 +24,7 @@ import torch
 import yaml
 
 from rssqa.data.sqed import TABLE, read_label_shard
+from rssqa.errors import RSSQAError
 from rssqa.runs import read_summary
 from rssqa.tasks.sqed import Ranks, TrainConfig, build_sqed
 from tests.tasks.test_sqed import ROOT, tiny_config
@@ -101,3 +104,36 @@ def test_two_ranks_build_what_one_process_builds(tiny_world, tmp_path):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), unit
         # every rank writes the CSV logs of its own fits
         assert (two / "logs" / unit / "metrics.csv").is_file(), unit
+
+
+def test_ranks_share_the_agreement_between_methods(tiny_world, tmp_path, monkeypatch):
+    """With three methods, each rank computes the agreement of its share of the pool (rank 1 first here,
+    so rank 0 finds its part): the file and the table are a one-process build's, and no part file is left."""
+    from rssqa.tasks.sqed import agreement as sqed_agreement
+
+    cfg = tiny_config(tiny_world, methods=["pspnet", "linknet", "fpn"], train=TrainConfig(epochs=1, batch_size=4))
+    one = tmp_path / "one"
+    summary = build_sqed(cfg, one)
+    assert summary["agreement"]["computed"] == ["loveda", "vaihingen"]
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    (two / "summary.json").unlink()
+    for f in two.glob("features/*/agreement.safetensors"):
+        f.unlink()
+    report = build_sqed(cfg, two, ranks=Ranks(1, 2))
+    assert report["rank"] == 1 and report["agreement_s"] >= 0
+    parts = sorted(p.relative_to(two).as_posix() for p in two.glob("features/*/agreement.part*"))
+    assert parts == ["features/loveda/agreement.part1of2.safetensors", "features/vaihingen/agreement.part1of2.safetensors"]
+    monkeypatch.setattr(sqed_agreement, "POLL_S", 0.05)
+    summary = build_sqed(cfg, two, ranks=Ranks(0, 2), wait_s=5)
+    assert summary["agreement"]["computed"] == ["loveda", "vaihingen"]
+    assert not list(two.glob("features/*/agreement.part*"))
+    for source in ("vaihingen", "loveda"):
+        (a, meta_a), (b, meta_b) = (read_label_shard(d / "features" / source / "agreement.safetensors") for d in (one, two))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), source
+        assert meta_a.pop("seconds") >= 0 and meta_b.pop("seconds") >= 0 and meta_a == meta_b
+    assert (two / TABLE).read_bytes() == (one / TABLE).read_bytes()
+    # a part that never comes: rank 0 names the rank it waited for
+    (two / "features" / "loveda" / "agreement.safetensors").unlink()
+    with pytest.raises(RSSQAError, match=r"agreement parts of ranks \[1\] did not come in 0.1 s"):
+        build_sqed(cfg, two, ranks=Ranks(0, 2), wait_s=0.1)

@@ -97,6 +97,9 @@ def test_stage_tests_and_exports_the_pixel_error_head(run_root):
     assert px["config"]["quality_folds"] == 3
     assert px["train_images"] == (1 + 6) * len(SOURCES) and px["val_rows"] == 2 * len(SOURCES) * len(METHODS)
     assert set(px["per_source"]) == set(SOURCES) and math.isfinite(px["val_auroc"])
+    # the group folds' heads and this one read the methods' outputs from one pass, dropped afterwards
+    assert read_summary(out)["pixel_seam_cache"]["sources"] == dict.fromkeys(SOURCES, "made")
+    assert not list((out / "cache").glob("seam_*"))
     assert px["config"]["top"] == 0 and px["train_rows"] == px["train_images"] * len(METHODS)  # every method's rows
     # the recommended population: one row per test image, the method the scorer's ranking head puts first
     rec = px["recommended"]
@@ -119,6 +122,43 @@ def test_stage_tests_and_exports_the_pixel_error_head(run_root):
     assert np.array_equal(scorer.pixel_error([image], source="alpha")[0], maps[0])  # alone or batched, the same
     with pytest.raises(RSSQAError, match="needs at least 3 methods"):
         scorer.pixel_error([image], ["fpn"], source="alpha")
+
+
+def test_seam_cache_gives_the_live_seams_numbers(run_root, tmp_path, monkeypatch):
+    """The group folds' heads read the methods' per-pixel outputs from one pass over the pool: the same bits
+    as a live pass (any block size), found again instead of made twice, over budget not made, then dropped."""
+    from rssqa.tasks.sqa import SQADataModule, pixel_rows
+    from rssqa.tasks.sqa.pixel_cache import drop_seam_caches, fill_seam_cache, open_seam_cache
+
+    torch.set_num_threads(1)
+    dm = SQADataModule(str(run_root / "sqed"), str(run_root / "clip_rs"), cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    methods = pixel_rows.methods_of(dm)
+    rng = np.random.default_rng(0)
+    quality = {(i, m): float(rng.uniform()) for i in range(len(dm.image_keys)) for m in METHODS}
+
+    def blocks(block: int) -> list:
+        out = []
+        for source, of_source in methods.items():
+            chosen = pixel_rows.choose_images(dm, source, "val", 0, 0) + pixel_rows.choose_images(dm, source, "test", 0, 0)
+            out += list(pixel_rows.seam_blocks(dm, source, of_source, chosen, True, block, quality, 8.0))
+        return out
+
+    live = blocks(32)
+    assert fill_seam_cache(dm, 16, 0) == dict.fromkeys(SOURCES, "off")
+    over = fill_seam_cache(dm, 16, 1e3)
+    assert all("over the budget of 0.00 GB" in v for v in over.values()) and not list((tmp_path / "cache").glob("seam_*"))
+    assert fill_seam_cache(dm, 16, 1e9) == dict.fromkeys(SOURCES, "made")
+    assert fill_seam_cache(dm, 16, 1e9) == dict.fromkeys(SOURCES, "found")
+    monkeypatch.setattr(pixel_rows, "load_segmenter", lambda *a, **k: pytest.fail("a method ran though the cache has it"))
+    cached = blocks(16)
+    assert [i for i, _ in cached] == [i for i, _ in live]
+    for (_, a), (_, b) in zip(live, cached, strict=True):
+        for (xa, ta), (xb, tb) in zip(a, b, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ta, tb)
+    drop_seam_caches(dm)
+    assert all(open_seam_cache(dm, s, m) is None for s, m in methods.items())
+    assert not list((tmp_path / "cache").glob("seam_*"))
 
 
 def test_error_map_score_is_the_scorers_map_averaged(run_root):

@@ -95,6 +95,10 @@ class PixelConfig:
         group_folds: with the stage's ``group_folds``, also train a head per fold (on that fold's val
             images, weighted by that fold's recommender) so that the error map's OA (``error_map``) is
             scored out of fold beside the other scores.
+        cache_gb: with the heads of the group folds, the methods' per-pixel outputs of every pool image
+            are computed once and kept on disk in the run's ``cache/`` for all the heads
+            (:mod:`~rssqa.tasks.sqa.pixel_cache`; the same numbers) unless they would take more than this
+            many GB (the Dubai profile: 1.5 GB); 0: every head runs the methods on its images itself.
     """
 
     enabled: bool = True
@@ -114,6 +118,7 @@ class PixelConfig:
     quality_power: float = 8.0
     quality_folds: int = 0
     group_folds: bool = True
+    cache_gb: float = 4.0
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch", "hidden", "block", "n_boot"):
@@ -128,6 +133,8 @@ class PixelConfig:
             raise RSSQAError(f"pixel.quality_folds: 0 (off) or at least 2, got {self.quality_folds}")
         if self.quality_power < 0:
             raise RSSQAError(f"pixel.quality_power: must not be negative, got {self.quality_power}")
+        if self.cache_gb < 0:
+            raise RSSQAError(f"pixel.cache_gb: must not be negative, got {self.cache_gb}")
 
     @classmethod
     def of(cls, value: PixelConfig | Mapping[str, Any] | None) -> PixelConfig:

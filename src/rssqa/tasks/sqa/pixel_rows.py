@@ -104,35 +104,55 @@ def partition_val(data: SQADataModule, source: str, n_train: int, n_select: int,
     return [keys[i] for i in sorted(train)], [keys[i] for i in sorted(order[:n_select])]
 
 
+def seam_pixels(
+    data: SQADataModule, source: str, methods: Sequence[str], pool_rows: Sequence[int], agreement: bool, block: int
+) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+    """Per block of ``pool_rows``: its offset in ``pool_rows`` and, per method, the seam's per-pixel outputs
+    (:class:`~rssqa.models.quality_inputs.QualityInputs` with ``pixels=True``: ``probs``, ``pred`` and, with
+    ``agreement``, ``agree``), read from the source's seam cache when the run made one
+    (:mod:`rssqa.tasks.sqa.pixel_cache`; the same numbers), else computed by the methods here."""
+    from rssqa.tasks.sqa.pixel_cache import open_seam_cache
+
+    cache = open_seam_cache(data, source, methods)
+    if cache is not None and agreement and cache.agree is None:
+        cache = None
+    inputs = replace(data.inputs, grid=data.grid, feat_dim=0)
+    block = -(-block // inputs.seg_chunk) * inputs.seg_chunk  # whole segmenter chunks: no padded forwards
+    if cache is None:
+        segmenters = [load_segmenter(data.sqed.checkpoint(source, m), map_location=pixel_device()) for m in methods]
+        images = data.sqed.images(source)
+    for start in range(0, len(pool_rows), block):
+        part = list(pool_rows[start : start + block])
+        if cache is not None:
+            yield start, cache.pixels(part, pixel_device())
+            continue
+        imgs = np.ascontiguousarray(images[part])
+        yield start, inputs(imgs, segmenters, None, [0] * len(segmenters), agreement=agreement, pixels=True)["pixels"]
+
+
 def seam_blocks(
     data: SQADataModule, source: str, methods: Sequence[str], chosen: Sequence[tuple[int, int]], agreement: bool, block: int,
     quality: Scores | None = None, power: float = 0.0,
 ) -> Iterator[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]]:
     """Per block of images: their data image indices and, per method, :func:`pixel_inputs` ``B×8×H×W``
     with the target ``B×H×W`` (uint8: 1 wrong, 0 right, 255 unlabelled); the block's methods all go
-    through the one seam at once (agreement between them included; weighted by ``quality``, the
-    predicted OA of each (image, method), when given)."""
-    segmenters = [load_segmenter(data.sqed.checkpoint(source, m), map_location=pixel_device()) for m in methods]
-    inputs = replace(data.inputs, grid=data.grid, feat_dim=0)
-    block = -(-block // inputs.seg_chunk) * inputs.seg_chunk  # whole segmenter chunks: no padded forwards
-    images, masks = data.sqed.images(source), data.sqed.masks(source)
-    for start in range(0, len(chosen), block):
-        part = chosen[start : start + block]
-        pool_rows = [r for r, _ in part]
-        imgs = np.ascontiguousarray(images[pool_rows])
-        mask = torch.from_numpy(np.ascontiguousarray(masks[pool_rows]))
-        if mask.shape != imgs.shape[:3]:
-            raise RSSQAError(f"{data.sqed.folder}/pool/{source}: masks {tuple(mask.shape)} do not fit images {imgs.shape}")
-        out = inputs(imgs, segmenters, None, [0] * len(segmenters), agreement=agreement, pixels=True)
+    through the one seam at once (:func:`seam_pixels`; agreement between them included; weighted by
+    ``quality``, the predicted OA of each (image, method), when given)."""
+    masks = data.sqed.masks(source)
+    for start, pixels in seam_pixels(data, source, methods, [r for r, _ in chosen], agreement, block):
+        part = chosen[start : start + len(pixels[0]["pred"])]
+        mask = torch.from_numpy(np.ascontiguousarray(masks[[r for r, _ in part]]))
+        if mask.shape != pixels[0]["pred"].shape:
+            raise RSSQAError(f"{data.sqed.folder}/pool/{source}: masks {tuple(mask.shape)} do not fit images {tuple(pixels[0]['pred'].shape)}")
         weighted = [None] * len(methods)
         if quality is not None and power > 0:
             try:
                 q = torch.tensor([[quality[(i, m)] for m in methods] for _, i in part])
             except KeyError as e:
                 raise RSSQAError(f"pixel error head: no predicted quality for (image, method) {e.args[0]} of {source}") from None
-            weighted = quality_agreement_maps([p["probs"] for p in out["pixels"]], [p["pred"] for p in out["pixels"]], q, power)
+            weighted = quality_agreement_maps([p["probs"] for p in pixels], [p["pred"] for p in pixels], q, power)
         per_method = []
-        for p, w in zip(out["pixels"], weighted, strict=True):
+        for p, w in zip(pixels, weighted, strict=True):
             x = pixel_inputs(p["probs"].cpu(), p["agree"].cpu() if agreement else None, None if w is None else w.cpu())
             wrong = (p["pred"].cpu() != mask.long()).to(torch.uint8)
             per_method.append((x, torch.where(mask == IGNORE, torch.full_like(wrong, IGNORE), wrong)))

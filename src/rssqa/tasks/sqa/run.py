@@ -25,6 +25,7 @@ from rssqa.tasks.sqa.folds import cross_validate_groups, crossfit_splits, fold_j
 from rssqa.tasks.sqa.folds import run_name as fold_run_name
 from rssqa.tasks.sqa.loso import above_consensus, leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig, run_pixel
+from rssqa.tasks.sqa.pixel_cache import drop_seam_caches, fill_seam_cache
 from rssqa.tasks.sqa.pixel_rows import LABEL as PIXEL_LABEL
 from rssqa.tasks.sqa.task import SQATask
 
@@ -261,15 +262,21 @@ def run_sqa(
         jobs += loso_jobs(loso_models, data, seed)
     if group_folds:
         jobs += fold_jobs(fold_models, data, group_folds, seed)
+    recommender = next(k for k in RECOMMENDERS if k in fold_models)
+    with_map = bool(group_folds) and pixel.enabled and pixel.group_folds and recommender != "rs_sqa"
     with Fits(data, recipe, fit_workers, threads) as fits:
         for job in jobs:
             fits.submit(job)
+        seam = {}
+        if with_map:  # several pixel heads read the same images: the methods run over each one once
+            t = time.perf_counter()
+            seam = {"sources": fill_seam_cache(data, pixel.block, pixel.cache_gb * 1e9), "seconds": round(time.perf_counter() - t, 2)}
         summary = _evaluate_runs(
             fits, [j.run for j in jobs if not j.run.startswith(("loso_", "fold", CROSSFIT))], data, out, seed, pixel, hparams,
             agreement_overrides, ranking_overrides, crossfit,
         )  # fmt: skip
-        recommender = next(k for k in RECOMMENDERS if k in fold_models)
-        with_map = bool(group_folds) and pixel.enabled and pixel.group_folds and recommender != "rs_sqa"
+        if seam:
+            summary["pixel_seam_cache"] = seam
         if with_map:
             # a pixel head per group fold, weighted by that fold's recommender: queued to the fit workers, which
             # are done with the fits by now, while this process goes on (leave one source out)
@@ -294,6 +301,8 @@ def run_sqa(
                 LABEL_FREE, recommender, seed, extra=(lambda f, _: fits.call_result(f"{PIXEL_FOLD}{f}")) if with_map else None,
                 extra_names=(ERROR_MAP,) if with_map else (),
             )  # fmt: skip
+        if seam:
+            drop_seam_caches(data)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary = _clean(summary)
     write_summary(out, summary)

@@ -7,6 +7,9 @@ For every pool image, each method's per-pixel agreement with the other methods o
 checkpoints, in the labelling's fixed chunks, so the probabilities are those labelling saw and those
 the scorer computes live. The file's fingerprint covers every method's label fingerprint: a method
 added, retrained or relabelled later makes the next run recompute it.
+
+With several ranks each one computes a contiguous share of the pool (:func:`pool_share`; an image's
+numbers do not depend on which images share its pass) into a part file, and rank 0 joins the parts.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from rssqa.agreement import AGREEMENT_NAMES, MIN_METHODS
 from rssqa.data.sqed import AGREEMENT, read_label_shard, shard_matches, write_label_shard
@@ -25,7 +28,10 @@ from rssqa.errors import RSSQAError
 from rssqa.models.quality_inputs import agreement_inputs, method_statistics
 from rssqa.models.segmenters import load_segmenter
 from rssqa.tasks.sqed.config import SQEDConfig
+from rssqa.tasks.sqed.ranks import Ranks
 from rssqa.tasks.sqed.sources import PreparedSource, _fingerprint
+
+POLL_S = 2.0  # how often rank 0 looks for the other ranks' parts
 
 
 def agreement_path(out: Path, source: str) -> Path:
@@ -37,10 +43,29 @@ def _device(accelerator: str) -> torch.device:
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
+def agreement_fingerprint(methods: Sequence[str], label_fps: Sequence[str], cfg: SQEDConfig) -> str:
+    return _fingerprint({"labels": dict(zip(methods, label_fps, strict=True)), "grid": cfg.label.grid, "chunk": cfg.label.chunk})
+
+
+def agreement_done(out: Path, source: str, fingerprint: str) -> bool:
+    """Whether the agreement file of ``source`` for ``fingerprint`` is on disk."""
+    return shard_matches(agreement_path(out, source), fingerprint)
+
+
+def pool_share(n: int, ranks: Ranks) -> tuple[int, int]:
+    """The pool rows ``[lo, hi)`` whose agreement ``ranks.rank`` computes: contiguous, sizes within one."""
+    return n * ranks.rank // ranks.world_size, n * (ranks.rank + 1) // ranks.world_size
+
+
+def _part_path(out: Path, source: str, rank: int, world_size: int) -> Path:
+    return agreement_path(out, source).with_name(f"agreement.part{rank}of{world_size}.safetensors")
+
+
 def agree_source(
-    prep: PreparedSource, methods: Sequence[str], label_fps: Sequence[str], cfg: SQEDConfig, out: Path
+    prep: PreparedSource, methods: Sequence[str], label_fps: Sequence[str], cfg: SQEDConfig, out: Path,
+    ranks: Ranks | None = None, wait_s: float = 86400.0,
 ) -> tuple[Path | None, bool]:
-    """Write (or reuse) the agreement file of one source.
+    """Write (or reuse) the agreement file of one source; with several ranks, this rank's share of it.
 
     Args:
         prep: the prepared source (its pool).
@@ -48,30 +73,33 @@ def agree_source(
         label_fps: each method's label-shard fingerprint, same order.
         cfg: the stage configuration (label grid, chunk and batch size, accelerator).
         out: the sqed run folder.
+        ranks: this process's rank (default: one process): it computes the rows of :func:`pool_share`; rank 0 then waits for
+            the other ranks' parts and joins them.
+        wait_s: rank 0 gives up (``RSSQAError`` naming the missing parts) after this many seconds.
 
     Returns:
-        The file (``None`` with fewer than :data:`~rssqa.agreement.MIN_METHODS` methods) and whether
-        it was computed now.
+        The file (``None`` with fewer than :data:`~rssqa.agreement.MIN_METHODS` methods, and on the
+        ranks but 0) and whether it was computed now.
     """
+    ranks = ranks or Ranks()
     if len(methods) < MIN_METHODS:
         return None, False
     path = agreement_path(out, prep.name)
-    fp = _fingerprint({"labels": dict(zip(methods, label_fps, strict=True)), "grid": cfg.label.grid, "chunk": cfg.label.chunk})
+    fp = agreement_fingerprint(methods, label_fps, cfg)
     if shard_matches(path, fp):
-        return path, False
+        return (path if ranks.rank == 0 else None), False
     t0 = time.perf_counter()
-    device = _device(cfg.train.accelerator)
-    segs = [load_segmenter(out / "methods" / prep.name / m / "final.ckpt", map_location=device) for m in methods]
-    parts: dict[str, list[torch.Tensor]] = {f"{m}/{k}": [] for m in methods for k in ("agree_maps", "agree_global")}
-    loader = DataLoader(prep.pool_arrays, batch_size=cfg.label.batch_size, shuffle=False)
-    for batch in loader:
-        x = batch["image"].to(device)
-        # the scorer's own computation (rssqa.models.quality_inputs), so the cached values are the live ones
-        stats = [method_statistics(s, x, cfg.label.chunk, keep_probs=True) for s in segs]
-        for m, agree in zip(methods, agreement_inputs(stats, cfg.label.grid), strict=True):
-            for k, v in agree.items():
-                parts[f"{m}/{k}"].append(v)
-    arrays = {k: torch.cat(v).numpy() for k, v in parts.items()}
+    lo, hi = pool_share(len(prep.pool_ids), ranks)
+    if ranks.world_size == 1:
+        arrays = _agreement_rows(prep, methods, cfg, out, lo, hi)
+    else:
+        mine = _part_path(out, prep.name, ranks.rank, ranks.world_size)
+        if hi > lo and not shard_matches(mine, fp):
+            write_label_shard(mine, _agreement_rows(prep, methods, cfg, out, lo, hi),
+                              {"source": prep.name, "fingerprint": fp, "rows": [lo, hi]})  # fmt: skip
+        if ranks.rank != 0:
+            return None, True
+        arrays = _join_parts(out, prep, fp, ranks.world_size, wait_s)
     meta = {
         "source": prep.name,
         "methods": list(methods),
@@ -83,7 +111,47 @@ def agree_source(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_label_shard(path, arrays, meta)
+    if ranks.world_size > 1:
+        for r in range(ranks.world_size):
+            _part_path(out, prep.name, r, ranks.world_size).unlink(missing_ok=True)
     return path, True
+
+
+def _agreement_rows(prep: PreparedSource, methods: Sequence[str], cfg: SQEDConfig, out: Path, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """``<method>/agree_maps`` and ``<method>/agree_global`` of the pool rows ``[lo, hi)``."""
+    device = _device(cfg.train.accelerator)
+    segs = [load_segmenter(out / "methods" / prep.name / m / "final.ckpt", map_location=device) for m in methods]
+    parts: dict[str, list[torch.Tensor]] = {f"{m}/{k}": [] for m in methods for k in ("agree_maps", "agree_global")}
+    loader = DataLoader(Subset(prep.pool_arrays, range(lo, hi)), batch_size=cfg.label.batch_size, shuffle=False)
+    for batch in loader:
+        x = batch["image"].to(device)
+        # the scorer's own computation (rssqa.models.quality_inputs), so the cached values are the live ones
+        stats = [method_statistics(s, x, cfg.label.chunk, keep_probs=True) for s in segs]
+        for m, agree in zip(methods, agreement_inputs(stats, cfg.label.grid), strict=True):
+            for k, v in agree.items():
+                parts[f"{m}/{k}"].append(v)
+    return {k: torch.cat(v).numpy() for k, v in parts.items()}
+
+
+def _join_parts(out: Path, prep: PreparedSource, fp: str, world_size: int, wait_s: float) -> dict[str, np.ndarray]:
+    """The ranks' parts of the agreement of ``prep``, in pool order, once all are on disk."""
+    n = len(prep.pool_ids)
+    wanted = [r for r in range(world_size) if pool_share(n, Ranks(r, world_size))[1] > pool_share(n, Ranks(r, world_size))[0]]
+    if not wanted:
+        raise RSSQAError(f"{agreement_path(out, prep.name)}: the pool of {prep.name} has no images")
+    started = time.monotonic()
+    while True:
+        missing = [r for r in wanted if not shard_matches(_part_path(out, prep.name, r, world_size), fp)]
+        if not missing:
+            break
+        if time.monotonic() - started > wait_s:
+            raise RSSQAError(
+                f"{agreement_path(out, prep.name)}: the agreement parts of ranks {missing} did not come in {wait_s:g} s "
+                f"(are all WORLD_SIZE={world_size} ranks running?)"
+            )
+        time.sleep(POLL_S)
+    parts = [read_label_shard(_part_path(out, prep.name, r, world_size))[0] for r in wanted]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def agreement_columns(path: Path, prep: PreparedSource, method: str) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from rssqa import progress
+from rssqa.agreement import MIN_METHODS
 from rssqa.data.segsets import list_layouts
 from rssqa.data.sqed import (
     SPLITS,
@@ -203,9 +204,13 @@ def build_sqed(
                 progress.line("sqed", f"{name}/{method} {'trained' if trained else 'reused'}: unit {done}/{len(mine)}"
                                       f"{of_rank}, {elapsed:.0f} s{progress.eta(done, len(mine), elapsed)}")  # fmt: skip
         timing = {k: round(v, 2) if isinstance(v, float) else v for k, v in timing.items()}
-        if not lead:
+        agreeing = len(methods) >= MIN_METHODS  # every rank computes a share of the agreement between methods
+        if not lead and not agreeing:
             return {"rank": ranks.rank, "world_size": ranks.world_size, "units": units, **timing,
                     "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+        for sc in cfg.sources:  # a rank but 0 prepared only its units' sources
+            if sc.name not in preps:
+                preps[sc.name] = prepare_source(sc, cfg, out, data_root, write_pool=False)
         t_wait = time.perf_counter()
         others = [(preps[s], m) for s in names for m in methods if f"{s}/{m}" not in units]
         _await_units(others, cfg, out, names, methods, ranks.world_size, wait_s)
@@ -213,10 +218,14 @@ def build_sqed(
         # agreement between each source's methods, now that all of them are labelled
         t_agree = time.perf_counter()
         agreed: dict[str, tuple[Path | None, bool]] = {}
-        for prep in preps.values():
-            fps = [read_shard_meta(_shard_path(out, prep.name, m))["fingerprint"] for m in methods]
-            agreed[prep.name] = agree_source(prep, methods, fps, cfg, out)
+        for name in names:
+            fps = [read_shard_meta(_shard_path(out, name, m))["fingerprint"] for m in methods]
+            agreed[name] = agree_source(preps[name], methods, fps, cfg, out, ranks, wait_s)
         t_agree = time.perf_counter() - t_agree
+        if not lead:
+            return {"rank": ranks.rank, "world_size": ranks.world_size, "units": units, **timing,
+                    "waited_s": round(t_wait, 2), "agreement_s": round(t_agree, 2),
+                    "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
         # the table, source by source and method by method, from the shards whichever rank wrote them
         rows: list[dict[str, Any]] = []
         for prep in preps.values():
