@@ -28,7 +28,8 @@ def test_spread_of_figures():
 
 def test_seeds_reproduce_the_run_and_move_with_the_seed(run_root):
     """The run's own seed gives the run's figures exactly (the error map's too: its pixel head weighted by
-    that seed's ranking head and its fits per fold); another seed trains other heads; the report shows both."""
+    that seed's ranking head and its fits per fold, reading the methods' outputs from the seam cache); another
+    seed trains other heads; the report shows both."""
     torch.set_num_threads(1)
     run = run_root / "sqa"
     models = ["rs_sqa", "with_agreement_ranking", "error_map"]
@@ -56,6 +57,7 @@ def test_seeds_reproduce_the_run_and_move_with_the_seed(run_root):
             assert lo <= mid <= hi and {lo, hi} == {first[key], second[key]}
         assert m["spread"]["vs_consensus"]["of"] == 2
     assert read_summary(run / "seeds") == out
+    assert not list((run / "cache").glob("seam_*"))  # the seeds' pixel heads read one pass of the methods, then dropped
     # the same seeds again: nothing trained, the same summary
     assert seed_spread(run, [0, 1], models=models) == out == seed_spread(run, [0, 1], models=["loso"])
     md = build_report(run_root.parent, run_root.name, wandb=False).read_text()

@@ -46,6 +46,7 @@ from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.fits import FitJob, Fits, TrainerRecipe
 from rssqa.tasks.sqa.loso import above_consensus, leave_one_source_out, loso_jobs
 from rssqa.tasks.sqa.pixel import PixelConfig
+from rssqa.tasks.sqa.pixel_cache import drop_seam_caches, fill_seam_cache
 from rssqa.tasks.sqa.run import (
     AGREEMENT_MODEL,
     ERROR_MAP,
@@ -226,6 +227,8 @@ def seed_spread(
         for s in jobs:
             for job in (*jobs[s], *folds[s], *held_out[s]):
                 fits.submit(job)
+        if ERROR_MAP in models and len(jobs) > 1:  # a pixel head per seed on the same images: the methods run once
+            fill_seam_cache(data, pixel.block, pixel.cache_gb * 1e9)
         for s in jobs:
             for job in jobs[s]:
                 name = job.run.split("_", 1)[1]
@@ -242,6 +245,7 @@ def seed_spread(
                 )  # fmt: skip
                 line(LABEL, f"seed {s} leave one source out: above consensus on "
                             + ", ".join(f"{m} {above_consensus(by_source[s], m)['above']}" for m in loso_models))  # fmt: skip
+        drop_seam_caches(data)
     report = {
         "run": str(run),
         "run_fingerprint": fingerprint,  # the run these figures belong to (a rerun of it starts them again)
