@@ -10,7 +10,7 @@ until :func:`drop_seam_caches` removes them when the run's heads are done (1.5 G
 
 The seam's encoders run in whole chunks (:mod:`rssqa.models.quality_inputs`), so an image's outputs are
 the same bits whichever images share its pass: a head reading the cache gets what a live pass gives. A
-cache is keyed by the methods' checkpoints, the pool's images and the chunk; it is written under a
+cache is keyed by the methods' checkpoints, the pool's images, the chunk and the device kind; it is written under a
 temporary name and renamed when complete, and it is not made when it would exceed its byte budget.
 """
 
@@ -69,10 +69,14 @@ def _stamp(path: Path) -> list[int]:
 
 def cache_folder(data: SQADataModule, source: str, methods: Sequence[str]) -> Path | None:
     """Where the cache of ``source`` would be (``None`` when the data module has no cache folder): the name
-    holds a key of every method's checkpoint, the pool's images and the segmenter chunk."""
+    holds a key of every method's checkpoint, the pool's images, the segmenter chunk and the device kind."""
+    from rssqa.tasks.sqa.pixel_rows import pixel_device
+
     if not data.hparams.cache_dir:
         return None
     key = {
+        "sqed": str(Path(data.sqed.folder).resolve()),
+        "device": pixel_device().type,
         "checkpoints": {m: _stamp(data.sqed.checkpoint(source, m)) for m in methods},
         "images": _stamp(data.sqed.folder / "pool" / source / "images.npy"),
         "chunk": data.inputs.seg_chunk,
