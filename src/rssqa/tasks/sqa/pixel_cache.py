@@ -31,6 +31,7 @@ import torch
 from rssqa.agreement import MIN_METHODS
 from rssqa.progress import line
 from rssqa.tasks.sqa.data import SQADataModule
+from rssqa.tasks.sqa.pixel_rows import LABEL, Progress, methods_of, pixel_device, seam_pixels
 
 FILES = ("probs", "pred", "agree")
 META = "meta.json"
@@ -70,8 +71,6 @@ def _stamp(path: Path) -> list[int]:
 def cache_folder(data: SQADataModule, source: str, methods: Sequence[str]) -> Path | None:
     """Where the cache of ``source`` would be (``None`` when the data module has no cache folder): the name
     holds a key of every method's checkpoint, the pool's images, the segmenter chunk and the device kind."""
-    from rssqa.tasks.sqa.pixel_rows import pixel_device
-
     if not data.hparams.cache_dir:
         return None
     key = {
@@ -109,8 +108,6 @@ def fill_seam_cache(data: SQADataModule, block: int, max_bytes: float) -> dict[s
     Returns:
         ``{source: "made" | "found" | why none was made}``.
     """
-    from rssqa.tasks.sqa.pixel_rows import LABEL, Progress, methods_of, seam_pixels
-
     out: dict[str, str] = {}
     sources = methods_of(data)
     agreement = all(len(m) >= MIN_METHODS for m in sources.values())  # as the heads have it (run_pixel)
@@ -176,13 +173,7 @@ def _refuse(size: float, used: float, max_bytes: float, where: Path, classes: in
 
 def drop_seam_caches(data: SQADataModule) -> None:
     """Remove the seam caches of ``data``'s sources (their heads are done; a rerun makes them again)."""
-    for source, methods in _methods(data).items():
+    for source, methods in methods_of(data).items():
         folder = cache_folder(data, source, methods)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _methods(data: SQADataModule) -> dict[str, list[str]]:
-    from rssqa.tasks.sqa.pixel_rows import methods_of
-
-    return methods_of(data)

@@ -111,7 +111,7 @@ def seam_pixels(
     (:class:`~rssqa.models.quality_inputs.QualityInputs` with ``pixels=True``: ``probs``, ``pred`` and, with
     ``agreement``, ``agree``), read from the source's seam cache when the run made one
     (:mod:`rssqa.tasks.sqa.pixel_cache`; the same numbers), else computed by the methods here."""
-    from rssqa.tasks.sqa.pixel_cache import open_seam_cache
+    from rssqa.tasks.sqa.pixel_cache import open_seam_cache  # that module builds on this one
 
     cache = open_seam_cache(data, source, methods)
     if cache is not None and agreement and cache.agree is None:

@@ -227,7 +227,8 @@ def seed_spread(
         for s in jobs:
             for job in (*jobs[s], *folds[s], *held_out[s]):
                 fits.submit(job)
-        if ERROR_MAP in models and len(jobs) > 1:  # a pixel head per seed on the same images: the methods run once
+        shared = ERROR_MAP in models and len(jobs) > 1  # a pixel head per seed on the same images: the methods run once
+        if shared:
             fill_seam_cache(data, pixel.block, pixel.cache_gb * 1e9)
         for s in jobs:
             for job in jobs[s]:
@@ -245,7 +246,8 @@ def seed_spread(
                 )  # fmt: skip
                 line(LABEL, f"seed {s} leave one source out: above consensus on "
                             + ", ".join(f"{m} {above_consensus(by_source[s], m)['above']}" for m in loso_models))  # fmt: skip
-        drop_seam_caches(data)
+        if shared:
+            drop_seam_caches(data)
     report = {
         "run": str(run),
         "run_fingerprint": fingerprint,  # the run these figures belong to (a rerun of it starts them again)

@@ -28,7 +28,7 @@ from rssqa.errors import RSSQAError
 from rssqa.models.quality_inputs import agreement_inputs, method_statistics
 from rssqa.models.segmenters import load_segmenter
 from rssqa.tasks.sqed.config import SQEDConfig
-from rssqa.tasks.sqed.ranks import Ranks
+from rssqa.tasks.sqed.ranks import Ranks, await_others
 from rssqa.tasks.sqed.sources import PreparedSource, _fingerprint
 
 POLL_S = 2.0  # how often rank 0 looks for the other ranks' parts
@@ -45,11 +45,6 @@ def _device(accelerator: str) -> torch.device:
 
 def agreement_fingerprint(methods: Sequence[str], label_fps: Sequence[str], cfg: SQEDConfig) -> str:
     return _fingerprint({"labels": dict(zip(methods, label_fps, strict=True)), "grid": cfg.label.grid, "chunk": cfg.label.chunk})
-
-
-def agreement_done(out: Path, source: str, fingerprint: str) -> bool:
-    """Whether the agreement file of ``source`` for ``fingerprint`` is on disk."""
-    return shard_matches(agreement_path(out, source), fingerprint)
 
 
 def pool_share(n: int, ranks: Ranks) -> tuple[int, int]:
@@ -134,22 +129,21 @@ def _agreement_rows(prep: PreparedSource, methods: Sequence[str], cfg: SQEDConfi
 
 
 def _join_parts(out: Path, prep: PreparedSource, fp: str, world_size: int, wait_s: float) -> dict[str, np.ndarray]:
-    """The ranks' parts of the agreement of ``prep``, in pool order, once all are on disk."""
+    """The ranks' parts of the agreement of ``prep``, in pool order, once all are on disk
+    (:func:`~rssqa.tasks.sqed.ranks.await_others`: ``wait_s`` without a new part is an error)."""
     n = len(prep.pool_ids)
-    wanted = [r for r in range(world_size) if pool_share(n, Ranks(r, world_size))[1] > pool_share(n, Ranks(r, world_size))[0]]
+    shares = [pool_share(n, Ranks(r, world_size)) for r in range(world_size)]
+    wanted = [r for r, (lo, hi) in enumerate(shares) if hi > lo]
     if not wanted:
         raise RSSQAError(f"{agreement_path(out, prep.name)}: the pool of {prep.name} has no images")
-    started = time.monotonic()
-    while True:
-        missing = [r for r in wanted if not shard_matches(_part_path(out, prep.name, r, world_size), fp)]
-        if not missing:
-            break
-        if time.monotonic() - started > wait_s:
-            raise RSSQAError(
-                f"{agreement_path(out, prep.name)}: the agreement parts of ranks {missing} did not come in {wait_s:g} s "
-                f"(are all WORLD_SIZE={world_size} ranks running?)"
-            )
-        time.sleep(POLL_S)
+
+    def missing() -> list[int]:
+        return [r for r in wanted if not shard_matches(_part_path(out, prep.name, r, world_size), fp)]
+
+    await_others(missing, wait_s, POLL_S, lambda late: (
+        f"{agreement_path(out, prep.name)}: the agreement parts of ranks {list(late)} did not come in {wait_s:g} s "
+        f"(are all WORLD_SIZE={world_size} ranks running?)"
+    ))  # fmt: skip
     parts = [read_label_shard(_part_path(out, prep.name, r, world_size))[0] for r in wanted]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 

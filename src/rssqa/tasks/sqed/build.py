@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -44,7 +43,7 @@ from rssqa.runs import atomic_write_json, write_summary
 from rssqa.tasks.sqed.agreement import agree_source, agreement_columns
 from rssqa.tasks.sqed.config import SQEDConfig
 from rssqa.tasks.sqed.label import _rows, _shard_path, label_method
-from rssqa.tasks.sqed.ranks import Ranks, _owner, assign_units
+from rssqa.tasks.sqed.ranks import Ranks, _owner, assign_units, await_others
 from rssqa.tasks.sqed.sources import (
     PreparedSource,
     _label_fingerprint,
@@ -206,8 +205,7 @@ def build_sqed(
         timing = {k: round(v, 2) if isinstance(v, float) else v for k, v in timing.items()}
         agreeing = len(methods) >= MIN_METHODS  # every rank computes a share of the agreement between methods
         if not lead and not agreeing:
-            return {"rank": ranks.rank, "world_size": ranks.world_size, "units": units, **timing,
-                    "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+            return _rank_report(ranks, units, timing, t0)
         for sc in cfg.sources:  # a rank but 0 prepared only its units' sources
             if sc.name not in preps:
                 preps[sc.name] = prepare_source(sc, cfg, out, data_root, write_pool=False)
@@ -223,9 +221,7 @@ def build_sqed(
             agreed[name] = agree_source(preps[name], methods, fps, cfg, out, ranks, wait_s)
         t_agree = time.perf_counter() - t_agree
         if not lead:
-            return {"rank": ranks.rank, "world_size": ranks.world_size, "units": units, **timing,
-                    "waited_s": round(t_wait, 2), "agreement_s": round(t_agree, 2),
-                    "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+            return _rank_report(ranks, units, timing, t0, waited_s=round(t_wait, 2), agreement_s=round(t_agree, 2))
         # the table, source by source and method by method, from the shards whichever rank wrote them
         rows: list[dict[str, Any]] = []
         for prep in preps.values():
@@ -293,6 +289,12 @@ def build_sqed(
     return summary
 
 
+def _rank_report(ranks: Ranks, units: dict[str, dict[str, bool]], timing: dict[str, Any], t0: float, **extra: float) -> dict[str, Any]:
+    """What a rank but 0 returns: its units, their timing, ``extra`` and its seconds."""
+    return {"rank": ranks.rank, "world_size": ranks.world_size, "units": units, **timing, **extra,
+            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+
+
 def _unit_done(out: Path, source: str, method: str, label_fp: str) -> bool:
     """Whether a unit's checkpoint and its label shard of this configuration are on disk (both are
     written atomically, the shard last)."""
@@ -310,7 +312,8 @@ def _await_units(
     world_size: int,
     wait_s: float,
 ) -> None:
-    """Poll (every :data:`POLL_S` s) until the other ranks' ``units`` are done (see :func:`_unit_done`).
+    """Poll (every :data:`POLL_S` s) until the other ranks' ``units`` are done (see :func:`_unit_done`;
+    :func:`~rssqa.tasks.sqed.ranks.await_others`).
 
     Raises:
         RSSQAError: none of them finished for ``wait_s`` seconds; names those missing and their ranks.
@@ -319,33 +322,17 @@ def _await_units(
         f"{p.name}/{m}": (p.name, m, _label_fingerprint(_train_fingerprint(p, m, cfg)[3], p, cfg.label.chunk))
         for p, m in units
     }
-    if not pending:
-        return
-    # SLURM signals every task before the time limit; the ranks still training then checkpoint and
-    # requeue the job: rank 0, idle here, must not end first (srun would end the job, no requeue)
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    try:
-        progress = time.monotonic()
-        while True:
-            done = [k for k, unit in pending.items() if _unit_done(out, *unit)]
-            for k in done:
-                del pending[k]
-            if not pending:
-                return
-            if done:
-                progress = time.monotonic()
-            elif time.monotonic() - progress > wait_s:
-                missing = ", ".join(
-                    f"{k} (rank {_owner(sources, methods, s, m, world_size)})"
-                    for k, (s, m, _) in pending.items()
-                )
-                raise RSSQAError(
-                    f"{out}: no unit of the other ranks finished in {wait_s:g} s; missing {missing} "
-                    f"(are all WORLD_SIZE={world_size} ranks running?)"
-                )
-            time.sleep(POLL_S)
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+
+    def missing() -> list[str]:
+        for k in [k for k, unit in pending.items() if _unit_done(out, *unit)]:
+            del pending[k]
+        return list(pending)
+
+    def error(keys: Sequence[object]) -> str:
+        named = ", ".join(f"{k} (rank {_owner(sources, methods, pending[k][0], pending[k][1], world_size)})" for k in keys)
+        return f"{out}: no unit of the other ranks finished in {wait_s:g} s; missing {named} (are all WORLD_SIZE={world_size} ranks running?)"
+
+    await_others(missing, wait_s, POLL_S, error)
 
 
 def _recorded(out: Path, prep: PreparedSource, method: str, shard: Path) -> dict[str, float]:

@@ -9,7 +9,9 @@ else srun). :func:`assign_units` deals the units out so that each has exactly on
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,3 +107,33 @@ def _devices(accelerator: str, local_rank: int) -> int | list[int]:
     if n and local_rank >= n:
         raise RSSQAError(f"LOCAL_RANK: {local_rank}, but this process sees {n} GPUs (one rank per GPU)")
     return [local_rank]
+
+
+def await_others(missing: Callable[[], Sequence[object]], wait_s: float, poll_s: float, error: Callable[[Sequence[object]], str]) -> None:
+    """Poll ``missing()`` (what the other ranks have not delivered yet) every ``poll_s`` seconds until it is empty.
+
+    SLURM signals every task (SIGUSR1) before the time limit; the ranks still training then checkpoint and
+    requeue the job: a rank waiting here ignores the signal meanwhile (srun would end the job when it
+    exited, with no requeue).
+
+    Raises:
+        RSSQAError: ``error(missing)`` when nothing more came in for ``wait_s`` seconds.
+    """
+    left = missing()
+    if not left:
+        return
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        progress = time.monotonic()
+        while True:
+            time.sleep(poll_s)
+            now = missing()
+            if not now:
+                return
+            if len(now) < len(left):
+                progress = time.monotonic()
+            elif time.monotonic() - progress > wait_s:
+                raise RSSQAError(error(now))
+            left = now
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
