@@ -11,9 +11,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def test_scorer_and_cli_import_no_training_code():
+    """Nor Lightning: ``rssqa score / recommend / scene`` start without the training stack's import time."""
     code = (
-        "import sys, rssqa.scorer, rssqa.cli\n"
-        "bad = sorted(m for m in sys.modules if m == 'rssqa.tasks' or m.startswith('rssqa.tasks.'))\n"
+        "import sys, rssqa.scorer, rssqa.cli, rssqa.scene\n"
+        "bad = sorted(m for m in sys.modules if m in ('rssqa.tasks', 'lightning') or m.startswith('rssqa.tasks.'))\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

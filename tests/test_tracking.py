@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from rssqa.errors import RSSQAError
-from rssqa.tracking import flatten, make_loggers, publish, run_group, wandb_mode
+from rssqa.tracking import flatten, make_loggers, publish, publish_run, run_group, wandb_mode, wandb_run
 from rssqa.wandb_offline import read_offline_run
 
 
@@ -61,6 +63,31 @@ def test_offline_run_holds_group_summary_history_and_tables(tmp_path, monkeypatc
     table = json.loads(next((run_dir / "wandb" / "latest-run").glob("files/media/table/pretrain/eval_*.table.json")).read_text())
     assert table["columns"] == ["metric", "value"] and table["data"] == [["zeroshot_top1", 0.61]]
     assert (run_dir / "logs" / "metrics.csv").read_text().count("\n") == 4  # header + 3 steps
+
+
+def test_report_run_opened_without_lightning_is_a_stage_run_alike(tmp_path, monkeypatch):
+    """The report's run (wandb_run + publish_run) has the identity a stage's logger gives its run, and the
+    report module, in a process of its own, imports neither torch nor Lightning (a few seconds, not 15)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("RSSQA_RUN_GROUP", "pipeline-42")
+    run_dir = tmp_path / "demo" / "report_plots"
+    figure = tmp_path / "figure.png"
+    figure.write_bytes(bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b55"
+                                     "0000000a4944415478da63600000000200015e4c6f4b0000000049454e44ae426082"))  # fmt: skip
+    publish_run(wandb_run(run_dir, "report", name="report"), "report", {"n": 3},
+                tables={"comparison": (["model", "srcc"], [["rs_sqa", 0.8]])}, images={"figures/scatter": figure})  # fmt: skip
+    run = read_offline_run(run_dir / "wandb", wait_s=30)
+    assert (run["project"], run["group"], run["name"], run["job_type"]) == ("rssqa", "pipeline-42", "report", "report")
+    assert set(run["tags"]) == {"demo", "report"} and run["summary"]["report/n"] == 3
+    assert run["summary"]["report/comparison/_type"] == "table-file"
+    assert run["summary"]["report/figures/scatter/_type"] == "images/separated"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_run(tmp_path / "off", "report") is None and not (tmp_path / "off").exists()
+    publish_run(None, "report", {"n": 3})  # nothing to do, no error
+
+    code = "import sys, rssqa.report\nprint(','.join(m for m in ('torch', 'lightning', 'torchmetrics') if m in sys.modules))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "", f"the report imports {out.stdout.strip()}"
 
 
 def test_reading_a_folder_without_a_run_is_a_clear_error(tmp_path):

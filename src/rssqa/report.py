@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rssqa.runs import atomic_write_bytes, atomic_write_json, is_done, read_summary
-from rssqa.tracking import make_loggers, publish
+from rssqa.tracking import publish_run, wandb_run
 
 STAGES = ("world", "purify", "pretrain", "pretrain_raw", "sqed", "sqa", "scenes")
 METRICS = ("srcc", "plcc", "krcc", "rmse")
@@ -495,7 +495,7 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
     atomic_write_bytes(out, "\n".join(md).encode())
     atomic_write_json(root / "report.json", data)
     if wandb:  # the report's tables and plots as one more run in the pipeline run's W&B group
-        publish(make_loggers(plots, "report", name="report", profile=profile, csv=False), "report", {}, tables=tables, images=images)
+        publish_run(wandb_run(plots, "report", name="report", profile=profile), "report", {}, tables=tables, images=images)
     return out
 
 

@@ -9,7 +9,9 @@ the stage as job type. Offline runs are written under the stage's run folder;
 
 At its end every stage calls :func:`publish`: the summary's numbers become the run's summary
 (``<stage>/<key>``, nested keys joined by ``/``), its tables become W&B tables and its figures images,
-so that the dashboard of a pipeline run holds what ``runs/<profile>/report.md`` holds.
+so that the dashboard of a pipeline run holds what ``runs/<profile>/report.md`` holds. The report,
+which trains nothing, opens its run with :func:`wandb_run` and fills it with :func:`publish_run`: it
+never imports Lightning (nor torch), which is imported here only when a stage asks for its loggers.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import Logger
 
 _UNSET = object()
 
@@ -62,27 +65,46 @@ def make_loggers(
             ``version_<n>`` numbering (one per invocation, kept across resumes).
         config: hyper-parameters recorded with the W&B run.
     """
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    profile = profile or run_dir.resolve().parent.name
     loggers: list[Logger] = []
     if csv:
         loggers.append(CSVLogger(run_dir, name="logs", version="" if csv_version is _UNSET else csv_version))
-    mode = wandb_mode()
-    if wandb and mode != "disabled":
-        wb = WandbLogger(
-            project=os.environ.get("WANDB_PROJECT", "rssqa"),
-            group=run_group(profile),
-            name=name or run_dir.name,
-            job_type=stage,
-            tags=[profile, stage],
-            save_dir=str(run_dir),
-            offline=mode != "online",
-            config=config,
-        )
+    if wandb and wandb_mode() != "disabled":
+        init = _wandb_init(run_dir, stage, name, profile)
+        wb = WandbLogger(**{k: v for k, v in init.items() if k not in ("dir", "mode")}, save_dir=init["dir"],
+                         offline=init["mode"] == "offline", config=config)  # fmt: skip
         wb._wandb_init.pop("anonymous", None)  # deprecated in wandb; passing None still prints a warning
         loggers.append(wb)
     return loggers
+
+
+def _wandb_init(run_dir: Path, stage: str, name: str | None, profile: str | None) -> dict[str, Any]:
+    """The arguments of a stage's W&B run (:func:`make_loggers`, :func:`wandb_run`): project, group, name, tags."""
+    profile = profile or run_dir.resolve().parent.name
+    return {
+        "project": os.environ.get("WANDB_PROJECT", "rssqa"),
+        "group": run_group(profile),
+        "name": name or run_dir.name,
+        "job_type": stage,
+        "tags": [profile, stage],
+        "dir": str(run_dir),
+        "mode": "online" if wandb_mode() == "online" else "offline",
+    }
+
+
+def wandb_run(run_dir: str | os.PathLike, stage: str, *, name: str | None = None, profile: str | None = None) -> Any:
+    """A W&B run like the one :func:`make_loggers` gives a stage, opened without Lightning; ``None`` when
+    ``WANDB_MODE=disabled``. Fill it with :func:`publish_run`."""
+    if wandb_mode() == "disabled":
+        return None
+    import wandb
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(**_wandb_init(run_dir, stage, name, profile), reinit="finish_previous")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -116,29 +138,48 @@ def publish(
         images: ``{name: path of a PNG}``; missing files are skipped.
         finish: close the W&B run afterwards (an offline run is complete on disk only then).
     """
+    from lightning.pytorch.loggers import WandbLogger
+
     for lg in loggers:
-        if not isinstance(lg, WandbLogger):
-            continue
-        run = lg.experiment
-        run.summary.update(flatten(summary, f"{stage}/"))
-        # a table or figure W&B refuses must not cost the stage its results: warn, go on
-        for key, (columns, rows) in (tables or {}).items():
+        if isinstance(lg, WandbLogger):
+            publish_run(lg.experiment, stage, summary, tables=tables, images=images, finish=finish)
+
+
+def publish_run(
+    run: Any,
+    stage: str,
+    summary: Mapping[str, Any],
+    *,
+    tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] | None = None,
+    images: Mapping[str, str | os.PathLike] | None = None,
+    finish: bool = True,
+) -> None:
+    """:func:`publish` into one W&B run (a stage logger's, or :func:`wandb_run`'s; ``None``: nothing to do)."""
+    if run is None:
+        return
+    import wandb
+
+    run.summary.update(flatten(summary, f"{stage}/"))
+    # a table or figure W&B refuses must not cost the stage its results: warn, go on
+    for key, (columns, rows) in (tables or {}).items():
+        try:
+            run.log({f"{stage}/{key}": wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"W&B table {stage}/{key} not logged: {e}", stacklevel=2)
+    for key, path in (images or {}).items():
+        if Path(path).is_file():
             try:
-                lg.log_table(f"{stage}/{key}", columns=list(columns), data=[list(r) for r in rows])
+                run.log({f"{stage}/{key}": [wandb.Image(str(path))]})
             except Exception as e:  # noqa: BLE001
-                warnings.warn(f"W&B table {stage}/{key} not logged: {e}", stacklevel=2)
-        for key, path in (images or {}).items():
-            if Path(path).is_file():
-                try:
-                    lg.log_image(f"{stage}/{key}", [str(path)])
-                except Exception as e:  # noqa: BLE001
-                    warnings.warn(f"W&B image {stage}/{key} ({path}) not logged: {e}", stacklevel=2)
-        if finish:
-            run.finish()
+                warnings.warn(f"W&B image {stage}/{key} ({path}) not logged: {e}", stacklevel=2)
+    if finish:
+        run.finish()
 
 
 def finish_runs(loggers: Iterable[Logger]) -> None:
     """Close the W&B runs these loggers started (no-op for runs never started)."""
+    from lightning.pytorch.loggers import WandbLogger
+
     for lg in loggers:
         if isinstance(lg, WandbLogger) and lg._experiment is not None:
             lg._experiment.finish()

@@ -4,8 +4,9 @@
 >>> sample = src[0]  # {"image_id", "image": H×W×3 uint8, "mask": H×W uint8 (255 = ignore)}
 """
 
+from typing import Any
+
 from rssqa.data.segsets import folder as _folder  # noqa: F401 - registers the folder layout
-from rssqa.data.segsets.datamodule import SegArrays, SegDataModule, SegSubset, to_tensors
 from rssqa.data.segsets.layouts import (
     DEEPGLOBE_CLASSES,
     DEEPGLOBE_PALETTE,
@@ -47,3 +48,15 @@ __all__ = [
     "register_layout",
     "to_tensors",
 ]
+
+# the DataModule and its helpers import Lightning: loaded when first asked for, so that reading a source (the
+# scene path, ``rssqa scene``) does not pay for it
+_DATAMODULE = ("SegArrays", "SegDataModule", "SegSubset", "to_tensors")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DATAMODULE:
+        from rssqa.data.segsets import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
