@@ -119,30 +119,14 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def publish(
-    loggers: Iterable[Logger],
-    stage: str,
-    summary: Mapping[str, Any],
-    *,
-    tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] | None = None,
-    images: Mapping[str, str | os.PathLike] | None = None,
-    finish: bool = True,
-) -> None:
-    """Put a stage's results into its W&B run: summary numbers, tables and figures; then close the run.
-
-    Args:
-        loggers: the stage's loggers (those that are not W&B are skipped).
-        stage: prefix of every key (``<stage>/<key>``).
-        summary: the stage summary (nested dicts are flattened; see :func:`flatten`).
-        tables: ``{name: (columns, rows)}``.
-        images: ``{name: path of a PNG}``; missing files are skipped.
-        finish: close the W&B run afterwards (an offline run is complete on disk only then).
-    """
+def publish(loggers: Iterable[Logger], stage: str, summary: Mapping[str, Any], **options: Any) -> None:
+    """:func:`publish_run` into the W&B run of each of a stage's loggers (those that are not W&B are skipped);
+    ``options``: its ``tables``, ``images`` and ``finish``."""
     from lightning.pytorch.loggers import WandbLogger
 
     for lg in loggers:
         if isinstance(lg, WandbLogger):
-            publish_run(lg.experiment, stage, summary, tables=tables, images=images, finish=finish)
+            publish_run(lg.experiment, stage, summary, **options)
 
 
 def publish_run(
@@ -154,7 +138,16 @@ def publish_run(
     images: Mapping[str, str | os.PathLike] | None = None,
     finish: bool = True,
 ) -> None:
-    """:func:`publish` into one W&B run (a stage logger's, or :func:`wandb_run`'s; ``None``: nothing to do)."""
+    """Put a stage's results into its W&B run: summary numbers, tables and figures; then close the run.
+
+    Args:
+        run: a W&B run (a stage logger's, :func:`publish`; the report's, :func:`wandb_run`); ``None``: nothing to do.
+        stage: prefix of every key (``<stage>/<key>``).
+        summary: the stage summary (nested dicts are flattened; see :func:`flatten`).
+        tables: ``{name: (columns, rows)}``.
+        images: ``{name: path of a PNG}``; missing files are skipped.
+        finish: close the W&B run afterwards (an offline run is complete on disk only then).
+    """
     if run is None:
         return
     import wandb
