@@ -73,16 +73,15 @@ def make_loggers(
     if csv:
         loggers.append(CSVLogger(run_dir, name="logs", version="" if csv_version is _UNSET else csv_version))
     if wandb and wandb_mode() != "disabled":
-        init = _wandb_init(run_dir, stage, name, profile)
-        wb = WandbLogger(**{k: v for k, v in init.items() if k not in ("dir", "mode")}, save_dir=init["dir"],
-                         offline=init["mode"] == "offline", config=config)  # fmt: skip
+        wb = WandbLogger(**_identity(run_dir, stage, name, profile), save_dir=str(run_dir),
+                         offline=wandb_mode() != "online", config=config)  # fmt: skip
         wb._wandb_init.pop("anonymous", None)  # deprecated in wandb; passing None still prints a warning
         loggers.append(wb)
     return loggers
 
 
-def _wandb_init(run_dir: Path, stage: str, name: str | None, profile: str | None) -> dict[str, Any]:
-    """The arguments of a stage's W&B run (:func:`make_loggers`, :func:`wandb_run`): project, group, name, tags."""
+def _identity(run_dir: Path, stage: str, name: str | None, profile: str | None) -> dict[str, Any]:
+    """Who a stage's W&B run is (:func:`make_loggers`, :func:`wandb_run`): project, group, name, job type, tags."""
     profile = profile or run_dir.resolve().parent.name
     return {
         "project": os.environ.get("WANDB_PROJECT", "rssqa"),
@@ -90,8 +89,6 @@ def _wandb_init(run_dir: Path, stage: str, name: str | None, profile: str | None
         "name": name or run_dir.name,
         "job_type": stage,
         "tags": [profile, stage],
-        "dir": str(run_dir),
-        "mode": "online" if wandb_mode() == "online" else "offline",
     }
 
 
@@ -104,7 +101,7 @@ def wandb_run(run_dir: str | os.PathLike, stage: str, *, name: str | None = None
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(**_wandb_init(run_dir, stage, name, profile), reinit="finish_previous")
+    return wandb.init(**_identity(run_dir, stage, name, profile), dir=str(run_dir), mode=wandb_mode(), reinit="finish_previous")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
