@@ -254,6 +254,45 @@ def test_checkpoint_reproduces_the_cached_labels(built):
     np.testing.assert_allclose(out_now["feat/encoder"].numpy(), cached, rtol=2e-3, atol=2e-3)
 
 
+def test_the_seam_reads_a_checkpoint_once_per_process(built, tmp_path, monkeypatch):
+    """The pixel seam keeps the methods it loaded for its next pass: the same module again without reading
+    the file; a checkpoint written again since is read again; over the byte budget the oldest is let go."""
+    import os
+    import shutil
+    from collections import OrderedDict
+
+    from rssqa.tasks.sqa import pixel_rows
+
+    out, _ = built
+    db = SQED(out)
+    ckpt = tmp_path / "linknet.ckpt"
+    shutil.copy(db.checkpoint("vaihingen", "linknet"), ckpt)
+    reads = []
+
+    def counted(path, map_location):
+        reads.append(Path(path).name)
+        return load_segmenter(path, map_location=map_location)
+
+    monkeypatch.setattr(pixel_rows, "load_segmenter", counted)
+    monkeypatch.setattr(pixel_rows, "_loaded", OrderedDict())
+    cpu = torch.device("cpu")
+    first = pixel_rows.loaded_segmenter(ckpt, cpu)
+    assert pixel_rows.loaded_segmenter(ckpt, cpu) is first and reads == ["linknet.ckpt"] and not first.training
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # written again
+    again = pixel_rows.loaded_segmenter(ckpt, cpu)
+    assert again is not first and reads == ["linknet.ckpt"] * 2
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(again(x), first(x), rtol=0, atol=0)
+    monkeypatch.setattr(pixel_rows, "KEEP_BYTES", 1)  # room for one model: the newest stays
+    other = pixel_rows.loaded_segmenter(db.checkpoint("loveda", "pspnet"), cpu)
+    assert [seg for seg, _ in pixel_rows._loaded.values()] == [other]
+    pixel_rows.loaded_segmenter(ckpt, cpu)
+    assert reads == ["linknet.ckpt", "linknet.ckpt", "final.ckpt", "linknet.ckpt"]
+    with pytest.raises(RSSQAError, match=r"gone\.ckpt: segmenter checkpoint not found"):
+        pixel_rows.loaded_segmenter(tmp_path / "gone.ckpt", cpu)
+
+
 def test_load_segmenter_rejects_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "x.ckpt").write_bytes(b"junk")
     with pytest.raises(RSSQAError, match=r"x\.ckpt: not a sqed segmenter checkpoint"):

@@ -355,7 +355,8 @@ def build_segmenter(
 
 
 def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Segmenter:
-    """The trained :class:`Segmenter` of a sqed checkpoint (``methods/<source>/<method>/final.ckpt``), in eval mode.
+    """The trained :class:`Segmenter` of a sqed checkpoint (``methods/<source>/<method>/final.ckpt``), on
+    ``map_location``, in eval mode.
 
     Reads the Lightning checkpoint's hyper-parameters and weights directly, so scoring needs no
     training code. The checkpoint holds every weight: the encoder's initial weights file is not read.
@@ -376,7 +377,7 @@ def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "
         raise
     except Exception as e:  # noqa: BLE001 - torch.load and a foreign dict raise many kinds; all mean "not ours"
         raise RSSQAError(f"{path}: not a sqed segmenter checkpoint ({type(e).__name__}: {e})") from None
-    return seg.eval()
+    return seg.to(map_location).eval()
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:

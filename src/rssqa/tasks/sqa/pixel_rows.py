@@ -10,10 +10,13 @@ index, is left out of the loss and of every metric). Used by :mod:`rssqa.tasks.s
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +24,7 @@ import torch
 from rssqa.agreement import quality_agreement_maps
 from rssqa.errors import RSSQAError
 from rssqa.models.pixel_error import pixel_inputs
-from rssqa.models.segmenters import load_segmenter
+from rssqa.models.segmenters import Segmenter, load_segmenter
 from rssqa.progress import eta, line
 from rssqa.tasks.sqa.data import SQADataModule
 
@@ -104,6 +107,33 @@ def partition_val(data: SQADataModule, source: str, n_train: int, n_select: int,
     return [keys[i] for i in sorted(train)], [keys[i] for i in sorted(order[:n_select])]
 
 
+# The methods the seam passes of this process loaded, kept for its next pass (a head's train, val and test
+# passes, and every later head, run the same methods of each source): at most KEEP_BYTES of their weights,
+# the least recently used let go first. Keyed by the checkpoint's path, size and time, and the device.
+KEEP_BYTES = 2 * 2**30
+_loaded: OrderedDict[tuple, tuple[Segmenter, int]] = OrderedDict()
+
+
+def loaded_segmenter(path: str | os.PathLike, device: torch.device) -> Segmenter:
+    """:func:`~rssqa.models.segmenters.load_segmenter` of ``path`` on ``device``, loaded once per process while
+    it stays among the last :data:`KEEP_BYTES` of loaded weights (the seam only reads it: eval mode, no
+    gradient); a checkpoint written again since is loaded again."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return load_segmenter(path, map_location=device)  # its own one-line error
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, str(device))
+    hit = _loaded.pop(key, None)
+    if hit is None:
+        seg = load_segmenter(path, map_location=device)
+        hit = (seg, sum(t.numel() * t.element_size() for t in seg.state_dict().values()))
+    _loaded[key] = hit
+    while len(_loaded) > 1 and sum(n for _, n in _loaded.values()) > KEEP_BYTES:
+        _loaded.popitem(last=False)
+    return hit[0]
+
+
 def seam_pixels(
     data: SQADataModule, source: str, methods: Sequence[str], pool_rows: Sequence[int], agreement: bool, block: int
 ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
@@ -119,7 +149,7 @@ def seam_pixels(
     inputs = replace(data.inputs, grid=data.grid, feat_dim=0)
     block = -(-block // inputs.seg_chunk) * inputs.seg_chunk  # whole segmenter chunks: no padded forwards
     if cache is None:
-        segmenters = [load_segmenter(data.sqed.checkpoint(source, m), map_location=pixel_device()) for m in methods]
+        segmenters = [loaded_segmenter(data.sqed.checkpoint(source, m), pixel_device()) for m in methods]
         images = data.sqed.images(source)
     for start in range(0, len(pool_rows), block):
         part = list(pool_rows[start : start + block])
