@@ -291,9 +291,11 @@ def test_same_seed_same_numbers(run_root, tmp_path):
     assert summary["pixel_error"] is None and not (tmp_path / "again" / "scorer" / "scorer_pixel.safetensors").exists()
 
 
-def test_fold_pixel_heads_in_the_fit_workers_give_what_this_process_gives(run_root, tmp_path):
+def test_fold_pixel_heads_in_the_fit_workers_give_what_this_process_gives(run_root, tmp_path, monkeypatch):
     """The group folds' pixel error heads are queued to the fit workers (Fits.call): with the same thread
-    count a worker's error map is this process's to the last bit, and the data module is left as it was."""
+    count a worker's error map is this process's to the last bit, forked (the workers start with this
+    process's data module) or spawned (each builds its own), and the data module is left as it was."""
+    from rssqa.processes import START_METHOD_ENV
     from rssqa.tasks.sqa import SQADataModule
     from rssqa.tasks.sqa.fits import Fits, TrainerRecipe
     from rssqa.tasks.sqa.folds import fold_splits
@@ -310,17 +312,19 @@ def test_fold_pixel_heads_in_the_fit_workers_give_what_this_process_gives(run_ro
                for s in ("val", "test")}  # fmt: skip
     pixel = PixelConfig(epochs=1, hidden=8, pixels_per_row=64)
     got = {}
-    for workers in (1, 2):
-        with Fits(dm, TrainerRecipe(str(tmp_path / f"w{workers}"), wandb=False), workers, threads=1) as fits:
+    for workers, start in ((1, None), (2, "fork"), (2, "spawn")):
+        monkeypatch.setenv(START_METHOD_ENV, start or "")
+        with Fits(dm, TrainerRecipe(str(tmp_path / f"w{workers}{start}"), wandb=False), workers, threads=1) as fits:
             fits.call("pixel_fold1", fold_error_map, split, pixel, 0, quality)
             with pytest.raises(RSSQAError, match="two fits named 'pixel_fold1'"):
                 fits.call("pixel_fold1", fold_error_map, split, pixel, 0, quality)
-            got[workers] = fits.call_result("pixel_fold1")["error_map"]
-            assert fits.call_result("pixel_fold1")["error_map"] is got[workers]  # asked again: run once
+            got[start] = fits.call_result("pixel_fold1")["error_map"]
+            assert fits.call_result("pixel_fold1")["error_map"] is got[start]  # asked again: run once
             with pytest.raises(RSSQAError, match="no work named 'pixel_fold2'"):
                 fits.call_result("pixel_fold2")
-    assert len(got[1]) == int((split == "test").sum()) and np.all((got[1] >= 0) & (got[1] <= 1))
-    np.testing.assert_array_equal(got[1], got[2])
+    assert len(got[None]) == int((split == "test").sum()) and np.all((got[None] >= 0) & (got[None] <= 1))
+    np.testing.assert_array_equal(got[None], got["fork"])
+    np.testing.assert_array_equal(got[None], got["spawn"])
     np.testing.assert_array_equal(dm.split_of, before)
 
 

@@ -77,11 +77,13 @@ def score_scene_index(
     if workers > 1 and len(entries) > 1:
         if not isinstance(scorer, (str, os.PathLike)):
             raise RSSQAError("scenes: several workers need the scorer's folder, not a loaded scorer")
-        import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
+        from rssqa.processes import worker_context
+
         jobs = [(str(scorer), e, base, str(out), k, len(entries), progress) for k, e in enumerate(entries)]
-        with ProcessPoolExecutor(min(workers, len(entries)), mp_context=mp.get_context("spawn")) as pool:
+        # one-thread workers: forked from this process where that is safe (they start with its imports)
+        with ProcessPoolExecutor(min(workers, len(entries)), mp_context=worker_context(one_thread=True)) as pool:
             done = list(pool.map(_index_job, jobs))
     else:
         if isinstance(scorer, (str, os.PathLike)):

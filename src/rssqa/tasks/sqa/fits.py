@@ -3,11 +3,12 @@
 A stage run trains up to fifteen small heads: RS-SQA, its ablations, the agreement models, and two of
 them again leaving each source out. Each fit is seeded on its own and reads the same in-memory inputs,
 so they are independent jobs (:class:`FitJob`). :class:`Fits` runs them in this process when a result
-is asked for (``workers=1``), or hands them, in the order submitted, to ``workers`` spawned
-processes. Each worker builds the data module once (the CLIP features come from the run folder's
-cache, written by the calling process before the workers start) and trains one head at a time with a
-Trainer from the same :class:`TrainerRecipe`; the calling process meanwhile does what needs no fit
-(the pixel error head).
+is asked for (``workers=1``), or hands them, in the order submitted, to ``workers`` worker
+processes. A worker forked from the calling process (:func:`rssqa.processes.worker_context`: one-thread
+workers, Linux) starts with its data module as it is; a spawned one builds the data module once (the
+CLIP features come from the run folder's cache, written by the calling process before the workers
+start). Each trains one head at a time with a Trainer from the same :class:`TrainerRecipe`; the calling
+process meanwhile does what needs no fit (the pixel error head).
 
 A head this small keeps a core only partly busy with more than one thread: two one-thread processes
 on two cores finish the fits in about half the time of one process. With the same thread count a fit
@@ -18,7 +19,6 @@ time, not its results.
 from __future__ import annotations
 
 import inspect
-import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from rssqa.errors import RSSQAError
+from rssqa.processes import forked, worker_context
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.task import SQATask
 
@@ -149,14 +150,17 @@ def run_job(job: FitJob, data: SQADataModule, recipe: TrainerRecipe) -> tuple[SQ
 _WORKER: dict[str, Any] = {}
 
 
-def _start_worker(data_kwargs: dict[str, Any], recipe: TrainerRecipe, threads: int) -> None:
+def _start_worker(data: dict[str, Any] | SQADataModule, recipe: TrainerRecipe, threads: int) -> None:
+    """A worker's data module: its parent's, as it was when forked, or built again from the parent's
+    arguments (a spawned worker)."""
     from rssqa.tracking import quiet_lightning
 
     quiet_lightning()
     if threads:
         torch.set_num_threads(threads)
-    data = SQADataModule(**data_kwargs)
-    data.setup("fit")
+    if isinstance(data, dict):
+        data = SQADataModule(**data)
+        data.setup("fit")
     _WORKER.update(data=data, recipe=recipe)
 
 
@@ -198,12 +202,15 @@ class Fits:
 
     def _pool(self) -> ProcessPoolExecutor:
         if self.pool is None:
-            own = inspect.signature(SQADataModule.__init__).parameters
-            data_kwargs = {k: v for k, v in self.data.hparams.items() if k in own and k != "self"}
+            context = worker_context(one_thread=self.threads == 1)
+            if forked(context):  # the workers start with this process's data module (no imports, no setup)
+                data: dict[str, Any] | SQADataModule = self.data
+            else:
+                own = inspect.signature(SQADataModule.__init__).parameters
+                data = {k: v for k, v in self.data.hparams.items() if k in own and k != "self"}
             self.pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker, initargs=(data_kwargs, self.recipe, self.threads),
-            )  # fmt: skip
+                self.workers, mp_context=context, initializer=_start_worker, initargs=(data, self.recipe, self.threads)
+            )
         return self.pool
 
     def submit(self, job: FitJob) -> None:
