@@ -98,13 +98,15 @@ def _bootstrap_pair(a, b, t, groups, n_boot, seed):
 
 def test_many_pairs_on_one_set_of_draws_give_each_pair_s_numbers():
     """PairedBootstrap keeps each score's correlations over the draws: every pair, in any order and asked
-    again, gives exactly what a from-scratch bootstrap of that pair gives."""
+    again, gives exactly what a from-scratch bootstrap of that pair with torchmetrics gives, tied scores
+    included (rounded, or one per image)."""
     rng = np.random.default_rng(2)
     images = np.repeat(np.arange(60), 3)
     oa = rng.uniform(0.2, 0.9, len(images))
     scores = [oa + rng.normal(0, s, len(oa)) for s in (0.05, 0.1, 0.3)]
+    scores += [np.round(scores[1], 1), np.repeat(rng.uniform(size=60), 3)]
     boot = metrics.PairedBootstrap(oa, images, n_boot=200, seed=4)
-    for i, j in ((0, 1), (2, 0), (1, 2), (0, 1), (1, 0)):
+    for i, j in ((0, 1), (2, 0), (1, 2), (0, 1), (1, 0), (3, 4), (4, 0)):
         got = boot.compare(scores[i], scores[j])
         assert got == metrics.paired_bootstrap(scores[i], scores[j], oa, images, n_boot=200, seed=4)
         ref = _bootstrap_pair(scores[i], scores[j], oa, images, 200, 4)
@@ -112,7 +114,7 @@ def test_many_pairs_on_one_set_of_draws_give_each_pair_s_numbers():
             assert got[name]["low"] == float(np.percentile(ref[name], 2.5))
             assert got[name]["high"] == float(np.percentile(ref[name], 97.5))
             assert got[name]["a_better"] == float((ref[name] > 0).mean())
-    assert len(boot._kept) == 2 * 3  # one pass per score and metric
+    assert len(boot._kept) == 2 * 5  # one pass per score and metric
     with pytest.raises(RSSQAError, match="equal lengths"):
         boot.compare(scores[0][:-3], scores[1][:-3])
 

@@ -180,7 +180,7 @@ class PairedBootstrap:
         seed: seed of the draws.
     """
 
-    METRICS = (("srcc", spearman_corrcoef, srcc), ("plcc", pearson_corrcoef, plcc))
+    METRICS = (("srcc", None, srcc), ("plcc", pearson_corrcoef, plcc))  # srcc: :meth:`_spearman`
 
     def __init__(self, target: Any, groups: Sequence[Any], n_boot: int = 1000, seed: int = 0):
         self.t = np.asarray(target, dtype=np.float64).reshape(-1)
@@ -195,13 +195,23 @@ class PairedBootstrap:
         draws = np.random.default_rng(seed).integers(0, len(members), (n_boot, len(members)))
         self.idx = np.stack([np.concatenate([members[k] for k in d]) for d in draws], axis=1)  # N × n_boot
         self._tt = torch.from_numpy(self.t[self.idx])
+        self._target_ranks: torch.Tensor | None = None
         self._kept: dict[tuple[str, bytes], np.ndarray] = {}
 
-    def _drawn(self, name: str, fn: Callable[..., torch.Tensor], pred: np.ndarray) -> np.ndarray:
+    def _drawn(self, name: str, fn: Callable[..., torch.Tensor] | None, pred: np.ndarray) -> np.ndarray:
         key = (name, pred.tobytes())
         if key not in self._kept:
-            self._kept[key] = fn(torch.from_numpy(pred[self.idx]), self._tt).numpy()
+            drawn = pred[self.idx]
+            self._kept[key] = (fn(torch.from_numpy(drawn), self._tt) if fn else self._spearman(drawn)).numpy()
         return self._kept[key]
+
+    def _spearman(self, drawn: np.ndarray) -> torch.Tensor:
+        """torchmetrics' ``spearman_corrcoef`` of each draw (a column of ``drawn``) with the target's, to the
+        last bit, with every column ranked in one pass and the target's draws ranked once for every score
+        (torchmetrics ranks column by column, both sides each time)."""
+        if self._target_ranks is None:
+            self._target_ranks = column_ranks(self._tt.numpy())
+        return spearman_of_ranks(column_ranks(drawn), self._target_ranks)
 
     def compare(self, pred_a: Any, pred_b: Any) -> dict[str, dict[str, float]]:
         """``a`` against ``b``: what :func:`paired_bootstrap` returns."""
@@ -221,6 +231,26 @@ class PairedBootstrap:
             }
             out[name]["verdict"] = verdict(out[name]["low"], out[name]["high"])
         return out
+
+
+def column_ranks(x: np.ndarray) -> torch.Tensor:
+    """The ranks within each column of ``x`` (``N×K``) from 1, ties sharing their mean rank, as float32 and
+    laid out (a transposed ``K×N``) as torchmetrics' ``spearman_corrcoef`` makes them column by column:
+    ``scipy.stats.rankdata`` over every column at once."""
+    from scipy.stats import rankdata
+
+    return torch.from_numpy(np.ascontiguousarray(rankdata(np.asarray(x).T, axis=1), dtype=np.float32)).T
+
+
+def spearman_of_ranks(preds: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Spearman correlation per column from :func:`column_ranks` of predictions and targets: the Pearson
+    correlation of the ranks as torchmetrics' ``spearman_corrcoef`` computes it (its eps, clamped to [-1, 1])."""
+    preds_diff = preds - preds.mean(0)
+    target_diff = target - target.mean(0)
+    cov = (preds_diff * target_diff).mean(0)
+    preds_std = torch.sqrt((preds_diff * preds_diff).mean(0))
+    target_std = torch.sqrt((target_diff * target_diff).mean(0))
+    return torch.clamp(cov / (preds_std * target_std + eps), -1.0, 1.0)
 
 
 def mean_bootstrap(diff: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
