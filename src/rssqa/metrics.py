@@ -180,8 +180,6 @@ class PairedBootstrap:
         seed: seed of the draws.
     """
 
-    METRICS = (("srcc", None, srcc), ("plcc", pearson_corrcoef, plcc))  # srcc: :meth:`_spearman`
-
     def __init__(self, target: Any, groups: Sequence[Any], n_boot: int = 1000, seed: int = 0):
         self.t = np.asarray(target, dtype=np.float64).reshape(-1)
         g = np.asarray(groups)
@@ -198,12 +196,15 @@ class PairedBootstrap:
         self._target_ranks: torch.Tensor | None = None
         self._kept: dict[tuple[str, bytes], np.ndarray] = {}
 
-    def _drawn(self, name: str, fn: Callable[..., torch.Tensor] | None, pred: np.ndarray) -> np.ndarray:
+    def _drawn(self, name: str, over_draws: Callable[[np.ndarray], torch.Tensor], pred: np.ndarray) -> np.ndarray:
         key = (name, pred.tobytes())
         if key not in self._kept:
-            drawn = pred[self.idx]
-            self._kept[key] = (fn(torch.from_numpy(drawn), self._tt) if fn else self._spearman(drawn)).numpy()
+            self._kept[key] = over_draws(pred[self.idx]).numpy()
         return self._kept[key]
+
+    def _pearson(self, drawn: np.ndarray) -> torch.Tensor:
+        """torchmetrics' ``pearson_corrcoef`` of each draw (a column of ``drawn``) with the target's."""
+        return pearson_corrcoef(torch.from_numpy(drawn), self._tt)
 
     def _spearman(self, drawn: np.ndarray) -> torch.Tensor:
         """torchmetrics' ``spearman_corrcoef`` of each draw (a column of ``drawn``) with the target's, to the
@@ -220,8 +221,8 @@ class PairedBootstrap:
         if not (len(a) == len(b) == len(self.t)):
             raise RSSQAError(f"metrics: paired bootstrap needs equal lengths, got {len(a)}, {len(b)}, {len(self.t)}")
         out = {}
-        for name, fn, one in self.METRICS:
-            diffs = self._drawn(name, fn, a) - self._drawn(name, fn, b)
+        for name, over_draws, one in (("srcc", self._spearman, srcc), ("plcc", self._pearson, plcc)):
+            diffs = self._drawn(name, over_draws, a) - self._drawn(name, over_draws, b)
             diffs = diffs[np.isfinite(diffs)]
             out[name] = {
                 "diff": one(a, self.t) - one(b, self.t),
