@@ -236,6 +236,25 @@ def test_sixteen_bit_scene_is_rescaled_to_what_the_scorer_reads(run_root, scorer
             assert np.array_equal(a.read(1), b.read(1)), n
 
 
+def test_quicklook_shows_the_bands_and_pixels_the_methods_read(tmp_path):
+    """The quicklook's scene panel of a 4-band uint16 scene read with --bands and --rescale is the 8-bit
+    scene the methods saw, not the first three bands as stored (a white panel for 16-bit pixels)."""
+    from rssqa.scene.quicklook import scene_rgb
+
+    eight = tmp_path / "eight.tif"
+    img = write_scene(eight, 64, 96, seed=3)
+    four = tmp_path / "four.tif"
+    stored = np.where(img > 0, img.astype(np.uint16) * 4 + 100, 0).astype(np.uint16)  # red, green, blue
+    other = np.full((1, 64, 96), 4000, np.uint16)  # e.g. near infrared, stored first
+    with rasterio.open(four, "w", driver="GTiff", width=96, height=64, count=4, dtype="uint16", nodata=0,
+                       crs=CRS_UTM, transform=TRANSFORM) as d:  # fmt: skip
+        d.write(np.concatenate([other, stored[::-1]]))  # bands: other, blue, green, red
+    want = scene_rgb(eight, side=96)
+    assert want.dtype == np.uint8 and want.shape == (64, 96, 3) and np.array_equal(want, img.transpose(1, 2, 0))
+    assert np.array_equal(scene_rgb(four, bands=[4, 3, 2], rescale=(100, 1120), side=96), want)
+    assert not np.array_equal(scene_rgb(four, side=96), want)
+
+
 def test_pooled_figures_are_the_scenes_own_margins_averaged():
     from rssqa.scene.evaluate import _error_figures, pooled_figures
 

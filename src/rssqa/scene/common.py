@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rssqa.errors import RSSQAError
 
 LAYERS = ("quality", "best_method", "fused", "error")
@@ -34,6 +36,15 @@ def trained_tile(config: dict[str, Any], source: str | None) -> int | None:
     when the scorer records neither."""
     size = (config.get("image_sizes") or {}).get(source) or config.get("image_size")
     return int(min(size)) if size else None
+
+
+def to_8bit(pixels: np.ndarray, rescale: tuple[float, float] | None) -> np.ndarray:
+    """Pixels as the methods read them: ``rescale`` ``(low, high)`` mapped linearly to 0-255 (clipped,
+    rounded), or the 8-bit pixels as they are (``None``)."""
+    if rescale is None:
+        return pixels
+    lo, hi = rescale
+    return np.clip((pixels.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
 
 
 def _rasterio():

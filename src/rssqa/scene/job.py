@@ -33,6 +33,7 @@ from rssqa.scene.common import (
     _open,
     _rasterio,
     _save_json,
+    to_8bit,
     trained_tile,
 )
 from rssqa.scene.evaluate import _evaluate_windows, _finish_eval, _new_eval, fused_per_window
@@ -145,10 +146,7 @@ class SceneJob:
             valid = src.dataset_mask(window=win) > 0
         except rasterio.errors.RasterioIOError as e:
             raise RSSQAError(f"{self.path}: unreadable at rows {row}-{row + self.tile} ({str(e).splitlines()[0][:120]})") from None
-        if self.opt.rescale is not None:
-            lo, hi = self.opt.rescale
-            pixels = np.clip((pixels.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
-        return np.ascontiguousarray(pixels.transpose(1, 2, 0)), valid
+        return np.ascontiguousarray(to_8bit(pixels, self.opt.rescale).transpose(1, 2, 0)), valid
 
     # ---------------------------------------------------------------------------------- judging
     @torch.no_grad()
@@ -312,7 +310,7 @@ class SceneJob:
             summary["evaluation"], self.pool = _finish_eval(ev, self.names, self.agreement, fused)
         if self.opt.quicklook:
             try:
-                summary["outputs"]["quicklook"] = quicklook(self.out, self.path, self.names)
+                summary["outputs"]["quicklook"] = quicklook(self.out, self.path, self.names, bands, self.opt.rescale)
             except Exception as e:  # noqa: BLE001 - a missing picture must not fail a finished scene
                 print(f"warning: quicklook not written ({type(e).__name__}: {e})", file=sys.stderr)
         return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,11 +10,35 @@ from typing import Any
 
 import numpy as np
 
-from rssqa.scene.common import METHOD_COLOURS, _rasterio
+from rssqa.scene.common import METHOD_COLOURS, _rasterio, to_8bit
 
 
-def quicklook(folder: Path, scene: Path, methods: Sequence[str], side: int = 512) -> str:
-    """``quicklook.png``: the scene and the four layers side by side, read from their overviews."""
+def _small(path: Path, side: int, bands: Any = 1, nearest: bool = True) -> np.ndarray:
+    """``path``'s ``bands`` read at about ``side`` px on the longer side (from its overviews, where it has them)."""
+    from rasterio.enums import Resampling
+
+    with _rasterio().open(path) as d:
+        f = max(d.width, d.height) / side
+        shape = (max(1, round(d.height / f)), max(1, round(d.width / f)))
+        return d.read(bands, out_shape=shape if isinstance(bands, int) else (len(bands), *shape),
+                      resampling=Resampling.nearest if nearest else Resampling.average)  # fmt: skip
+
+
+def scene_rgb(scene: Path, bands: Sequence[int] | None = None, rescale: tuple[float, float] | None = None, side: int = 512) -> np.ndarray:
+    """The scene panel, ``h×w×3`` uint8: the bands the methods read (``bands``, 1-based red, green, blue;
+    default the first three), converted to 8 bits as they are (``rescale``), at about ``side`` px."""
+    with _rasterio().open(scene) as d:
+        chosen = list(bands) if bands else [1, 2, 3] if d.count >= 3 else [1] * 3
+    pixels = _small(scene, side, chosen)
+    return to_8bit(pixels, rescale).astype(np.uint8, copy=False).transpose(1, 2, 0)
+
+
+def quicklook(
+    folder: Path, scene: Path, methods: Sequence[str], bands: Sequence[int] | None = None,
+    rescale: tuple[float, float] | None = None, side: int = 512,
+) -> str:
+    """``quicklook.png``: the scene (its ``bands``, 8-bit by ``rescale``, as the methods read it) and the
+    four layers side by side, read from their overviews."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,28 +46,15 @@ def quicklook(folder: Path, scene: Path, methods: Sequence[str], side: int = 512
     from matplotlib.colors import ListedColormap
 
     rasterio = _rasterio()
-    from rasterio.enums import Resampling
-
-    def small(path: Path, bands: Any = 1, nearest: bool = True) -> np.ndarray:
-        with rasterio.open(path) as d:
-            f = max(d.width, d.height) / side
-            shape = (max(1, round(d.height / f)), max(1, round(d.width / f)))
-            return d.read(bands, out_shape=shape if isinstance(bands, int) else (len(bands), *shape),
-                          resampling=Resampling.nearest if nearest else Resampling.average)  # fmt: skip
-
     fig, axes = plt.subplots(1, 5, figsize=(20, 4.4))
-    try:
-        with rasterio.open(scene) as d:
-            rgb = small(scene, [1, 2, 3] if d.count >= 3 else [1] * 3).transpose(1, 2, 0)
-        axes[0].imshow(rgb)
-    except Exception:  # noqa: BLE001 - the scene panel is a courtesy
-        pass
+    with contextlib.suppress(Exception):  # the scene panel is a courtesy: the layers are what matters
+        axes[0].imshow(scene_rgb(scene, bands, rescale, side))
     axes[0].set_title("scene")
-    q = np.ma.masked_less(small(folder / "quality.tif", nearest=False), 0)
+    q = np.ma.masked_less(_small(folder / "quality.tif", side, nearest=False), 0)
     im = axes[1].imshow(q, cmap="RdYlGn", vmin=0, vmax=1)
     fig.colorbar(im, ax=axes[1], fraction=0.046)
     axes[1].set_title("predicted OA (recommended method)")
-    b = np.ma.masked_equal(small(folder / "best_method.tif"), 255)
+    b = np.ma.masked_equal(_small(folder / "best_method.tif", side), 255)
     cmap = ListedColormap([np.array(c) / 255 for c in METHOD_COLOURS[: len(methods)]])
     axes[2].imshow(b, cmap=cmap, vmin=-0.5, vmax=len(methods) - 0.5, interpolation="nearest")
     axes[2].legend(handles=[plt.Rectangle((0, 0), 1, 1, color=np.array(METHOD_COLOURS[i]) / 255) for i in range(len(methods))],
@@ -55,9 +67,9 @@ def quicklook(folder: Path, scene: Path, methods: Sequence[str], side: int = 512
             vmax = max(cm) if cm else 9
         except ValueError:
             colours, vmax = "tab10", 9
-    axes[3].imshow(np.ma.masked_equal(small(folder / "fused.tif"), 255), cmap=colours, vmin=0, vmax=vmax, interpolation="nearest")
+    axes[3].imshow(np.ma.masked_equal(_small(folder / "fused.tif", side), 255), cmap=colours, vmin=0, vmax=vmax, interpolation="nearest")
     axes[3].set_title("fused segmentation")
-    e = np.ma.masked_less(small(folder / "error.tif", nearest=False), 0)
+    e = np.ma.masked_less(_small(folder / "error.tif", side, nearest=False), 0)
     im = axes[4].imshow(e, cmap="magma", vmin=0, vmax=1)
     fig.colorbar(im, ax=axes[4], fraction=0.046)
     axes[4].set_title("predicted error probability")
