@@ -151,6 +151,41 @@ def test_cli_bad_input_is_one_line(run_root, tmp_path, capsys, case):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+def test_cli_skips_the_bad_images_of_a_folder_and_scores_the_others(run_root, folder, tmp_path, capsys):
+    """A mask, a broken file and a thumbnail among the images: each skipped in one line, the others scored."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    mask = Image.fromarray(np.random.default_rng(0).integers(0, 6, (64, 64), dtype=np.uint8), mode="P")
+    mask.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    mask.save(mixed / "tile_0_mask.png")
+    (mixed / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    Image.fromarray(_image(4, 32)).save(mixed / "thumb.png")
+    common = ["--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--json", "--quiet"]
+    assert main(["score", str(folder), "--method", "fpn", *common]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    code = main(["score", str(mixed), "--method", "fpn", *common])
+    out = capsys.readouterr()
+    assert code == 1
+    got = json.loads(out.out)
+    assert [Path(r["image"]).name for r in got] == [Path(r["image"]).name for r in clean]  # every good image, in order
+    assert [r["score"] for r in got] == [r["score"] for r in clean]
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("skipped: ") for line in lines[:3])
+    assert any("tile_0_mask.png: palette-mode image" in line for line in lines)
+    assert any("broken.jpg: unreadable image" in line for line in lines)
+    assert any("thumb.png: 32x32 px is smaller than" in line for line in lines)
+    assert lines[3].startswith("3 of 7 images skipped")
+    assert main(["recommend", str(mixed), *common]) == 1  # recommend skips the same way
+    assert len(json.loads(capsys.readouterr().out)) == len(clean)
+    assert main(["score", str(mixed), "--method", "fpn", "--on-bad", "error", *common]) == 2  # the first stops it
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "broken.jpg: unreadable image" in err and len(err.splitlines()) == 1
+    for name in ("tile_0.png", "tile_1.png", "tile_2.png", "sub_big.png"):
+        (mixed / name).unlink()
+    assert main(["score", str(mixed), "--method", "fpn", *common]) == 2
+    assert "error: none of the 3 images is usable" in capsys.readouterr().err
+
+
 def test_cli_wrong_clip_and_missing_scorer(run_root, tmp_path, capsys):
     img = tmp_path / "ok.png"
     Image.fromarray(_image(0)).save(img)

@@ -5,9 +5,12 @@ Subcommands:
     rssqa score IMAGE_OR_FOLDER... --segmenter path/to/final.ckpt
     rssqa recommend IMAGE_OR_FOLDER... [--methods unet fpn ...] [--source vaihingen] [--json]
 
-A bad input (unreadable file, wrong channel count, an image smaller than the model takes, a scorer that
-does not match its CLIP, an unknown method) ends with one line ``error: <file>: <problem>`` on stderr
-and exit status 2; ``--debug`` shows the traceback instead.
+A bad image among several (unreadable, wrong channel count, smaller than the model takes: a mask or a
+thumbnail in the folder) is skipped: one line ``skipped: <file>: <problem>`` on stderr, the other images
+scored and printed, a count at the end and exit status 1 (``--on-bad error`` stops at the first one
+instead). Any other bad input (a scorer that does not match its CLIP, an unknown method, no image usable)
+ends with one line ``error: <file>: <problem>`` on stderr and exit status 2; ``--debug`` shows the
+traceback instead.
 
 Adding a subcommand: write ``_add_<name>(subparsers)`` that registers a parser with
 ``set_defaults(func=<handler>)`` and append it to :data:`COMMANDS`.
@@ -56,11 +59,52 @@ def collect_images(paths: Sequence[str]) -> tuple[list[Path], bool]:
     return files, folder
 
 
-def read_images(files: Sequence[Path]) -> list[Any]:
-    """Read ``H×W×3`` uint8 images (one-line errors name the file)."""
-    from rssqa.data.segsets import read_image
+class Inputs:
+    """The images of a command, read block by block; with ``on_bad="skip"`` a bad one is skipped and said.
 
-    return [read_image(f) for f in files]
+    Args:
+        scorer: checks each image (:meth:`~rssqa.scorer.Scorer.check_image`: three 8-bit bands, large enough).
+        on_bad: ``skip`` (one ``skipped:`` line on stderr each, counted) or ``error`` (the first one stops the command).
+        total: how many images there are (a single image that is bad is an error either way).
+    """
+
+    def __init__(self, scorer: Any, on_bad: str = "skip", total: int = 0):
+        self.scorer, self.on_bad = scorer, "error" if total == 1 else on_bad
+        self.seen = 0
+        self.skipped: list[str] = []
+
+    def read(self, block: Sequence[Path]) -> tuple[list[Path], list[Any]]:
+        """``(files, images)`` of the usable images of ``block``."""
+        from rssqa.data.segsets import read_image
+
+        files, images = [], []
+        for f in block:
+            self.seen += 1
+            try:
+                images.append(self.scorer.check_image(read_image(f), str(f)))
+                files.append(f)
+            except RSSQAError as e:
+                if self.on_bad == "error":
+                    raise
+                self.skipped.append(str(e))
+                _say(f"skipped: {e}")
+        return files, images
+
+    def finish(self) -> int:
+        """The exit status: 0, or 1 where images were skipped (said on stderr); no usable image is an error."""
+        if self.skipped and len(self.skipped) == self.seen:
+            raise RSSQAError(f"none of the {self.seen} images is usable (each is listed above)")
+        if self.skipped:
+            print(f"{len(self.skipped)} of {self.seen} images skipped (listed above); the others are scored", file=sys.stderr)
+            return 1
+        return 0
+
+
+def _say(message: str) -> None:
+    """A line on stderr that does not break a progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def _blocks(files: list[Path], progress: bool) -> Iterator[list[Path]]:
@@ -103,21 +147,25 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.error_map and (args.segmenter or scorer.pixel_model is None):
         raise RSSQAError("score --error-map: needs registered --method names and a scorer with a pixel error head")
     scorer.use_agreement(names, others)  # a one-line error before any image is read
-    results = []
+    inputs, results = Inputs(scorer, args.on_bad, len(files)), []
     for block in _blocks(files, folder and not args.quiet):
+        block, images = inputs.read(block)
+        if not images:
+            continue
         if args.error_map:  # the OA the pixel error head's map predicts
-            scores = scorer.error_map_quality(read_images(block), methods, args.source, others, names=[str(f) for f in block])
+            scores = scorer.error_map_quality(images, methods, args.source, others, names=[str(f) for f in block])
         else:
             scores = scorer.score(
-                read_images(block), methods, args.source, args.segmenter, names=[str(f) for f in block], with_methods=others
+                images, methods, args.source, args.segmenter, names=[str(f) for f in block], with_methods=others
             )  # fmt: skip
         for f, row in zip(block, scores, strict=True):
             results += [{"image": str(f), "method": m, "score": float(s)} for m, s in zip(names, row, strict=True)]
+    status = inputs.finish()
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         _table(["image", "method", "score"], [[r["image"], r["method"], f"{r['score']:.4f}"] for r in results])
-    return 0
+    return status
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -125,13 +173,17 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     files, folder = collect_images(args.inputs)
     scorer = _load_scorer(args)
     methods = args.methods or None
-    results = []
+    inputs, results = Inputs(scorer, args.on_bad, len(files)), []
     for block in _blocks(files, folder and not args.quiet):
-        ranked = scorer.recommend(read_images(block), methods, args.source, names=[str(f) for f in block])
+        block, images = inputs.read(block)
+        if not images:
+            continue
+        ranked = scorer.recommend(images, methods, args.source, names=[str(f) for f in block])
         for f, ranking in zip(block, ranked, strict=True):
             results.append(
                 {"image": str(f), "recommended": ranking[0][0], "ranking": [{"method": m, "score": s} for m, s in ranking]}
             )
+    status = inputs.finish()
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -143,7 +195,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                 for r in results
             ],
         )
-    return 0
+    return status
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -209,6 +261,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--on-bad", choices=("skip", "error"), default="skip",
+        help="an unusable image among the inputs: skip it (said on stderr, exit status 1) or stop (default: %(default)s)",
+    )  # fmt: skip
     _debug(p)
 
 
