@@ -6,6 +6,10 @@ anyway); ``recommend`` does that through :meth:`Segmenter.describe` (statistics 
 features), plus CLIP-RS once per image and the quality head per method, then ranks. The ratio of
 their times is the overhead (aim: at most 1.3x).
 
+``--whole SIDE`` also times whole images larger than the tiles, one at a time (``rssqa recommend
+a.jpg``): the scorer's forward batch for their size (:meth:`Scorer.rows_for`) against the fixed batch of
+``chunk`` rows padded with blank copies that it used before, beside the segmenters alone on one image.
+
 By default the models are untrained stand-ins of the demo profile's sizes (the eight methods at tiny
 size, ``rs-tiny`` CLIP, the demo head): a trained model costs the same. ``--scorer`` times a trained
 scorer folder on its own RS-SQED pool images instead.
@@ -16,6 +20,7 @@ Usage: ``python -m bench.score --out runs/bench/score.json [--scorer runs/demo/s
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import numpy as np
 import torch
@@ -42,7 +47,8 @@ def stand_in(size: int, chunk: int) -> tuple[Scorer, str]:
     cells, glob = segmentation_input_dims(layers, 20, 8)
     kw = dict(grid=4, width=64, hidden=64, methods=list(segmenters), feat_dim=feat_dim)
     head, agree = RSSQA(128, 128, cells, glob, **kw), RSSQA(128, 128, cells, glob, agreement=True, agreement_skip=True, **kw)
-    return Scorer.from_parts(head, clip, segmenters, layers, chunk=chunk, source="world", agreement_model=agree), "world"
+    scorer = Scorer.from_parts(head, clip, segmenters, layers, chunk=chunk, source="world", agreement_model=agree, tile=size)
+    return scorer, "world"
 
 
 def pool_images(scorer: Scorer, source: str, n: int) -> np.ndarray:
@@ -71,6 +77,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96, help="stand-in tile side in pixels (the demo profile's)")
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--whole", type=int, default=384, help="side of the whole images also timed one at a time (0: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.scorer:
@@ -90,6 +97,9 @@ def main() -> None:
     alone = lambda: segment_alone(segmenters, images, scorer.chunk)  # noqa: E731
     recommend(), paper(), alone()  # warm-up: lazy initialisation, allocator
     rates = time_runs({"segmenters_alone": alone, "recommend": recommend, "paper_head": paper}, args.repeats)
+    if args.whole:
+        whole, whole_diff = whole_images(scorer, source, methods, segmenters, args.whole, args.repeats)
+        rates.update(whole)
     med = {k: median(v) for k, v in rates.items()}
     ratio = round(med["segmenters_alone"] / med["recommend"], 3)
     results = {
@@ -106,6 +116,22 @@ def main() -> None:
         "scorer": args.scorer or "untrained stand-ins (demo shapes)",
         "runs": rates,
     }
+    rows = []
+    exact = {k: statistics.median(v) for k, v in rates.items()}  # the ratios of slow rates, unrounded
+    if args.whole:
+        results["whole"] = {
+            "side": args.whole, "rows": scorer.rows_for((args.whole, args.whole)),
+            "speedup_over_padded": round(exact["whole_recommend"] / exact["whole_recommend_padded"], 2),
+            "ratio": round(exact["whole_segmenters_alone"] / exact["whole_recommend"], 3),
+            "max_score_difference": whole_diff,  # the two ways' scores of the same images
+        }  # fmt: skip
+        rows = [
+            (f"whole {args.whole} px images, one at a time: segmenters alone", f"{exact['whole_segmenters_alone']:.3f} img/s", ""),
+            ("rssqa recommend, forward batch for their size", f"{exact['whole_recommend']:.3f} img/s",
+             f"{results['whole']['ratio']:.2f}x the segmenters alone"),
+            (f"rssqa recommend, padded to {scorer.chunk} rows (before)", f"{exact['whole_recommend_padded']:.3f} img/s",
+             f"{results['whole']['speedup_over_padded']:.1f}x slower than the above"),
+        ]
     write_report(
         args.out,
         f"rssqa recommend vs the {len(methods)} segmenters alone, {images.shape[1]} px, one core (median of {args.repeats})",
@@ -117,8 +143,39 @@ def main() -> None:
             ("paper head (score, no agreement)", f"{med['paper_head']:.1f} img/s",
              f"{results['paper_head_ratio']:.2f}x the segmenters alone"),
             ("ratio", f"{ratio:.2f}x", f"time of recommend / segmenters alone (target <= {TARGET}x)"),
+            *rows,
         ],
     )
+
+
+def whole_images(
+    scorer: Scorer, source: str, methods: list[str], segmenters: list, side: int, repeats: int
+) -> tuple[dict[str, list[float]], float]:
+    """Images per second on two whole ``side`` px images, one call each: the segmenters alone, ``recommend``
+    with the forward batch for their size, and ``recommend`` padded to ``chunk`` rows; and the largest
+    difference between the two ways' scores."""
+    import dataclasses
+
+    from rssqa.world import sample_scenes
+
+    big = sample_scenes(2, side, seed=1)[0]
+    sized = scorer.quality_inputs
+    padded = dataclasses.replace(sized, seg_pixels=None)  # no pixel budget: every batch padded to chunk rows
+
+    def run(inputs, fn):
+        scorer.quality_inputs = inputs
+        try:
+            return [fn(im) for im in big]
+        finally:
+            scorer.quality_inputs = sized
+
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(*(run(q, lambda im: scorer.score([im], methods, source)) for q in (sized, padded)), strict=True))
+    rates = time_runs({
+        "whole_segmenters_alone": lambda: sum(segment_alone(segmenters, im[None], 1) for im in big),
+        "whole_recommend": lambda: len(run(sized, lambda im: scorer.recommend([im], methods, source))),
+        "whole_recommend_padded": lambda: len(run(padded, lambda im: scorer.recommend([im], methods, source))),
+    }, repeats)  # fmt: skip
+    return rates, diff
 
 
 if __name__ == "__main__":

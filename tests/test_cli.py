@@ -17,6 +17,10 @@ from rssqa.errors import RSSQAError
 from tests.tasks.test_sqa import METHODS
 
 
+def _tile_of(scorer) -> int:
+    return int(min(scorer.config.get("image_size") or [scorer.min_size]))
+
+
 def _image(seed: int, size: int = 64) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
 
@@ -40,6 +44,30 @@ def test_score_is_bit_identical_alone_and_in_any_batch(scorer):
         assert np.array_equal(together[pos], alone[0]), pos
     again = scorer.score([a], source="alpha")
     assert np.array_equal(again, alone)
+
+
+def test_a_whole_image_larger_than_the_tiles_runs_without_padded_copies(scorer, monkeypatch):
+    """An image with more pixels than ``seg_chunk`` training tiles runs in segmenter batches of its own
+    (not padded to ``seg_chunk`` blank copies, a multiple of the work and memory), alone or among others
+    the same; training-size tiles keep the fixed batch RS-SQED labelled them with."""
+    from rssqa.models import segmenters
+
+    tile, chunk = _tile_of(scorer), scorer.quality_inputs.seg_chunk
+    assert scorer.rows_for((tile, tile)) == scorer.chunk
+    side = tile * 4 + 8  # (4 tiles + a margin)^2 > seg_chunk tiles' pixels wherever seg_chunk <= 16
+    big = [_image(s, side) for s in (11, 12, 13)]
+    rows = scorer.rows_for((side, side))
+    assert rows == max(1, min(scorer.chunk, chunk * tile * tile // (side * side))) < scorer.chunk
+    seen: list[tuple[int, ...]] = []
+    forward = segmenters.Segmenter.forward
+    monkeypatch.setattr(segmenters.Segmenter, "forward", lambda self, x: seen.append(tuple(x.shape)) or forward(self, x))
+    alone = scorer.score(big[:1], source="alpha")
+    assert seen and all(s[0] <= rows and s[2:] == (side, side) for s in seen)
+    n_alone = len(seen)
+    together = scorer.score([_image(0), *big, _image(1)], source="alpha")  # tiles and whole images in one call
+    assert np.array_equal(together[1], alone[0])
+    assert np.array_equal(together[2], scorer.score(big[1:2], source="alpha")[0])
+    assert n_alone == len(METHODS)  # one image: one forward per method, of at most ``rows`` images
 
 
 def test_methods_differ_and_recommend_ranks_them(scorer):

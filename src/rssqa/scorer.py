@@ -35,7 +35,7 @@ from rssqa.agreement import MIN_METHODS, quality_agreement_maps
 from rssqa.errors import RSSQAError
 from rssqa.models.clip import clip_fingerprint, image_size, load_clip
 from rssqa.models.pixel_error import PixelErrorHead, image_quality, load_pixel_head, pixel_inputs
-from rssqa.models.quality_inputs import QualityInputs
+from rssqa.models.quality_inputs import QualityInputs, forward_rows
 from rssqa.models.segmenters import Segmenter, load_segmenter
 from rssqa.models.sqa import RSSQA
 from rssqa.recommend import rank_methods
@@ -120,9 +120,13 @@ class Scorer:
         # one implementation of the head's inputs, shared with RS-SQED labelling and training
         # the segmenters run with the forward batch RS-SQED labelling used (older folders: ``chunk``)
         seg_chunk = int(config.get("seg_chunk") or self.chunk)
+        # an image larger than the training tiles runs in smaller batches (not padded to a chunk of tiles' work)
+        tiles = [h * w for h, w in (config.get("image_sizes") or {}).values() if h and w]
+        self.tile_pixels: int | None = max(tiles) if tiles else None
         self.quality_inputs = QualityInputs(
-            tuple(config["layers"]), config["max_classes"], 0, clip_chunk=self.chunk, seg_chunk=seg_chunk, grid=config["grid"]
-        )
+            tuple(config["layers"]), config["max_classes"], 0, clip_chunk=self.chunk, seg_chunk=seg_chunk, grid=config["grid"],
+            seg_pixels=seg_chunk * self.tile_pixels if self.tile_pixels else None,
+        )  # fmt: skip
         self.min_size = image_size(clip)
         self._methods: dict[tuple[str, str], _Method] = {}
 
@@ -170,12 +174,15 @@ class Scorer:
         chunk: int = 16,
         source: str = "custom",
         agreement_model: RSSQA | None = None,
+        tile: int | None = None,
     ) -> Scorer:
-        """A scorer from models in memory (no folder): ``segmenters`` become the methods of ``source``."""
+        """A scorer from models in memory (no folder): ``segmenters`` become the methods of ``source``
+        (``tile``: the side of the tiles they were trained on, for :meth:`rows_for`)."""
         seg = next(iter(segmenters.values()))
         config = {
             "format": FORMAT, "layers": list(layers), "max_classes": max_classes, "grid": seg.grid,
             "hist_bins": seg.hist_bins, "chunk": chunk, "checkpoints": {source: dict.fromkeys(segmenters, "")},
+            **({"image_sizes": {source: [tile, tile]}} if tile else {}),
         }  # fmt: skip
         scorer = cls(model, clip, config, Path("."), chunk, agreement_model)
         for name, s in segmenters.items():
@@ -278,10 +285,10 @@ class Scorer:
     def _inputs(
         self, images: np.ndarray, methods: Sequence[_Method], head: RSSQA, agreement: bool, pixels: bool = False
     ) -> dict[str, Any]:
-        """Head inputs of ``images`` padded with zero images to whole chunks (the fixed forward batch);
-        with ``pixels``, also every method's per-pixel outputs (``QualityInputs`` ``pixels``)."""
-        n = len(images)
-        rows = -(-n // self.chunk) * self.chunk
+        """Head inputs of ``images`` padded with zero images to whole chunks (the fixed forward batch,
+        :meth:`rows_for`); with ``pixels``, also every method's per-pixel outputs (``QualityInputs`` ``pixels``)."""
+        n, chunk = len(images), self.rows_for(images.shape[1:3])
+        rows = -(-n // chunk) * chunk
         if n < rows:
             images = np.concatenate([images, np.zeros((rows - n, *images.shape[1:]), np.uint8)])
         segmenters = [m.segmenter for m in methods] if head.uses_seg or pixels else []
@@ -289,6 +296,15 @@ class Scorer:
         clip = self.clip if head.uses_sem or pixels else None
         agreement = agreement and (head.uses_seg or pixels)
         return self.quality_inputs(images, segmenters, clip, feat_dims, agreement=agreement, pixels=pixels)
+
+    def rows_for(self, size: Sequence[int]) -> int:
+        """The fixed forward batch of images of ``size`` ``(H, W)``: ``chunk``, fewer for images larger than the
+        training tiles (down to one: a whole scene-sized image is not padded with ``chunk - 1`` blank copies),
+        :func:`~rssqa.models.quality_inputs.forward_rows`. It depends on the size alone, so an image scores the
+        same alone or in any batch, and an image of the training tiles' size as RS-SQED labelled it."""
+        if self.quality_inputs.seg_pixels is None:  # an older scorer folder (no tile sizes), or padding asked for
+            return self.chunk
+        return forward_rows(size, self.chunk, self.chunk * self.tile_pixels)
 
     @torch.no_grad()
     def _score_chunk(self, images: np.ndarray, methods: Sequence[_Method], scored: int, head: RSSQA) -> np.ndarray:
@@ -307,7 +323,7 @@ class Scorer:
             s = inp["methods"][j] if head.uses_seg or head.agree_logit is not None else {}
             seg = None
             if head.uses_seg:
-                idx = torch.full((self.chunk,), m.adapter, dtype=torch.long)
+                idx = torch.full((len(s["seg_cells"]),), m.adapter, dtype=torch.long)
                 seg = head.encode_segmentation(
                     s["seg_cells"], s["seg_global"], s.get("seg_feats"), idx, s.get("agree_maps"), s.get("agree_global")
                 )
@@ -357,13 +373,14 @@ class Scorer:
         return out
 
     def _same_size_chunks(self, imgs: Sequence[np.ndarray]):
-        """``(indexes, N×H×W×3 batch)`` of at most ``chunk`` same-size images, in order of first size seen."""
+        """``(indexes, N×H×W×3 batch)`` of at most :meth:`rows_for` same-size images, in order of first size seen."""
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(imgs):
             by_size.setdefault(im.shape[:2], []).append(i)
-        for idx in by_size.values():
-            for start in range(0, len(idx), self.chunk):
-                part = idx[start : start + self.chunk]
+        for size, idx in by_size.items():
+            chunk = self.rows_for(size)
+            for start in range(0, len(idx), chunk):
+                part = idx[start : start + chunk]
                 yield part, np.stack([imgs[i] for i in part])
 
     @torch.no_grad()
@@ -395,14 +412,14 @@ class Scorer:
         imgs = [self.check_image(im, nm) for im, nm in zip(images, names, strict=True)]
         out: list[np.ndarray] = [np.empty(0, np.float32)] * len(imgs)
         for part, batch in self._same_size_chunks(imgs):
-            n = len(batch)
-            if n < self.chunk:  # the fixed forward batch, as scoring
-                batch = np.concatenate([batch, np.zeros((self.chunk - n, *batch.shape[1:]), np.uint8)])
+            n, chunk = len(batch), self.rows_for(batch.shape[1:3])
+            if n < chunk:  # the fixed forward batch, as scoring
+                batch = np.concatenate([batch, np.zeros((chunk - n, *batch.shape[1:]), np.uint8)])
             weighted = None
             if head.quality_power > 0:  # the others weighted by the recommending head's scores
                 rec = self.recommend_head(len(run))
                 inp = self._inputs(batch, run, rec, True, pixels=True)
-                quality = torch.from_numpy(self.head_scores(inp, run, len(run), rec, self.chunk)).float()
+                quality = torch.from_numpy(self.head_scores(inp, run, len(run), rec, chunk)).float()
                 probs, preds = [p["probs"] for p in inp["pixels"]], [p["pred"] for p in inp["pixels"]]
                 # the maps of the scored methods only (the others are run for their votes)
                 weighted = [

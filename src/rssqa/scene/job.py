@@ -153,7 +153,7 @@ class SceneJob:
     def _judge(self, images: np.ndarray, evaluate: bool = False) -> dict[str, Any]:
         """Scores ``n×M``, and per window the chosen method's probabilities, error probabilities and,
         for evaluation, every method's class map and the per-pixel baselines of the chosen one."""
-        n, chunk = len(images), self.scorer.chunk
+        n, chunk = len(images), self.scorer.rows_for(images.shape[1:3])
         scores, probs, error, preds, base = [], [], [], [], []
         for start in range(0, n, chunk):
             part = images[start : start + chunk]
