@@ -6,9 +6,10 @@ anyway); ``recommend`` does that through :meth:`Segmenter.describe` (statistics 
 features), plus CLIP-RS once per image and the quality head per method, then ranks. The ratio of
 their times is the overhead (aim: at most 1.3x).
 
-``--whole SIDE`` also times whole images larger than the tiles, one at a time (``rssqa recommend
-a.jpg``): the scorer's forward batch for their size (:meth:`Scorer.rows_for`) against the fixed batch of
-``chunk`` rows padded with blank copies that it used before, beside the segmenters alone on one image.
+``--whole SIDE`` also times whole images larger than the tiles, one at a time, each as one input
+(``rssqa recommend --whole a.jpg``): the scorer's forward batch for their size (:meth:`Scorer.rows_for`)
+against the fixed batch of ``chunk`` rows padded with blank copies that it used before, beside the
+segmenters alone on one image.
 
 By default the models are untrained stand-ins of the demo profile's sizes (the eight methods at tiny
 size, ``rs-tiny`` CLIP, the demo head): a trained model costs the same. ``--scorer`` times a trained
@@ -169,11 +170,14 @@ def whole_images(
         finally:
             scorer.quality_inputs = sized
 
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(*(run(q, lambda im: scorer.score([im], methods, source)) for q in (sized, padded)), strict=True))
+    def score(im):
+        return scorer.score([im], methods, source, tiles=False)
+
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(*(run(q, score) for q in (sized, padded)), strict=True))
     rates = time_runs({
         "whole_segmenters_alone": lambda: sum(segment_alone(segmenters, im[None], 1) for im in big),
-        "whole_recommend": lambda: len(run(sized, lambda im: scorer.recommend([im], methods, source))),
-        "whole_recommend_padded": lambda: len(run(padded, lambda im: scorer.recommend([im], methods, source))),
+        "whole_recommend": lambda: len(run(sized, lambda im: scorer.recommend([im], methods, source, tiles=False))),
+        "whole_recommend_padded": lambda: len(run(padded, lambda im: scorer.recommend([im], methods, source, tiles=False))),
     }, repeats)  # fmt: skip
     return rates, diff
 

@@ -61,13 +61,36 @@ def test_a_whole_image_larger_than_the_tiles_runs_without_padded_copies(scorer, 
     seen: list[tuple[int, ...]] = []
     forward = segmenters.Segmenter.forward
     monkeypatch.setattr(segmenters.Segmenter, "forward", lambda self, x: seen.append(tuple(x.shape)) or forward(self, x))
-    alone = scorer.score(big[:1], source="alpha")
+    alone = scorer.score(big[:1], source="alpha", tiles=False)  # the image as one input, not its windows
     assert seen and all(s[0] <= rows and s[2:] == (side, side) for s in seen)
     n_alone = len(seen)
-    together = scorer.score([_image(0), *big, _image(1)], source="alpha")  # tiles and whole images in one call
+    together = scorer.score([_image(0), *big, _image(1)], source="alpha", tiles=False)  # tiles and whole images in one call
     assert np.array_equal(together[1], alone[0])
-    assert np.array_equal(together[2], scorer.score(big[1:2], source="alpha")[0])
+    assert np.array_equal(together[2], scorer.score(big[1:2], source="alpha", tiles=False)[0])
     assert n_alone == len(METHODS)  # one image: one forward per method, of at most ``rows`` images
+
+
+def test_an_image_larger_than_the_tiles_is_scored_as_its_windows(scorer):
+    """Its windows of the training size cover it; its score is theirs averaged by the pixels each owns."""
+    from rssqa.scene.windows import owned_bounds, window_offsets
+
+    tile = _tile_of(scorer)
+    assert scorer.tile_size("alpha") == (tile, tile)
+    h, w = 2 * tile + 8, 3 * tile
+    big = _image(21, max(h, w))[:h, :w]
+    rows, cols = window_offsets(h, tile, 0), window_offsets(w, tile, 0)
+    assert rows == [0, tile, tile + 8] and cols == [0, tile, 2 * tile]
+    windows = [big[r : r + tile, c : c + tile] for r in rows for c in cols]
+    own = np.array([(b - a) * (d - c) for a, b in owned_bounds(rows, tile, h) for c, d in owned_bounds(cols, tile, w)], float)
+    assert own.sum() == h * w
+    expected = (own / (h * w)) @ scorer.score(windows, source="alpha")
+    got = scorer.score([_image(0), big], source="alpha")
+    assert np.allclose(got[1], expected, rtol=0, atol=1e-12)
+    assert np.array_equal(got[0], scorer.score([_image(0)], source="alpha")[0])  # a tile-size image: itself
+    assert not np.allclose(scorer.score([big], source="alpha", tiles=False)[0], expected)
+    ranked = scorer.recommend([big], source="beta")[0]
+    by_windows = scorer.score([big], list(METHODS), source="beta", ranking=True)[0]
+    assert [m for m, _ in ranked] == [METHODS[j] for j in np.argsort(-by_windows, kind="stable")]
 
 
 def test_methods_differ_and_recommend_ranks_them(scorer):

@@ -156,7 +156,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             scores = scorer.error_map_quality(images, methods, args.source, others, names=[str(f) for f in block])
         else:
             scores = scorer.score(
-                images, methods, args.source, args.segmenter, names=[str(f) for f in block], with_methods=others
+                images, methods, args.source, args.segmenter, names=[str(f) for f in block], with_methods=others, tiles=not args.whole
             )  # fmt: skip
         for f, row in zip(block, scores, strict=True):
             results += [{"image": str(f), "method": m, "score": float(s)} for m, s in zip(names, row, strict=True)]
@@ -178,7 +178,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         block, images = inputs.read(block)
         if not images:
             continue
-        ranked = scorer.recommend(images, methods, args.source, names=[str(f) for f in block])
+        ranked = scorer.recommend(images, methods, args.source, names=[str(f) for f in block], tiles=not args.whole)
         for f, ranking in zip(block, ranked, strict=True):
             results.append(
                 {"image": str(f), "recommended": ranking[0][0], "ranking": [{"method": m, "score": s} for m, s in ranking]}
@@ -261,6 +261,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--whole", action="store_true",
+        help="score an image larger than the training tiles as one input (default: window by window, the scores "
+        "averaged by the pixels each window owns)",
+    )
     p.add_argument(
         "--on-bad", choices=("skip", "error"), default="skip",
         help="an unusable image among the inputs: skip it (said on stderr, exit status 1) or stop (default: %(default)s)",

@@ -340,8 +340,17 @@ class Scorer:
         with_methods: Sequence[str] = (),
         agreement: bool | None = None,
         ranking: bool = False,
+        tiles: bool = True,
     ) -> np.ndarray:
         """Predicted OA of each method's segmentation of each image.
+
+        An image larger than the tiles the heads were trained on (``image_sizes`` of the source) is
+        scored as those tiles: windows of the training size that cover it (the last flush with the edge),
+        each scored as an image, and their scores averaged by the pixels each window owns (those nearest
+        its centre), which is how a whole image's OA follows from its parts'; ``tiles=False`` scores it
+        whole. On the Dubai set's held-out areas (18 whole images at the training scale, the agreement
+        head) the windows ranked the eight methods better within each image: SRCC 0.64 against 0.45 whole,
+        regret 0.038 against 0.068 (paired bootstrap over images: +0.19 [+0.12, +0.28], -0.030 [-0.049, -0.015]).
 
         Args:
             images: ``H×W×3`` uint8 images (sizes may differ; same-size images share forward passes).
@@ -355,6 +364,7 @@ class Scorer:
                 methods in all.
             ranking: score with the ranking head (an agreement head trained to order methods; what
                 :meth:`recommend` uses when the scorer has one). Implies ``agreement``.
+            tiles: score an image larger than the training tiles window by window (above).
 
         Returns:
             ``N×M`` scores in (0, 1), methods in the order given (then the checkpoints).
@@ -367,10 +377,44 @@ class Scorer:
         others = [self.method(w, source) for w in dict.fromkeys(with_methods) if w not in {m.name for m in chosen}]
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         imgs = [self.check_image(im, nm) for im, nm in zip(images, names, strict=True)]
-        out = np.zeros((len(imgs), len(chosen)))
-        for part, batch in self._same_size_chunks(imgs):
-            out[part] = self._score_chunk(batch, [*chosen, *others], len(chosen), head)
+        # an image larger than the training tiles: its windows, each window's share of the image's pixels
+        pieces, weights = self._tiled(imgs, source) if tiles else ([[im] for im in imgs], [np.ones(1) for _ in imgs])
+        flat = [w for p in pieces for w in p]
+        scores = np.zeros((len(flat), len(chosen)))
+        for part, batch in self._same_size_chunks(flat):
+            scores[part] = self._score_chunk(batch, [*chosen, *others], len(chosen), head)
+        out, start = np.zeros((len(imgs), len(chosen))), 0
+        for i, w in enumerate(weights):
+            out[i] = w @ scores[start : start + len(w)] if len(w) > 1 else scores[start]
+            start += len(w)
         return out
+
+    def tile_size(self, source: str | None) -> tuple[int, int] | None:
+        """``(H, W)`` of the tiles the heads were trained on for ``source``'s methods (``None``: not recorded)."""
+        try:
+            size = (self.config.get("image_sizes") or {}).get(self.resolve_source(source))
+        except RSSQAError:
+            return None
+        return (int(size[0]), int(size[1])) if size else None
+
+    def _tiled(self, imgs: Sequence[np.ndarray], source: str | None) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+        """Per image: its windows of the training tile size (the image itself where it is no larger than a tile
+        or narrower than one), and each window's share of the image's pixels (the pixels it owns)."""
+        from rssqa.scene.windows import owned_bounds, window_offsets
+
+        tile = self.tile_size(source)
+        pieces, weights = [], []
+        for im in imgs:
+            h, w = im.shape[:2]
+            if tile is None or (h, w) == tile or h < tile[0] or w < tile[1]:
+                pieces.append([im])
+                weights.append(np.ones(1))
+                continue
+            rows, cols = window_offsets(h, tile[0], 0), window_offsets(w, tile[1], 0)
+            own_r, own_c = owned_bounds(rows, tile[0], h), owned_bounds(cols, tile[1], w)
+            pieces.append([im[r : r + tile[0], c : c + tile[1]] for r in rows for c in cols])
+            weights.append(np.array([(b - a) * (d - c) for a, b in own_r for c, d in own_c], dtype=np.float64) / (h * w))
+        return pieces, weights
 
     def _same_size_chunks(self, imgs: Sequence[np.ndarray]):
         """``(indexes, N×H×W×3 batch)`` of at most :meth:`rows_for` same-size images, in order of first size seen."""
@@ -501,14 +545,17 @@ class Scorer:
 
     def recommend(
         self, images: Sequence[np.ndarray], methods: Sequence[str] | None = None, source: str | None = None,
-        names: Sequence[str] | None = None,
+        names: Sequence[str] | None = None, tiles: bool = True,
     ) -> list[list[tuple[str, float]]]:
         """Per image, the methods ranked by predicted OA: ``[[(method, score), ...], ...]``.
 
         With at least three methods, ranks with the scorer's ranking head (an agreement head trained to
-        order methods) or else its agreement head, where it has them; the paper's head otherwise.
+        order methods) or else its agreement head, where it has them; the paper's head otherwise. An
+        image larger than the training tiles is scored window by window (:meth:`score`, ``tiles``).
         """
         labels = self.method_names(methods, source)
         head = self.recommend_head(len(labels))
-        scores = self.score(images, methods, source, names=names, agreement=head is not self.model, ranking=head is self.ranking_model)
+        scores = self.score(
+            images, methods, source, names=names, agreement=head is not self.model, ranking=head is self.ranking_model, tiles=tiles
+        )  # fmt: skip
         return [rank_methods(dict(zip(labels, row.tolist(), strict=True))) for row in scores]
