@@ -348,9 +348,9 @@ class Scorer:
         scored as those tiles: windows of the training size that cover it (the last flush with the edge),
         each scored as an image, and their scores averaged by the pixels each window owns (those nearest
         its centre), which is how a whole image's OA follows from its parts'; ``tiles=False`` scores it
-        whole. On the Dubai set's held-out areas (18 whole images at the training scale, the agreement
-        head) the windows ranked the eight methods better within each image: SRCC 0.64 against 0.45 whole,
-        regret 0.038 against 0.068 (paired bootstrap over images: +0.19 [+0.12, +0.28], -0.030 [-0.049, -0.015]).
+        whole. On the Dubai set's val and test areas (18 whole images at the training scale, the agreement
+        head) the windows ranked the eight methods better within each image: SRCC 0.63 against 0.45 whole,
+        regret 0.038 against 0.068 (paired bootstrap over images: +0.18 [+0.11, +0.26], -0.030 [-0.048, -0.015]).
 
         Args:
             images: ``H×W×3`` uint8 images (sizes may differ; same-size images share forward passes).
