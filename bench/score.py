@@ -161,7 +161,7 @@ def whole_images(
 
     big = sample_scenes(2, side, seed=1)[0]
     sized = scorer.quality_inputs
-    padded = dataclasses.replace(sized, seg_pixels=None)  # no pixel budget: every batch padded to chunk rows
+    padded = dataclasses.replace(sized, tile_pixels=None)  # no pixel budget: every batch padded to chunk rows
 
     def run(inputs, fn):
         scorer.quality_inputs = inputs

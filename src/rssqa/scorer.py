@@ -122,10 +122,9 @@ class Scorer:
         seg_chunk = int(config.get("seg_chunk") or self.chunk)
         # an image larger than the training tiles runs in smaller batches (not padded to a chunk of tiles' work)
         tiles = [h * w for h, w in (config.get("image_sizes") or {}).values() if h and w]
-        self.tile_pixels: int | None = max(tiles) if tiles else None
         self.quality_inputs = QualityInputs(
             tuple(config["layers"]), config["max_classes"], 0, clip_chunk=self.chunk, seg_chunk=seg_chunk, grid=config["grid"],
-            seg_pixels=seg_chunk * self.tile_pixels if self.tile_pixels else None,
+            tile_pixels=max(tiles) if tiles else None,
         )  # fmt: skip
         self.min_size = image_size(clip)
         self._methods: dict[tuple[str, str], _Method] = {}
@@ -302,9 +301,7 @@ class Scorer:
         training tiles (down to one: a whole scene-sized image is not padded with ``chunk - 1`` blank copies),
         :func:`~rssqa.models.quality_inputs.forward_rows`. It depends on the size alone, so an image scores the
         same alone or in any batch, and an image of the training tiles' size as RS-SQED labelled it."""
-        if self.quality_inputs.seg_pixels is None:  # an older scorer folder (no tile sizes), or padding asked for
-            return self.chunk
-        return forward_rows(size, self.chunk, self.chunk * self.tile_pixels)
+        return forward_rows(size, self.chunk, self.quality_inputs.tile_pixels)  # no tile sizes (older folders): chunk
 
     @torch.no_grad()
     def _score_chunk(self, images: np.ndarray, methods: Sequence[_Method], scored: int, head: RSSQA) -> np.ndarray:

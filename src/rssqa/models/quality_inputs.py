@@ -101,7 +101,7 @@ def semantic_features(clip: nn.Module, images: np.ndarray | torch.Tensor, chunk:
 @torch.no_grad()
 def method_statistics(
     segmenter: nn.Module, images: torch.Tensor, chunk: int | None = None, keep_probs: bool = False,
-    max_pixels: int | None = None,
+    tile_pixels: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Segment ``images`` and summarise the result: what RS-SQED caches per (image, method).
 
@@ -111,14 +111,14 @@ def method_statistics(
         chunk: forward batch size (part of the numerics; ``None``: the whole batch at once).
         keep_probs: also return ``probs`` and ``pred``, the softmax and its arg-max (what
             :func:`agreement_inputs` reads).
-        max_pixels: pixels of one padded forward batch at most: images larger than the tiles that
-            ``chunk`` was set for run in smaller batches (:func:`forward_rows`), down to one image.
+        tile_pixels: pixels of the largest tile ``chunk`` was set for: larger images run in smaller
+            batches (:func:`forward_rows`), down to one image (``None``: always ``chunk``).
 
     Returns:
         ``logits`` ``B×C×H×W`` (and ``probs``, ``pred``) on the segmenter's device; every other
         quantity of ``describe`` (``feat/<layer>``, probability statistics) as float32 on the CPU.
     """
-    chunk = forward_rows(images.shape[-2:], chunk or len(images), max_pixels)
+    chunk = forward_rows(images.shape[-2:], chunk or len(images), tile_pixels)
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(images), chunk):
         n = min(chunk, len(images) - start)
@@ -130,13 +130,14 @@ def method_statistics(
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def forward_rows(size: Sequence[int], chunk: int, max_pixels: int | None = None) -> int:
+def forward_rows(size: Sequence[int], chunk: int, tile_pixels: int | None = None) -> int:
     """The padded forward batch of images of ``size`` ``(H, W)``: ``chunk``, or fewer where ``chunk`` of
-    them would exceed ``max_pixels`` (at least one). It depends on the size alone, so an image gives
-    the same numbers alone or in any batch; the tiles RS-SQED labelled keep ``chunk``."""
-    if max_pixels is None:
+    them would hold more pixels than ``chunk`` tiles of ``tile_pixels`` (at least one; ``None``: no
+    limit). It depends on the size alone, so an image gives the same numbers alone or in any batch;
+    the tiles RS-SQED labelled keep ``chunk``."""
+    if tile_pixels is None:
         return chunk
-    return max(1, min(chunk, max_pixels // max(1, int(size[0]) * int(size[1]))))
+    return max(1, min(chunk, chunk * tile_pixels // max(1, int(size[0]) * int(size[1]))))
 
 
 def agreement_inputs(
@@ -278,9 +279,9 @@ class QualityInputs:
         clip_chunk: CLIP forward batch (part of the numerics).
         seg_chunk: segmenter forward batch (part of the numerics; RS-SQED labelling records its own).
         grid: cell grid of the agreement maps (the label grid).
-        seg_pixels: pixels of one segmenter forward batch at most (``None``: no limit): the scorer sets
-            ``seg_chunk`` times its largest training tile, so that a whole image larger than a tile runs
-            in a batch of its own size instead of padded to ``seg_chunk`` copies' worth of work and memory.
+        tile_pixels: pixels of the largest training tile (``None``: no limit): an image larger than the
+            tiles runs in fewer rows than ``seg_chunk`` (:func:`forward_rows`) instead of padded to
+            ``seg_chunk`` copies' worth of work and memory; the scorer sets it.
     """
 
     layers: tuple[str, ...] = ("encoder", "decoder")
@@ -289,7 +290,7 @@ class QualityInputs:
     clip_chunk: int = 16
     seg_chunk: int = 16
     grid: int = 4
-    seg_pixels: int | None = None
+    tile_pixels: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -303,7 +304,7 @@ class QualityInputs:
 
     def statistics(self, segmenter: nn.Module, images01: torch.Tensor, keep_probs: bool = False) -> dict[str, torch.Tensor]:
         """:func:`method_statistics` of ``B×3×H×W`` images in [0, 1]."""
-        return method_statistics(segmenter, images01, self.seg_chunk, keep_probs, self.seg_pixels)
+        return method_statistics(segmenter, images01, self.seg_chunk, keep_probs, self.tile_pixels)
 
     def segmentation(self, stats: Mapping[str, Any], feat_dim: int | None = None) -> dict[str, torch.Tensor]:
         """:func:`segmentation_inputs` of live or cached statistics (``feat_dim`` overrides the configured one)."""
