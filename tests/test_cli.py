@@ -72,10 +72,11 @@ def test_a_whole_image_larger_than_the_tiles_runs_without_padded_copies(scorer, 
 
 def test_an_image_larger_than_the_tiles_is_scored_as_its_windows(scorer):
     """Its windows of the training size cover it; its score is theirs averaged by the pixels each owns."""
+    from rssqa.scene.common import trained_tile
     from rssqa.scene.windows import owned_bounds, window_offsets
 
     tile = _tile_of(scorer)
-    assert scorer.tile_size("alpha") == (tile, tile)
+    assert trained_tile(scorer.config, "alpha") == tile
     h, w = 2 * tile + 8, 3 * tile
     big = _image(21, max(h, w))[:h, :w]
     rows, cols = window_offsets(h, tile, 0), window_offsets(w, tile, 0)

@@ -341,7 +341,7 @@ class Scorer:
     ) -> np.ndarray:
         """Predicted OA of each method's segmentation of each image.
 
-        An image larger than the tiles the heads were trained on (``image_sizes`` of the source) is
+        An image larger than the tiles the heads were trained on (:func:`rssqa.scene.common.trained_tile`) is
         scored as those tiles: windows of the training size that cover it (the last flush with the edge),
         each scored as an image, and their scores averaged by the pixels each window owns (those nearest
         its centre), which is how a whole image's OA follows from its parts'; ``tiles=False`` scores it
@@ -374,44 +374,19 @@ class Scorer:
         others = [self.method(w, source) for w in dict.fromkeys(with_methods) if w not in {m.name for m in chosen}]
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         imgs = [self.check_image(im, nm) for im, nm in zip(images, names, strict=True)]
-        # an image larger than the training tiles: its windows, each window's share of the image's pixels
-        pieces, weights = self._tiled(imgs, source) if tiles else ([[im] for im in imgs], [np.ones(1) for _ in imgs])
-        flat = [w for p in pieces for w in p]
+        from rssqa.scene.common import trained_tile  # (rssqa.scene imports this module)
+        from rssqa.scene.windows import tile_windows
+
+        # per image, its windows (an image larger than the training tiles) and their shares of its pixels
+        parts = [tile_windows(im, trained_tile(self.config, source) if tiles else None) for im in imgs]
+        flat = [w for windows, _ in parts for w in windows]
         scores = np.zeros((len(flat), len(chosen)))
         for part, batch in self._same_size_chunks(flat):
             scores[part] = self._score_chunk(batch, [*chosen, *others], len(chosen), head)
         out, start = np.zeros((len(imgs), len(chosen))), 0
-        for i, w in enumerate(weights):
-            out[i] = w @ scores[start : start + len(w)] if len(w) > 1 else scores[start]
-            start += len(w)
+        for i, (_, share) in enumerate(parts):  # each image: its windows' scores by their shares
+            out[i], start = share @ scores[start : start + len(share)], start + len(share)
         return out
-
-    def tile_size(self, source: str | None) -> tuple[int, int] | None:
-        """``(H, W)`` of the tiles the heads were trained on for ``source``'s methods (``None``: not recorded)."""
-        try:
-            size = (self.config.get("image_sizes") or {}).get(self.resolve_source(source))
-        except RSSQAError:
-            return None
-        return (int(size[0]), int(size[1])) if size else None
-
-    def _tiled(self, imgs: Sequence[np.ndarray], source: str | None) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
-        """Per image: its windows of the training tile size (the image itself where it is no larger than a tile
-        or narrower than one), and each window's share of the image's pixels (the pixels it owns)."""
-        from rssqa.scene.windows import owned_bounds, window_offsets
-
-        tile = self.tile_size(source)
-        pieces, weights = [], []
-        for im in imgs:
-            h, w = im.shape[:2]
-            if tile is None or (h, w) == tile or h < tile[0] or w < tile[1]:
-                pieces.append([im])
-                weights.append(np.ones(1))
-                continue
-            rows, cols = window_offsets(h, tile[0], 0), window_offsets(w, tile[1], 0)
-            own_r, own_c = owned_bounds(rows, tile[0], h), owned_bounds(cols, tile[1], w)
-            pieces.append([im[r : r + tile[0], c : c + tile[1]] for r in rows for c in cols])
-            weights.append(np.array([(b - a) * (d - c) for a, b in own_r for c, d in own_c], dtype=np.float64) / (h * w))
-        return pieces, weights
 
     def _same_size_chunks(self, imgs: Sequence[np.ndarray]):
         """``(indexes, N×H×W×3 batch)`` of at most :meth:`rows_for` same-size images, in order of first size seen."""

@@ -32,6 +32,18 @@ def owned_bounds(offsets: Sequence[int], tile: int, length: int) -> list[tuple[i
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
+def tile_windows(image: np.ndarray, tile: int | None) -> tuple[list[np.ndarray], np.ndarray]:
+    """``image`` as the windows of ``tile`` px that cover it (no overlap), and each window's share of the
+    image's pixels, those it owns: how a scorer judges an image larger than its training tiles. The image
+    itself, share 1, where it is a tile, narrower than one, or ``tile`` is ``None``."""
+    h, w = image.shape[:2]
+    if tile is None or h < tile or w < tile or (h, w) == (tile, tile):
+        return [image], np.ones(1)
+    rows, cols = window_offsets(h, tile, 0), window_offsets(w, tile, 0)
+    owned = [(b - a) * (d - c) for a, b in owned_bounds(rows, tile, h) for c, d in owned_bounds(cols, tile, w)]
+    return [image[r : r + tile, c : c + tile] for r in rows for c in cols], np.array(owned, np.float64) / (h * w)
+
+
 def taper(tile: int, overlap: int) -> np.ndarray:
     """``tile×tile`` blending weights: 1 inside, falling linearly over the ``overlap`` px at the edges."""
     x = np.arange(tile, dtype=np.float32)
