@@ -8,6 +8,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT := $(RUNS)/$(PROFILE)
+# how recipes start a stage's Python: a fresh interpreter, or (make demo) a fork of one that has imported what
+# the stages import (python -m rssqa.preload: the 10 to 19 s of imports a stage pays on a small CPU, paid once)
+STAGE_PY ?= $(PY)
+PRELOAD := $(wildcard stages/*.py) rssqa.report wandb.sdk.launch.inputs.internal
 # `make demo` runs the demo profile unless PROFILE is given on the command line
 DEMO_PROFILE := $(if $(filter command line environment,$(origin PROFILE)),$(PROFILE),demo)
 
@@ -45,6 +49,7 @@ test-fast: setup lint ## lint + the tests not marked slow (a few minutes)
 	$(VENV)/bin/pytest -m "not slow" -q $(PYTEST_WORKERS)
 
 world: $(OUT)/world/summary.json ## the embedded synthetic world (corpus shards + four sources)
+# (a fresh interpreter under make demo too: its imports are light, and it runs while the preloading server imports)
 $(OUT)/world/summary.json: conf/$(PROFILE)/world.yaml | $(STAMP)
 	$(PY) stages/world.py --config conf/$(PROFILE)/world.yaml --out $(OUT)/world
 
@@ -82,18 +87,18 @@ sqa: $(OUT)/sqa/summary.json ## RS-SQA: train, compare with baselines, recommend
 endif
 
 $(OUT)/purify/summary.json: conf/$(PROFILE)/purify.yaml $(WORLD) | $(STAMP)
-	$(PY) $(CMD_purify)
+	$(STAGE_PY) $(CMD_purify)
 $(OUT)/pretrain_raw/summary.json: conf/$(PROFILE)/pretrain_raw.yaml $(WORLD) | $(STAMP)
-	$(PY) $(CMD_pretrain_raw)
+	$(STAGE_PY) $(CMD_pretrain_raw)
 # (the purified run's summary compares itself with the raw run when that has finished; the report always does)
 $(OUT)/pretrain/summary.json: conf/$(PROFILE)/pretrain.yaml $(OUT)/purify/summary.json $(WORLD) | $(STAMP)
-	$(PY) $(CMD_pretrain)
+	$(STAGE_PY) $(CMD_pretrain)
 $(OUT)/sqed/summary.json: conf/$(PROFILE)/sqed.yaml $(WORLD) | $(STAMP)
-	$(PY) $(CMD_sqed)
+	$(STAGE_PY) $(CMD_sqed)
 # prerequisites in this order: with JOBS=2, RS-SQED (two ranks) starts beside purify (two processes), then the two
 # one-process CLIP trainings as those end, side by side at the end: the cores stay busy until sqa
 $(OUT)/sqa/summary.json: conf/$(PROFILE)/sqa.yaml $(OUT)/sqed/summary.json $(CLIP_OUT)/pretrain/summary.json $(CLIP_OUT)/pretrain_raw/summary.json | $(STAMP)
-	$(PY) $(CMD_sqa)
+	$(STAGE_PY) $(CMD_sqa)
 ifneq ($(CLIP_PROFILE),$(PROFILE))
 # another profile's CLIP models, built by that profile's own rules when missing (its world, not this profile's)
 $(CLIP_OUT)/pretrain/summary.json: | $(STAMP)
@@ -107,14 +112,14 @@ endif
 SCENES_FROM = $(if $(WORLD),--index $(OUT)/world/scenes/scenes.json,--sqed $(OUT)/sqed --data $(DATA))
 scenes: $(OUT)/scenes/summary.json ## rssqa scene on the world's scenes (or the test area's whole images): the four maps
 $(OUT)/scenes/summary.json: $(OUT)/sqa/summary.json $(WORLD) | $(STAMP)
-	$(PY) stages/scenes.py --scorer $(OUT)/sqa/scorer $(SCENES_FROM) --out $(OUT)/scenes --workers 2
+	$(STAGE_PY) stages/scenes.py --scorer $(OUT)/sqa/scorer $(SCENES_FROM) --out $(OUT)/scenes --workers 2
 
 SEEDS ?= 0 1 2 3 4
 seeds: $(OUT)/sqa/summary.json | $(STAMP) ## the sqa run's heads trained again under SEEDS= (default 0 1 2 3 4; SEED_MODELS=): the spread, in the report
 	$(PY) -m rssqa.tasks.sqa.seeds --run $(OUT)/sqa --seeds $(SEEDS) --workers $(JOBS) $(if $(SEED_MODELS),--models $(SEED_MODELS))
 
 report: | $(STAMP) ## runs/<profile>/report.md from whatever stages have finished
-	$(PY) -m rssqa.report --runs $(RUNS) --profile $(PROFILE) $(if $(PIPELINE_SECONDS),--pipeline-seconds $(PIPELINE_SECONDS))
+	$(STAGE_PY) -m rssqa.report --runs $(RUNS) --profile $(PROFILE) $(if $(PIPELINE_SECONDS),--pipeline-seconds $(PIPELINE_SECONDS))
 
 # stages that do not depend on each other run side by side (RS-SQED's two ranks beside purify's two processes, then the
 # two one-thread CLIP trainings side by side): JOBS=2 keeps two cores busy; JOBS=1 runs one stage at a time
@@ -122,8 +127,11 @@ JOBS ?= 2
 demo: setup ## the whole pipeline on the embedded world, then the report (PROFILE=demo unless given; JOBS=2)
 	@export RSSQA_RUN_GROUP=$${RSSQA_RUN_GROUP:-$(DEMO_PROFILE)-$$(date +%Y%m%d-%H%M%S)}; \
 	start=$$(date +%s); \
-	$(MAKE) --no-print-directory -j$(JOBS) $(if $(wildcard conf/$(DEMO_PROFILE)/world.yaml),scenes,sqa) PROFILE=$(DEMO_PROFILE) && \
-	$(MAKE) --no-print-directory report PROFILE=$(DEMO_PROFILE) PIPELINE_SECONDS=$$(( $$(date +%s) - start )) && \
+	sock=$$(mktemp -u $${TMPDIR:-/tmp}/rssqa-XXXXXX.sock); \
+	$(PY) -m rssqa.preload serve --socket $$sock --preload $(PRELOAD) & server=$$!; trap "kill $$server 2>/dev/null" EXIT; \
+	stage_py="$(PY) -m rssqa.preload run --socket $$sock --"; \
+	$(MAKE) --no-print-directory -j$(JOBS) $(if $(wildcard conf/$(DEMO_PROFILE)/world.yaml),scenes,sqa) PROFILE=$(DEMO_PROFILE) STAGE_PY="$$stage_py" && \
+	$(MAKE) --no-print-directory report PROFILE=$(DEMO_PROFILE) PIPELINE_SECONDS=$$(( $$(date +%s) - start )) STAGE_PY="$$stage_py" && \
 	echo "demo ($(DEMO_PROFILE)) done in $$(( $$(date +%s) - start )) s: $(RUNS)/$(DEMO_PROFILE)/report.md"
 
 BENCHES := world shards purify caption pretrain sqed score sqa_head bootstrap

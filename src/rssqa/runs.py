@@ -16,8 +16,17 @@ from typing import Any
 from rssqa.errors import RSSQAError
 
 SUMMARY = "summary.json"
-# a stage's process imports rssqa first thing: its wall time is counted from here
+# a stage's process imports rssqa first thing: its wall time is counted from here, or from the fork that
+# started it (a stage forked from a preloaded interpreter, rssqa.preload)
 _STARTED = time.monotonic()
+
+
+def _restart_clock() -> None:
+    global _STARTED
+    _STARTED = time.monotonic()
+
+
+os.register_at_fork(after_in_child=_restart_clock)
 
 
 def stage_dir(root: str | os.PathLike, profile: str, stage: str) -> Path:
