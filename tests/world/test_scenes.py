@@ -135,7 +135,7 @@ def test_bad_scene_config_is_one_line(kwargs):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("profile, size", [("smoke", 512), ("demo", 2048)])
+@pytest.mark.parametrize("profile, size", [("smoke", 384), ("demo", 2048)])
 def test_profiles_configure_scenes(profile, size):
     world = yaml.safe_load((ROOT / "conf" / profile / "world.yaml").read_text())["world"]
     cfg = ScenesConfig(**world["scenes"])
