@@ -9,6 +9,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -19,6 +24,35 @@ from rssqa.world import CorpusConfig, SourcesConfig, WorldConfig, generate_world
 ROOT = Path(__file__).resolve().parents[1]
 # tests use tiny tensors: one thread avoids oversubscribing a small, shared CPU
 torch.set_num_threads(1)
+
+
+def stage_env() -> dict[str, str]:
+    """The environment of the tests' stage subprocesses: this repository importable, offline, one thread
+    each, no launcher's rank variables."""
+    launcher = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONHASHSEED="0")
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def stage_python():
+    """``python``, for a stage subprocess run in :func:`stage_env`: a fork of one preloaded interpreter
+    (``rssqa.preload``, the way ``make demo`` runs them) instead of a fresh one importing torch,
+    Lightning and open_clip again (10 to 19 s here). The tests that kill a stage keep fresh interpreters."""
+    folder = Path(tempfile.mkdtemp(prefix="rssqa-", dir="/tmp"))  # short: a Unix socket path has a limit
+    sock = folder / "s.sock"
+    scripts = sorted(str(p) for p in (ROOT / "stages").glob("*.py"))
+    cmd = [sys.executable, "-m", "rssqa.preload", "serve", "--socket", str(sock), "--preload", *scripts]
+    server = subprocess.Popen(cmd, cwd=ROOT, env=stage_env())
+    deadline = time.monotonic() + 30  # bound before preloading: a client that comes early waits for it
+    while not sock.exists() and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield [sys.executable, "-m", "rssqa.preload", "run", "--socket", str(sock), "--"]
+    server.terminate()
+    server.wait(timeout=60)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def pretrain_smoke_args(out: Path, shards: Path, epochs: int, *extra: str) -> list[str]:

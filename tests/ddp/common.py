@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +15,19 @@ import webdataset as wds
 from PIL import Image
 
 from rssqa.world import sample_pairs
+from tests.conftest import stage_env
+
+__all__ = ["ROOT", "run_stage", "stage_command", "stage_env", "step_losses", "write_fixture_shards"]
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / "stages" / "pretrain.py"
 
 
-def stage_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    return env
-
-
-def stage_command(out: Path, shards: Path, *extra: str) -> list[str]:
-    """The pretrain stage on tiny fixture shards: rs-tiny, batch 8, small held-out sets, no W&B."""
+def stage_command(out: Path, shards: Path, *extra: str, python: Sequence[str] = (sys.executable,)) -> list[str]:
+    """The pretrain stage on tiny fixture shards: rs-tiny, batch 8, small held-out sets, no W&B;
+    ``python``: a fresh interpreter, or the ``stage_python`` fixture's preloaded one."""
     return [
-        sys.executable, str(STAGE),
+        *python, str(STAGE),
         "--config", str(ROOT / "conf" / "smoke" / "pretrain.yaml"),
         "--out", str(out),
         "--data.shards", str(shards),
@@ -43,9 +41,11 @@ def stage_command(out: Path, shards: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_stage(out: Path, shards: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_stage(
+    out: Path, shards: Path, *extra: str, python: Sequence[str] = (sys.executable,), timeout: float = 600
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        stage_command(out, shards, *extra),
+        stage_command(out, shards, *extra, python=python),
         cwd=ROOT,
         env=stage_env(),
         capture_output=True,

@@ -26,7 +26,7 @@ class LossRecorder(Callback):
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, stage_python):
     shards = write_fixture_shards(tmp_path / "shards", n_shards=4, per_shard=16)
     record, out = tmp_path / "record", tmp_path / "pretrain"
     callbacks = [
@@ -41,6 +41,7 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
         "--trainer.max_steps", str(STEPS),
         "--data.samples_per_epoch", str(STEPS * 16),
         "--checkpoint.every_n_train_steps", "100",
+        python=stage_python,
     )  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == STEPS

@@ -4,15 +4,16 @@ run as two gloo processes (every input sample exactly once in the output)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import stage_env
 from tests.tasks.test_purify import ROOT, build_corpus, input_keys, read_tar, stage_args
 
 pytestmark = pytest.mark.slow
@@ -23,14 +24,8 @@ def corpus(tiny_world, tmp_path_factory) -> dict[str, object]:
     return build_corpus(tiny_world, tmp_path_factory.mktemp("extra"))
 
 
-def stage_cmd(corpus, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "stages" / "purify.py"), *stage_args(corpus, out, *extra)]
-
-
-def stage_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return env
+def stage_cmd(corpus, out: Path, *extra: str, python: Sequence[str] = (sys.executable,)) -> list[str]:
+    return [*python, str(ROOT / "stages" / "purify.py"), *stage_args(corpus, out, *extra)]
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
@@ -48,9 +43,9 @@ def kill_when(cmd: list[str], ready, timeout: float = 600) -> None:
     proc.wait()
 
 
-def test_stage_killed_part_way_then_rerun_equals_uninterrupted(corpus, tmp_path):
+def test_stage_killed_part_way_then_rerun_equals_uninterrupted(corpus, tmp_path, stage_python):
     whole = tmp_path / "whole"
-    subprocess.run(stage_cmd(corpus, whole), check=True, env=stage_env(), capture_output=True, timeout=600)
+    subprocess.run(stage_cmd(corpus, whole, python=stage_python), check=True, env=stage_env(), capture_output=True, timeout=600)
     cut = tmp_path / "cut"
     cmd = stage_cmd(corpus, cut)
     done = cut / "done"
@@ -62,7 +57,7 @@ def test_stage_killed_part_way_then_rerun_equals_uninterrupted(corpus, tmp_path)
     n_done = len(list(done.glob("*.json")))
     assert 1 <= n_done < 5, "the kill should land part-way through the write pass"
     assert not (cut / "summary.json").exists()
-    subprocess.run(cmd, check=True, env=stage_env(), capture_output=True, timeout=600)
+    subprocess.run(stage_cmd(corpus, cut, python=stage_python), check=True, env=stage_env(), capture_output=True, timeout=600)
     assert shard_bytes(cut) == shard_bytes(whole)
     for path in sorted((whole / "done").glob("*.json")):
         a, b = json.loads(path.read_text()), json.loads((done / path.name).read_text())
@@ -73,9 +68,10 @@ def test_stage_killed_part_way_then_rerun_equals_uninterrupted(corpus, tmp_path)
 
 
 @pytest.mark.ddp
-def test_stage_as_two_gloo_processes_outputs_each_sample_once(corpus, tmp_path):
+def test_stage_as_two_gloo_processes_outputs_each_sample_once(corpus, tmp_path, stage_python):
     out = tmp_path / "ddp"
-    cmd = stage_cmd(corpus, out, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
+    cmd = stage_cmd(corpus, out, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+                    python=stage_python)  # fmt: skip
     res = subprocess.run(cmd, env=stage_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

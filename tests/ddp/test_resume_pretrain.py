@@ -25,10 +25,10 @@ ARGS = (
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_with_the_same_steps_and_losses(tmp_path):
+def test_killed_run_resumes_with_the_same_steps_and_losses(tmp_path, stage_python):
     shards = write_fixture_shards(tmp_path / "shards", n_shards=4, per_shard=16)
     ref, out = tmp_path / "uninterrupted", tmp_path / "killed"
-    run_stage(ref, shards, *ARGS)
+    run_stage(ref, shards, *ARGS, python=stage_python)
     ref_losses = step_losses(next((ref / "logs").glob("version_0/metrics.csv")))
     assert sorted(ref_losses) == list(range(10))
 
@@ -46,7 +46,7 @@ def test_killed_run_resumes_with_the_same_steps_and_losses(tmp_path):
     resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 3 <= resumed_from < 10
 
-    proc = run_stage(out, shards, *ARGS)
+    proc = run_stage(out, shards, *ARGS, python=stage_python)
     assert f"resuming from {last}" in proc.stderr
     losses = step_losses(out / "logs" / "version_1" / "metrics.csv")
     assert sorted(losses) == list(range(resumed_from, 10))

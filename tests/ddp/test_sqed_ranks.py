@@ -10,11 +10,10 @@ bytes differ between any two runs); the checkpoints tensor for tensor.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from rssqa.data.sqed import TABLE, read_label_shard
 from rssqa.errors import RSSQAError
 from rssqa.runs import read_summary
 from rssqa.tasks.sqed import Ranks, TrainConfig, build_sqed
+from tests.conftest import stage_env
 from tests.tasks.test_sqed import ROOT, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -37,12 +37,11 @@ OWNER = {"vaihingen/pspnet": 0, "vaihingen/linknet": 0, "loveda/pspnet": 1, "lov
 UNIT_LINE = re.compile(r"^  rank (\d+): (\S+) (trained|reused its checkpoint), ", re.MULTILINE)
 
 
-def run_ranks(config: Path, out: Path, timeout: float = 900) -> str:
-    """``--local_ranks 2``: this process starts rank 1 itself (with torchrun's rank variables) and is
-    rank 0; their stdout together. Neither outlives the call."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_"))}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "stages" / "sqed.py"), "--config", str(config), "--out", str(out),
+def run_ranks(config: Path, out: Path, python: Sequence[str], timeout: float = 900) -> str:
+    """``--local_ranks 2``: the stage (run by ``python``) starts rank 1 itself (with torchrun's rank
+    variables) and is rank 0; their stdout together. Neither outlives the call."""
+    env = stage_env()
+    cmd = [*python, str(ROOT / "stages" / "sqed.py"), "--config", str(config), "--out", str(out),
            "--wait_s", "600", "--local_ranks", "2"]  # fmt: skip
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -59,13 +58,13 @@ def unit_files(out: Path, pattern: str) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in out.glob(pattern))
 
 
-def test_two_ranks_build_what_one_process_builds(tiny_world, tmp_path):
+def test_two_ranks_build_what_one_process_builds(tiny_world, tmp_path, stage_python):
     cfg = tiny_config(tiny_world, train=TrainConfig(epochs=1, batch_size=4))
     config = tmp_path / "sqed.yaml"
     config.write_text(yaml.safe_dump({"sqed": asdict(cfg)}, sort_keys=False))  # splits: key order counts
     one, two = tmp_path / "one", tmp_path / "two"
     build_sqed(cfg, one, ranks=Ranks())
-    stdout = run_ranks(config, two)
+    stdout = run_ranks(config, two, stage_python)
 
     # each unit trained and labelled by its owner only
     seen = [(int(r), unit, how) for r, unit, how in UNIT_LINE.findall(stdout)]

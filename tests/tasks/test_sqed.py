@@ -43,6 +43,7 @@ from rssqa.tasks.sqed import (
     per_image_oa,
     random_dihedral,
 )
+from tests.conftest import stage_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DESIGN_KEYS = ("n_images", "n_methods", "n_rows", "oa_mean", "oa_std", "per_method_oa", "best_method_share")
@@ -515,13 +516,13 @@ def test_bad_files_skip_and_count_or_stop(tiny_world, tmp_path):
     assert s["sources"]["deepglobe"]["n_seg_train"] + s["sources"]["deepglobe"]["n_pool"] == 15
 
 
-@pytest.mark.slow  # a fresh interpreter importing torch, Lightning and smp: 10-30 s on a shared machine
-def test_stage_cli_reports_a_bad_config_in_one_line(tmp_path):
+@pytest.mark.slow  # a stage process
+def test_stage_cli_reports_a_bad_config_in_one_line(tmp_path, stage_python):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("sqed:\n  sources:\n    - {name: vaihingen, root: nowhere}\n  wandb: disabled\n")
     r = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "sqed.py"), "--config", str(cfg), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [*stage_python, str(ROOT / "stages" / "sqed.py"), "--config", str(cfg), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, env=stage_env(),
     )  # fmt: skip
     assert r.returncode == 1
     assert (
@@ -532,15 +533,14 @@ def test_stage_cli_reports_a_bad_config_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_stage_cli_runs_the_smoke_config(tiny_world, tmp_path):
+def test_stage_cli_runs_the_smoke_config(tiny_world, tmp_path, stage_python):
     """The real conf/smoke/sqed.yaml through stages/sqed.py, shrunk from the command line."""
     (tmp_path / "world").symlink_to(tiny_world)
     r = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "sqed.py"), "--config", str(ROOT / "conf" / "smoke" / "sqed.yaml"),
+        [*stage_python, str(ROOT / "stages" / "sqed.py"), "--config", str(ROOT / "conf" / "smoke" / "sqed.yaml"),
          "--out", str(tmp_path / "sqed"), "--sqed.methods", "[pspnet, fpn]", "--sqed.train.epochs", "1",
          "--sqed.wandb", "offline"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env={**__import__("os").environ, "WANDB_MODE": "offline"},
+        capture_output=True, text=True, cwd=tmp_path, timeout=600, env=stage_env(),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     s = read_summary(tmp_path / "sqed")
@@ -548,9 +548,9 @@ def test_stage_cli_runs_the_smoke_config(tiny_world, tmp_path):
         "vaihingen", "potsdam", "loveda", "deepglobe"}  # fmt: skip
     assert list((tmp_path / "sqed" / "wandb").glob("offline-run-*"))
     assert "already built with this configuration" in subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "sqed.py"), "--config", str(ROOT / "conf" / "smoke" / "sqed.yaml"),
+        [*stage_python, str(ROOT / "stages" / "sqed.py"), "--config", str(ROOT / "conf" / "smoke" / "sqed.yaml"),
          "--out", str(tmp_path / "sqed"), "--sqed.methods", "[pspnet, fpn]", "--sqed.train.epochs", "1",
-         "--sqed.wandb", "offline"], capture_output=True, text=True, cwd=tmp_path, timeout=120).stdout  # fmt: skip
+         "--sqed.wandb", "offline"], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=stage_env()).stdout  # fmt: skip
 
 
 def test_table_columns_are_the_documented_ones():
