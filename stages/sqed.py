@@ -21,11 +21,13 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
+from multiprocessing.process import BaseProcess
 
 import torch
 from jsonargparse import CLI
 
 from rssqa.errors import RSSQAError
+from rssqa.processes import forked, worker_context
 from rssqa.runs import SUMMARY, atomic_write_json, is_done, process_times, read_summary
 from rssqa.tasks.sqed import Ranks, SQEDConfig, build_sqed, plan_sqed
 from rssqa.tracking import quiet_lightning
@@ -68,13 +70,13 @@ def main(
             return
         print(f"{out}: built with another configuration; building again (matching parts are reused)")
     quiet_lightning()
-    others: list[subprocess.Popen] = []
+    others: list[subprocess.Popen | _ForkedRank] = []
     if local_ranks > 1 and ranks.world_size == 1:
         threads = sqed.threads or torch.get_num_threads()
         if local_ranks * threads > (os.cpu_count() or 1):  # OpenMP threads that outnumber the cores spin idle
             print(f"sqed: warning: {local_ranks} local ranks x {threads} threads on {os.cpu_count()} cores; "
                   "set sqed.threads so that they fit", flush=True)  # fmt: skip
-        others, ranks = _start_local_ranks(local_ranks), Ranks(0, local_ranks, 0)
+        others, ranks = _start_local_ranks(local_ranks, one_thread=threads == 1), Ranks(0, local_ranks, 0)
     try:
         s = build_sqed(sqed, out, data_root, ranks=ranks, wait_s=wait_s)
         failed = [i + 1 for i, p in enumerate(others) if p.wait() != 0]
@@ -109,15 +111,46 @@ def main(
         print(f"  {method:<14} OA {oa:.3f}  best on {s['wins'].get(method, 0)} images")
 
 
-def _start_local_ranks(n: int) -> list[subprocess.Popen]:
+def _start_local_ranks(n: int, one_thread: bool) -> list[subprocess.Popen | _ForkedRank]:
     """Ranks 1 .. n-1 of an ``n``-rank build on this machine: this command line again, with torchrun's
-    rank variables set (this process is rank 0)."""
-    print(f"sqed: {n} ranks on this machine (this process is rank 0)", flush=True)
+    rank variables set (this process is rank 0); forked where that is safe (``rssqa.processes``: no
+    second import of torch, Lightning and smp, 10 to 19 s of a core here), else a fresh interpreter."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
-    return [
-        subprocess.Popen([sys.executable, *sys.argv], env={**env, "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r)})
-        for r in range(1, n)
-    ]
+    rank_env = [{**env, "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r)} for r in range(1, n)]
+    context = worker_context(one_thread)
+    how = "forked from it" if forked(context) else "fresh interpreters"
+    print(f"sqed: {n} ranks on this machine (this process is rank 0, the others {how})", flush=True)
+    if forked(context):
+        return [_ForkedRank(context.Process(target=_run_rank, args=(e, sys.argv[1:]))) for e in rank_env]
+    return [subprocess.Popen([sys.executable, *sys.argv], env=e) for e in rank_env]
+
+
+def _run_rank(env: dict[str, str], args: list[str]) -> None:
+    """A forked local rank: this stage's command line under the rank's variables."""
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        CLI(main, as_positional=False, args=args)
+    except RSSQAError as e:
+        sys.exit(f"error: {e}")
+
+
+class _ForkedRank:
+    """A forked rank behind the part of ``subprocess.Popen`` that rank 0 uses (its exit code is Popen's)."""
+
+    def __init__(self, process: BaseProcess) -> None:
+        self.process = process
+        process.start()
+
+    def wait(self) -> int:
+        self.process.join()
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def terminate(self) -> None:
+        self.process.terminate()
 
 
 if __name__ == "__main__":

@@ -37,10 +37,11 @@ OWNER = {"vaihingen/pspnet": 0, "vaihingen/linknet": 0, "loveda/pspnet": 1, "lov
 UNIT_LINE = re.compile(r"^  rank (\d+): (\S+) (trained|reused its checkpoint), ", re.MULTILINE)
 
 
-def run_ranks(config: Path, out: Path, python: Sequence[str], timeout: float = 900) -> str:
+def run_ranks(config: Path, out: Path, python: Sequence[str], start_method: str = "", timeout: float = 900) -> str:
     """``--local_ranks 2``: the stage (run by ``python``) starts rank 1 itself (with torchrun's rank
-    variables) and is rank 0; their stdout together. Neither outlives the call."""
-    env = stage_env()
+    variables; ``start_method``: how, ``RSSQA_START_METHOD``) and is rank 0; their stdout together.
+    Neither outlives the call."""
+    env = {**stage_env(), "RSSQA_START_METHOD": start_method}
     cmd = [*python, str(ROOT / "stages" / "sqed.py"), "--config", str(config), "--out", str(out),
            "--wait_s", "600", "--local_ranks", "2"]  # fmt: skip
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -62,47 +63,53 @@ def test_two_ranks_build_what_one_process_builds(tiny_world, tmp_path, stage_pyt
     cfg = tiny_config(tiny_world, train=TrainConfig(epochs=1, batch_size=4))
     config = tmp_path / "sqed.yaml"
     config.write_text(yaml.safe_dump({"sqed": asdict(cfg)}, sort_keys=False))  # splits: key order counts
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     build_sqed(cfg, one, ranks=Ranks())
-    stdout = run_ranks(config, two, stage_python)
+    # rank 1 forked from rank 0 (its imports inherited), and started as a fresh interpreter where forking
+    # is unsafe (here: asked for); each the same build as one process
+    for start in ("fork", "spawn"):
+        two = tmp_path / start
+        stdout = run_ranks(config, two, stage_python, start_method=start)
 
-    # each unit trained and labelled by its owner only
-    seen = [(int(r), unit, how) for r, unit, how in UNIT_LINE.findall(stdout)]
-    assert sorted((unit, r, how) for r, unit, how in seen) == sorted(
-        (u, r, "trained") for u, r in OWNER.items()
-    )
-    for unit, rank in OWNER.items():
-        record = json.loads((two / "methods" / unit / "train.json").read_text())
-        assert (record["rank"], record["world_size"]) == (rank, 2)
-    assert "sqed: 2 ranks on this machine" in stdout and "sqed: rank 1 of 2, local rank 1" in stdout
-    assert "rank 0 writes the table" in stdout and "sqed -> " in stdout
-    summary = read_summary(two)
-    assert summary["world_size"] == 2 and set(summary["units"]) == {u for u, r in OWNER.items() if r == 0}
+        # each unit trained and labelled by its owner only
+        seen = [(int(r), unit, how) for r, unit, how in UNIT_LINE.findall(stdout)]
+        assert sorted((unit, r, how) for r, unit, how in seen) == sorted(
+            (u, r, "trained") for u, r in OWNER.items()
+        )
+        for unit, rank in OWNER.items():
+            record = json.loads((two / "methods" / unit / "train.json").read_text())
+            assert (record["rank"], record["world_size"]) == (rank, 2)
+        how = {"fork": "forked from it", "spawn": "fresh interpreters"}[start]
+        assert f"sqed: 2 ranks on this machine (this process is rank 0, the others {how})" in stdout
+        assert "sqed: rank 1 of 2, local rank 1" in stdout
+        assert "rank 0 writes the table" in stdout and "sqed -> " in stdout
+        summary = read_summary(two)
+        assert summary["world_size"] == 2 and set(summary["units"]) == {u for u, r in OWNER.items() if r == 0}
 
-    # the same build
-    assert (two / TABLE).read_bytes() == (one / TABLE).read_bytes()
-    assert read_summary(one)["n_rows"] == summary["n_rows"] == len((one / TABLE).read_text().splitlines()) - 1
-    shared = ["splits.json", *unit_files(one, "pool/*/*")]
-    assert unit_files(two, "pool/*/*") == unit_files(one, "pool/*/*")
-    for name in shared:
-        assert (two / name).read_bytes() == (one / name).read_bytes(), name
-    shards = unit_files(one, "features/*/*.safetensors")
-    assert len(shards) == 4 and unit_files(two, "features/*/*.safetensors") == shards
-    for name in shards:
-        (a, meta_a), (b, meta_b) = read_label_shard(one / name), read_label_shard(two / name)
-        assert a.keys() == b.keys() and all(
-            np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a
-        )
-        assert meta_a.pop("seconds") >= 0 and meta_b.pop("seconds") >= 0
-        assert meta_a == meta_b, name
-    for unit in OWNER:
-        wa, wb = (
-            torch.load(d / "methods" / unit / "final.ckpt", weights_only=False)["state_dict"]
-            for d in (one, two)
-        )
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), unit
-        # every rank writes the CSV logs of its own fits
-        assert (two / "logs" / unit / "metrics.csv").is_file(), unit
+        # the same build
+        assert (two / TABLE).read_bytes() == (one / TABLE).read_bytes()
+        assert read_summary(one)["n_rows"] == summary["n_rows"] == len((one / TABLE).read_text().splitlines()) - 1
+        shared = ["splits.json", *unit_files(one, "pool/*/*")]
+        assert unit_files(two, "pool/*/*") == unit_files(one, "pool/*/*")
+        for name in shared:
+            assert (two / name).read_bytes() == (one / name).read_bytes(), name
+        shards = unit_files(one, "features/*/*.safetensors")
+        assert len(shards) == 4 and unit_files(two, "features/*/*.safetensors") == shards
+        for name in shards:
+            (a, meta_a), (b, meta_b) = read_label_shard(one / name), read_label_shard(two / name)
+            assert a.keys() == b.keys() and all(
+                np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a
+            )
+            assert meta_a.pop("seconds") >= 0 and meta_b.pop("seconds") >= 0
+            assert meta_a == meta_b, name
+        for unit in OWNER:
+            wa, wb = (
+                torch.load(d / "methods" / unit / "final.ckpt", weights_only=False)["state_dict"]
+                for d in (one, two)
+            )
+            assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), unit
+            # every rank writes the CSV logs of its own fits
+            assert (two / "logs" / unit / "metrics.csv").is_file(), unit
 
 
 def test_ranks_share_the_agreement_between_methods(tiny_world, tmp_path, monkeypatch):
