@@ -116,6 +116,17 @@ def test_a_server_that_runs_threads_after_preloading_sends_every_stage_to_a_fres
     assert "the server runs 2 threads after preloading" in r.stderr
 
 
+def test_a_socket_path_too_long_is_one_line_for_the_server_and_a_fresh_interpreter_for_the_client(tmp_path):
+    sock = tmp_path / ("s" * 200 + ".sock")
+    (tmp_path / "stage.py").write_text(SCRIPT.format(marker=MARKER))
+    cmd = [sys.executable, "-m", "rssqa.preload", "serve", "--socket", str(sock)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith(f"rssqa.preload: cannot listen at {sock}: ")
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _client(sock, "stage.py", cwd=tmp_path)
+    assert (r.returncode, r.stdout.split()[-1]) == (0, "False")
+
+
 def test_a_failing_stage_prints_its_traceback_and_exits_1(server, tmp_path):
     sock, _ = server
     r = _client(sock, "stage.py", cwd=tmp_path, FAIL="1")

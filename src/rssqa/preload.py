@@ -81,7 +81,7 @@ def _connect(socket_path: str | None) -> socket.socket | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(socket_path)
-    except (FileNotFoundError, ConnectionRefusedError):
+    except OSError:  # no server there (or a path too long for a socket): the command runs afresh
         conn.close()
         return None
     return conn
@@ -103,7 +103,10 @@ def serve(socket_path: str, preload: Sequence[str] = ()) -> int:
     """
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     Path(socket_path).unlink(missing_ok=True)
-    listener.bind(socket_path)
+    try:
+        listener.bind(socket_path)
+    except OSError as e:
+        raise SystemExit(f"rssqa.preload: cannot listen at {socket_path}: {e.strerror or e}") from None
     listener.listen(64)  # clients that come while the server imports wait in the backlog
     server_pid, parent = os.getpid(), os.getppid()
     stages: dict[int, socket.socket] = {}  # the running stages' client connections
