@@ -20,6 +20,8 @@ MARKER = "xml.dom.minidom"
 SCRIPT = """
 import os, sys
 print("argv", sys.argv[1:], "cwd", os.getcwd(), "X", os.environ.get("X"), "preloaded", {marker!r} in sys.modules)
+if os.environ.get("SHOW"):
+    print(os.environ.get(os.environ["SHOW"]))
 if os.environ.get("PIDFILE"):
     open(os.environ["PIDFILE"], "w").write(str(os.getpid()))
     import time; time.sleep(60)
@@ -41,10 +43,12 @@ def _client(sock: Path, *argv: str, cwd: Path, **env: str) -> subprocess.Complet
 
 
 # a library that makes a temporary folder when imported and removes it at exit, as wandb does for its media
+# and that sets a variable read at start-up when imported, as torch does (TORCHINDUCTOR_CACHE_DIR)
 LIBRARY = """
-import atexit, builtins, tempfile
+import atexit, builtins, os, tempfile
 builtins.rssqa_test_media = tempfile.TemporaryDirectory("media")
 atexit.register(builtins.rssqa_test_media.cleanup)
+os.environ["TORCH_RSSQA_TEST"] = "set on import"
 """
 
 
@@ -81,6 +85,10 @@ def test_a_forked_stage_has_the_clients_streams_directory_environment_arguments_
     r = _client(sock, "stage.py", "a", "b c", cwd=tmp_path, X="1", CODE="3")
     assert r.returncode == 3, r.stderr
     assert r.stdout == f"argv ['a', 'b c'] cwd {tmp_path} X 1 preloaded True\n"
+    # what the server's imports set is the stage's too (and not a difference from the client's environment)
+    r = _client(sock, "stage.py", cwd=tmp_path, SHOW="TORCH_RSSQA_TEST")
+    first, *shown = r.stdout.splitlines()
+    assert first.endswith("preloaded True") and shown == ["set on import"], r.stderr
     # a stage's wall time counts from its fork, not from the server's import of rssqa
     time.sleep(1.5)
     r = _client(sock, "stage.py", cwd=tmp_path, WALL="1")
