@@ -14,10 +14,11 @@ variables that libraries read when imported), runs the command itself: a recipe 
     python -m rssqa.preload run --socket /tmp/rssqa.sock -- stages/sqa.py --config conf/smoke/sqa.yaml ...
 
 Forking is safe because the server runs one thread, has made no CUDA context and has run no torch
-operator (no thread pool to lose in the copy): it checks the first two after preloading and, where
-they do not hold, sends every client back to a fresh interpreter. A stage's own helper processes
-(RS-SQED's local ranks, DDP ranks) start as they always do, in fresh interpreters, so that the stage
-counts their CPU time as its children's.
+operator (no thread pool to lose in the copy): it checks the first two after preloading
+(:func:`rssqa.processes.fork_hazard`, as before forking a stage's workers) and, where they do not hold,
+sends every client back to a fresh interpreter. A stage's own helper processes (RS-SQED's local ranks,
+its worker pools, DDP ranks) start as they do without a server, as the stage's children, so that it
+counts their CPU time.
 
 This module imports nothing beyond the standard library at the top: the client is a light process.
 """
@@ -146,7 +147,8 @@ def _preload(entries: Sequence[str]) -> str | None:
     """Import ``entries``; return why forking is unsafe afterwards, or None."""
     import importlib
     import runpy
-    import threading
+
+    from rssqa.processes import fork_hazard  # what rssqa.processes checks before forking its workers
 
     for entry in entries:
         try:
@@ -156,12 +158,8 @@ def _preload(entries: Sequence[str]) -> str | None:
                 importlib.import_module(entry)
         except Exception as e:  # not preloaded: a stage that needs it imports it itself
             print(f"rssqa.preload: {entry} not preloaded: {type(e).__name__}: {e}", file=sys.stderr)
-    if threading.active_count() > 1:
-        return f"the server runs {threading.active_count()} threads after preloading (a fork would copy their locks)"
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        return "the server made a CUDA context while preloading (a fork cannot use it)"
-    return None
+    hazard = fork_hazard()
+    return None if hazard is None else f"after preloading, the server {hazard}"
 
 
 def _start(

@@ -37,15 +37,22 @@ def worker_context(one_thread: bool) -> BaseContext:
         if asked not in ("fork", "spawn"):
             raise RSSQAError(f"{START_METHOD_ENV}={asked!r}: choose fork or spawn")
         return multiprocessing.get_context(asked)
-    safe = sys.platform.startswith("linux") and one_thread and threading.active_count() == 1 and not _cuda_made()
+    safe = sys.platform.startswith("linux") and one_thread and fork_hazard() is None
     return multiprocessing.get_context("fork" if safe else "spawn")
+
+
+def fork_hazard() -> str | None:
+    """What in this process makes a fork unsafe, or None: other threads (a fork copies their locks, held
+    or not) or a CUDA context (a fork cannot use it)."""
+    if threading.active_count() > 1:
+        return f"runs {threading.active_count()} threads (a fork would copy their locks)"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "has made a CUDA context (a fork cannot use it)"
+    return None
 
 
 def forked(context: BaseContext) -> bool:
     """Whether workers of ``context`` start as copies of this process (and so have what it has loaded)."""
     return context.get_start_method() == "fork"
 
-
-def _cuda_made() -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and torch.cuda.is_initialized()
