@@ -129,9 +129,17 @@ def _run_rank(env: dict[str, str], args: list[str]) -> None:
     """A forked local rank: this stage's command line under the rank's variables."""
     os.environ.clear()
     os.environ.update(env)
+    _cli(args)
+
+
+def _cli(args: list[str] | None = None) -> None:
+    """The stage's command line (``args``, default ``sys.argv``); an RSSQAError is one line, exit status 1
+    (``RSSQA_DEBUG=1``: its traceback)."""
     try:
         CLI(main, as_positional=False, args=args)
     except RSSQAError as e:
+        if os.environ.get("RSSQA_DEBUG"):
+            raise
         sys.exit(f"error: {e}")
 
 
@@ -154,9 +162,4 @@ class _ForkedRank:
 
 
 if __name__ == "__main__":
-    try:
-        CLI(main, as_positional=False)
-    except RSSQAError as e:
-        if os.environ.get("RSSQA_DEBUG"):
-            raise
-        sys.exit(f"error: {e}")
+    _cli()
