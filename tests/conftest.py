@@ -9,7 +9,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import shutil  # noqa: E402
+import contextlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -41,18 +41,29 @@ def stage_python():
     """``python``, for a stage subprocess run in :func:`stage_env`: a fork of one preloaded interpreter
     (``rssqa.preload``, the way ``make demo`` runs them) instead of a fresh one importing torch,
     Lightning and open_clip again (10 to 19 s here). The tests that kill a stage keep fresh interpreters."""
-    folder = Path(tempfile.mkdtemp(prefix="rssqa-", dir="/tmp"))  # short: a Unix socket path has a limit
-    sock = folder / "s.sock"
     scripts = sorted(str(p) for p in (ROOT / "stages").glob("*.py"))
-    cmd = [sys.executable, "-m", "rssqa.preload", "serve", "--socket", str(sock), "--preload", *scripts]
-    server = subprocess.Popen(cmd, cwd=ROOT, env=stage_env())
+    with preload_server(scripts, stage_env()) as (sock, _):
+        yield [sys.executable, "-m", "rssqa.preload", "run", "--socket", str(sock), "--"]
+
+
+@contextlib.contextmanager
+def preload_server(preload: list[str], env: dict[str, str] | None = None):
+    """``python -m rssqa.preload serve`` of ``preload``: ``(socket path, server process)``, the socket in a
+    short folder (a Unix socket path has a length limit). On the way out the server is stopped, and must
+    have removed its socket (the folder is removed empty)."""
+    folder = Path(tempfile.mkdtemp(prefix="rssqa-", dir="/tmp"))
+    sock = folder / "s.sock"
+    cmd = [sys.executable, "-m", "rssqa.preload", "serve", "--socket", str(sock), "--preload", *preload]
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env)
     deadline = time.monotonic() + 30  # bound before preloading: a client that comes early waits for it
     while not sock.exists() and server.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield [sys.executable, "-m", "rssqa.preload", "run", "--socket", str(sock), "--"]
-    server.terminate()
-    server.wait(timeout=60)
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        yield sock, server
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        folder.rmdir()
 
 
 def pretrain_smoke_args(out: Path, shards: Path, epochs: int, *extra: str) -> list[str]:

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import preload_server
 
 # a standard-library module nothing here imports: in the stage's sys.modules only when the server preloaded it
 MARKER = "xml.dom.minidom"
@@ -54,24 +53,12 @@ os.environ["TORCH_RSSQA_TEST"] = "set on import"
 
 @contextlib.contextmanager
 def _serving(tmp_path: Path, library: str):
-    """A server preloading MARKER and ``library``, its socket in a short folder (a Unix socket path has a
-    length limit); ``tmp_path/stage.py`` is the stage it runs."""
-    folder = Path(tempfile.mkdtemp(prefix="rssqa-", dir="/tmp"))
-    sock = folder / "s.sock"
+    """A server preloading MARKER and ``library`` (:func:`tests.conftest.preload_server`: it must remove
+    its socket when stopped); ``tmp_path/stage.py`` is the stage it runs."""
     (tmp_path / "library.py").write_text(library)
     (tmp_path / "stage.py").write_text(SCRIPT.format(marker=MARKER))
-    preload = [MARKER, "rssqa.runs", str(tmp_path / "library.py")]
-    cmd = [sys.executable, "-m", "rssqa.preload", "serve", "--socket", str(sock), "--preload", *preload]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield sock, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        folder.rmdir()  # the server removed its socket on the way out
+    with preload_server([MARKER, "rssqa.runs", str(tmp_path / "library.py")]) as served:
+        yield served
 
 
 @pytest.fixture

@@ -17,8 +17,6 @@ from PIL import Image
 from rssqa.world import sample_pairs
 from tests.conftest import stage_env
 
-__all__ = ["ROOT", "run_stage", "stage_command", "stage_env", "step_losses", "write_fixture_shards"]
-
 ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / "stages" / "pretrain.py"
 

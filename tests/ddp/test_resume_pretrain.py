@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.ddp.common import ROOT, run_stage, stage_command, stage_env, step_losses, write_fixture_shards
+from tests.conftest import stage_env
+from tests.ddp.common import ROOT, run_stage, stage_command, step_losses, write_fixture_shards
 
 # 4 steps per epoch, 10 steps: the kill lands in the first epochs and the resumed run crosses epochs
 ARGS = (
