@@ -255,6 +255,15 @@ def test_quicklook_shows_the_bands_and_pixels_the_methods_read(tmp_path):
     assert not np.array_equal(scene_rgb(four, side=96), want)
 
 
+def test_scenes_are_read_with_a_block_cache_of_megabytes():
+    from rasterio._env import get_gdal_config
+
+    from rssqa.scene.common import GDAL_CACHE_MB, gdal_env
+
+    with gdal_env():  # what GDAL holds, in bytes: not GDAL_CACHE_MB bytes
+        assert get_gdal_config("GDAL_CACHEMAX") == GDAL_CACHE_MB * 1024 * 1024
+
+
 def test_pooled_figures_are_the_scenes_own_margins_averaged():
     from rssqa.scene.evaluate import _error_figures, pooled_figures
 

@@ -11,9 +11,9 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from rssqa.errors import RSSQAError
+from rssqa.pixel_auroc import _pair_sums, auroc_bootstrap, auroc_bootstrap_counts, pair_counts
 from rssqa.runs import read_summary
 from rssqa.tasks.sqa.pixel import PixelConfig, sample_pixels
-from rssqa.tasks.sqa.pixel_auroc import auroc_bootstrap, pair_counts
 from tests.tasks.test_sqa import METHODS, SIZE, SOURCES, trained_run
 
 
@@ -38,6 +38,21 @@ def test_pair_counts_give_the_pooled_auroc_of_any_reweighting():
     keep = np.concatenate([np.flatnonzero(image == i) for i in range(12) for _ in range(int(c[i]))])
     drawn = float(binary_auroc(torch.from_numpy(score[keep]), torch.from_numpy(target[keep]).long(), thresholds=None))
     assert c @ pairs @ c / ((c @ pos) * (c @ neg)) == pytest.approx(drawn, abs=1e-6)
+
+
+def test_both_ways_of_counting_draws_agree_with_the_drawn_pixels():
+    score, target, image = _pixels(3)
+    draws = np.random.default_rng(4).integers(0, 3, (20, 12)).astype(np.float64)
+    by_pairs, whole = _pair_sums(score, target, image, 12, draws)  # 12 groups <= 20 draws: pair counts
+    by_ranks, whole_r = _pair_sums(score, target, image, 12, draws[:5])  # more groups than draws: rank sums
+    assert by_ranks == pytest.approx(by_pairs[:5]) and whole_r == pytest.approx(whole)
+    c = draws[0]
+    keep = np.concatenate([np.flatnonzero(image == i) for i in range(12) for _ in range(int(c[i]))])
+    drawn = float(binary_auroc(torch.from_numpy(score[keep]), torch.from_numpy(target[keep]).long(), thresholds=None))
+    pos, neg = np.bincount(image, target, 12), np.bincount(image, ~target, 12)
+    assert by_ranks[0] / ((c @ pos) * (c @ neg)) == pytest.approx(drawn, abs=1e-6)  # torchmetrics: float32
+    with pytest.raises(RSSQAError, match="expected draws x 12 groups"):
+        auroc_bootstrap_counts(score, score, target, image, draws[:, :5])
 
 
 def test_auroc_bootstrap_verdicts():

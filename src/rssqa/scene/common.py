@@ -47,6 +47,16 @@ def to_8bit(pixels: np.ndarray, rescale: tuple[float, float] | None) -> np.ndarr
     return np.clip((pixels.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
 
 
+def gdal_env():
+    """The GDAL settings a scene is read and written under: a block cache of :data:`GDAL_CACHE_MB`.
+
+    ``rasterio.Env`` hands ``GDAL_CACHEMAX`` to ``GDALSetCacheMax64``, in bytes (GDAL's own variable
+    reads small numbers as megabytes): 128 there was a 128-byte cache, each tile decompressed again for
+    every read (a scene read at a quarter of its size in 13 s instead of 0.05 s).
+    """
+    return _rasterio().Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 1024 * 1024)
+
+
 def _rasterio():
     try:
         import rasterio

@@ -24,7 +24,6 @@ from rssqa.models.pixel_error import pixel_inputs
 from rssqa.scene.common import (
     CLASS_COLOURS,
     DTYPES,
-    GDAL_CACHE_MB,
     LAYERS,
     METHOD_COLOURS,
     NODATA,
@@ -33,6 +32,7 @@ from rssqa.scene.common import (
     _open,
     _rasterio,
     _save_json,
+    gdal_env,
     to_8bit,
     trained_tile,
 )
@@ -207,8 +207,7 @@ class SceneJob:
         return summary
 
     def _open_and_run(self) -> dict[str, Any]:
-        rasterio = _rasterio()
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(self.path, "scene") as src:
+        with gdal_env(), _open(self.path, "scene") as src:
             bands, georef = self._check(src)
             if not georef:
                 print(f"warning: {self.path}: no georeferencing (CRS/transform); the outputs carry none", file=sys.stderr)

@@ -8,7 +8,7 @@ quality-weighted agreement (whose scores are out of sample on val only), two dis
 :func:`evaluate_pixel_head` scores every (image, method) row of the test split with the head and the
 label-free per-pixel baselines (:data:`rssqa.models.pixel_error.BASELINES`) on the same fixed, seeded
 subsample of labelled pixels per row, pools the pixels, and compares the head with the best baseline
-by a paired bootstrap over test images (:func:`rssqa.tasks.sqa.pixel_auroc.auroc_bootstrap`, the
+by a paired bootstrap over test images (:func:`rssqa.pixel_auroc.auroc_bootstrap`, the
 verdict words of :func:`rssqa.metrics.verdict`). :func:`run_pixel` does both and returns the summary's ``pixel_error``.
 """
 
@@ -28,9 +28,9 @@ from torchmetrics.functional.classification import binary_auroc, binary_average_
 from rssqa.agreement import MIN_METHODS
 from rssqa.errors import RSSQAError
 from rssqa.models.pixel_error import BASELINES, PixelErrorHead, image_quality
+from rssqa.pixel_auroc import auroc_bootstrap
 from rssqa.progress import line
 from rssqa.tasks.sqa.data import SQADataModule
-from rssqa.tasks.sqa.pixel_auroc import auroc_bootstrap
 from rssqa.tasks.sqa.pixel_rows import (
     IGNORE,
     LABEL,

@@ -1,7 +1,8 @@
-"""Pooled pixel AUROC under resampling of images: the paired bootstrap of the pixel error head.
+"""Pooled pixel AUROC under resampling of images (or windows): the paired bootstrap of the pixel error head.
 
-Pixels of one image are not independent (nor are the methods of one image), so the interval of a
-pixel-AUROC difference comes from drawing whole test images with replacement, as
+Used by the sqa stage (test images) and by a scene's evaluation (its windows). Pixels of one image
+are not independent (nor are the methods of one image), so the interval of a pixel-AUROC difference
+comes from drawing whole test images with replacement, as
 :func:`rssqa.metrics.paired_bootstrap` does for per-image scores. Recomputing a pooled AUROC over
 hundreds of thousands of pixels for every draw would mean a sort per draw; instead
 :func:`pair_counts` counts, once, the correctly ordered (wrong, right) pixel pairs between every two
@@ -53,6 +54,29 @@ def pair_counts(score: np.ndarray, target: np.ndarray, image: np.ndarray, n_imag
     return out
 
 
+def _pair_sums(score: np.ndarray, t: np.ndarray, inverse: np.ndarray, n: int, counts: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per draw, the correctly ordered (wrong, right) pixel pairs with every pixel weighted by how often
+    its group was drawn (ties half), and the same on all pixels once: the AUROC numerators.
+
+    Two exact ways, the cheaper one: with fewer groups than draws (test images), the group-pair counts
+    of :func:`pair_counts` and a quadratic form per draw; with many small groups (a scene's windows),
+    a weighted rank sum per draw over the scores sorted once.
+    """
+    if n <= len(counts):
+        pairs = pair_counts(score, t, inverse, n)
+        ones = np.ones(n)
+        return np.einsum("bi,ij,bj->b", counts, pairs, counts), float(ones @ pairs @ ones)
+    _, tie = np.unique(score, return_inverse=True)  # tie groups, in ascending score
+    n_ties = int(tie.max()) + 1 if len(tie) else 0
+
+    def ordered(w: np.ndarray) -> float:
+        right = np.bincount(tie, weights=w * ~t, minlength=n_ties)
+        wrong = np.bincount(tie, weights=w * t, minlength=n_ties)
+        return float(wrong @ (np.cumsum(right) - 0.5 * right))  # right pixels scored lower, ties half
+
+    return np.array([ordered(c[inverse]) for c in counts]), ordered(np.ones(len(score)))
+
+
 def auroc_bootstrap(
     a: np.ndarray, b: np.ndarray, target: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
@@ -65,22 +89,34 @@ def auroc_bootstrap(
         ``diff`` (on all pixels), ``low``, ``high`` (2.5 and 97.5 percentiles of the drawn
         differences), ``a_better`` (share of draws in which ``a`` is ahead) and ``verdict``.
     """
-    t = np.asarray(target, bool)
-    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    uniq = np.unique(np.asarray(groups))
     n = len(uniq)
     if n < 2:
         raise RSSQAError(f"pixel bootstrap: needs at least two test images, got {n}")
+    draws = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    counts = np.stack([np.bincount(d, minlength=n) for d in draws])
+    return auroc_bootstrap_counts(a, b, target, groups, counts)
+
+
+def auroc_bootstrap_counts(a: np.ndarray, b: np.ndarray, target: np.ndarray, groups: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
+    """:func:`auroc_bootstrap` with the draws given: ``counts[k, g]``, how often draw ``k`` takes the
+    ``g``-th distinct value of ``groups`` (sorted). Each draw's AUROC is that of the pixels of the drawn
+    groups pooled, a group drawn twice counting twice; draws without both kinds of pixel are left out.
+    """
+    t = np.asarray(target, bool)
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    n = len(uniq)
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim != 2 or counts.shape[1] != n:
+        raise RSSQAError(f"pixel bootstrap: counts of shape {counts.shape}, expected draws x {n} groups")
     pos = np.bincount(inverse, weights=t, minlength=n)
     neg = np.bincount(inverse, weights=~t, minlength=n)
-    draws = np.random.default_rng(seed).integers(0, n, (n_boot, n))
-    counts = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)  # n_boot × I
     den = (counts @ pos) * (counts @ neg)
-    ones = np.ones(n)
     diffs, point = [], []
     for score in (a, b):
-        pairs = pair_counts(np.asarray(score, np.float64), t, inverse, n)
-        diffs.append(np.einsum("bi,ij,bj->b", counts, pairs, counts) / np.where(den > 0, den, np.nan))
-        point.append(ones @ pairs @ ones / (pos.sum() * neg.sum()))
+        num, whole = _pair_sums(np.asarray(score, np.float64), t, inverse, n, counts)
+        diffs.append(num / np.where(den > 0, den, np.nan))
+        point.append(whole / (pos.sum() * neg.sum()))
     d = diffs[0] - diffs[1]
     d = d[np.isfinite(d)]
     low = float(np.percentile(d, 2.5)) if len(d) else math.nan
