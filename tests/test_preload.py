@@ -30,6 +30,11 @@ if os.environ.get("WALL"):
 if os.environ.get("MEDIA"):  # write into the folder a preloaded library made at import
     import builtins
     open(os.path.join(builtins.rssqa_test_media.name, "table.json"), "w").write("{{}}")
+if os.environ.get("ENDING"):  # what a stage leaves for its end: a thread, an exit handler, unflushed output
+    import atexit, threading, time
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread done"))).start()
+    atexit.register(lambda: print("exit handler ran"))
+    sys.stdout.write("no newline")
 if os.environ.get("FAIL"):
     raise ValueError("this stage failed")
 sys.exit(int(os.environ.get("CODE", "0")))
@@ -83,6 +88,14 @@ def test_a_forked_stage_has_the_clients_streams_directory_environment_arguments_
     # a module run with -m, the way make runs the report
     r = _client(sock, "-m", "json.tool", "--help", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m json.tool")
+
+
+def test_a_forked_stage_ends_as_a_fresh_interpreter_would(server, tmp_path):
+    sock, _ = server
+    for socket_path in (sock, tmp_path / "no-server.sock"):  # forked (ended without tearing down) and afresh
+        r = _client(socket_path, "stage.py", cwd=tmp_path, ENDING="1", CODE="4")
+        assert r.returncode == 4, r.stderr
+        assert r.stdout.splitlines()[1:] == ["no newlinethread done", "exit handler ran"], r.stdout
 
 
 def test_without_a_server_or_with_other_start_up_settings_the_command_runs_afresh(server, tmp_path):
