@@ -247,17 +247,18 @@ def run_sqa(
             raise RSSQAError(f"{key}: {sorted(bad)} are not model options")
 
     # every fit is known now: queued at once, so that worker processes (fit_workers > 1) train them while
-    # this process goes on; the recommender first (the pixel head's evaluation waits for it), LOSO last
+    # this process goes on; the recommender and its folds first (the pixel head waits for them alone and
+    # trains here while the workers go on with the ablations), LOSO last
     agree_hp = {**hparams, **(agreement_overrides or {}), "agreement": True}
     with_agreement = agreement_model and data.agree is not None
     loso_models = {"rs_sqa": hparams, **({AGREEMENT_MODEL: agree_hp} if with_agreement else {})}
     fold_models = {**loso_models, **({RANKING_MODEL: {**agree_hp, **ranking_overrides}} if with_agreement and ranking_overrides else {})}
     jobs = [FitJob(name, hp, seed=seed) for name, hp in fold_models.items()]  # RS-SQA and the agreement models
+    crossfit = crossfit_jobs(data, pixel, fold_models, seed)
+    jobs += crossfit
     for name in ablations:
         variant, semantic = ABLATIONS[name]
         jobs.append(FitJob(name, {**hparams, "variant": variant or hparams["variant"]}, semantic, seed=seed))
-    crossfit = crossfit_jobs(data, pixel, fold_models, seed)
-    jobs += crossfit
     if loso:
         jobs += loso_jobs(loso_models, data, seed)
     if group_folds:
@@ -322,6 +323,11 @@ def _evaluate_runs(
     crossfit: Sequence[FitJob] = (),
 ) -> dict[str, Any]:
     """Everything but leave-one-source-out: the comparison, recommendation, figures, pixel head, scorer."""
+    # the error map serves the method the scorer recommends: the ranking head, else the agreement model's, else
+    # RS-SQA's; its head trains as soon as that fit and its folds are done, the other fits going on meanwhile
+    recommender = fits.result(next(k for k in RECOMMENDERS if k in names))[1]
+    folds = [(job, fits.result(job.run)[1]["test"]) for job in crossfit]
+    pixel_head, pixel_error, pixel_quality = pixel_head_for(data, pixel, seed, recommender, folds) if pixel.enabled else (None, None, {})
     main, preds, best = fits.result("rs_sqa")
     runs = {"rs_sqa": {"preds": preds, "best_val_srcc": best, "variant": hparams["variant"]}}
     for name in names[1:]:
@@ -332,10 +338,6 @@ def _evaluate_runs(
     # the table's order: RS-SQA, the ablations, then the agreement models
     runs = {k: runs[k] for k in sorted(runs, key=lambda k: (k in (AGREEMENT_MODEL, RANKING_MODEL), k != "rs_sqa"))}
 
-    # the error map serves the method the scorer recommends: the ranking head, else the agreement model's, else RS-SQA's
-    recommender = next(runs[k]["preds"] for k in RECOMMENDERS if k in runs)
-    folds = [(job, fits.result(job.run)[1]["test"]) for job in crossfit]
-    pixel_head, pixel_error, pixel_quality = pixel_head_for(data, pixel, seed, recommender, folds) if pixel.enabled else (None, None, {})
 
     base = baseline_scores(data)
     thresholds = base.pop("_atc_thresholds")
