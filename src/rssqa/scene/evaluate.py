@@ -128,7 +128,7 @@ def _error_figures(scenes: list[list[np.ndarray]], agreement: bool, n_boot: int)
         auroc[nm] = float(binary_auroc(arr[:, 2 + i], target))
     best_b = max(names_b, key=lambda k: auroc[k])
     col = 2 + names_b.index(best_b)
-    # 200 draws of windows within each scene; a draw's AUROC from pair counts between windows (no sort per draw)
+    # 200 draws of windows within each scene, each draw's AUROC without a sort of its pixels (rssqa.pixel_auroc)
     brng = np.random.default_rng(1)
     counts = np.zeros((min(n_boot, 200), len(rows)), np.int64)
     for k in range(len(counts)):

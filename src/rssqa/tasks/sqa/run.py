@@ -338,7 +338,6 @@ def _evaluate_runs(
     # the table's order: RS-SQA, the ablations, then the agreement models
     runs = {k: runs[k] for k in sorted(runs, key=lambda k: (k in (AGREEMENT_MODEL, RANKING_MODEL), k != "rs_sqa"))}
 
-
     base = baseline_scores(data)
     thresholds = base.pop("_atc_thresholds")
     test_rows = data.rows("test")
