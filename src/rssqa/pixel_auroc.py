@@ -89,13 +89,13 @@ def auroc_bootstrap(
         ``diff`` (on all pixels), ``low``, ``high`` (2.5 and 97.5 percentiles of the drawn
         differences), ``a_better`` (share of draws in which ``a`` is ahead) and ``verdict``.
     """
-    uniq = np.unique(np.asarray(groups))
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
     n = len(uniq)
     if n < 2:
         raise RSSQAError(f"pixel bootstrap: needs at least two test images, got {n}")
     draws = np.random.default_rng(seed).integers(0, n, (n_boot, n))
     counts = np.stack([np.bincount(d, minlength=n) for d in draws])
-    return auroc_bootstrap_counts(a, b, target, groups, counts)
+    return _bootstrap(a, b, target, inverse, n, counts)
 
 
 def auroc_bootstrap_counts(a: np.ndarray, b: np.ndarray, target: np.ndarray, groups: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
@@ -103,12 +103,17 @@ def auroc_bootstrap_counts(a: np.ndarray, b: np.ndarray, target: np.ndarray, gro
     ``g``-th distinct value of ``groups`` (sorted). Each draw's AUROC is that of the pixels of the drawn
     groups pooled, a group drawn twice counting twice; draws without both kinds of pixel are left out.
     """
-    t = np.asarray(target, bool)
     uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
     n = len(uniq)
+    if np.ndim(counts) != 2 or np.shape(counts)[1] != n:
+        raise RSSQAError(f"pixel bootstrap: counts of shape {np.shape(counts)}, expected draws x {n} groups")
+    return _bootstrap(a, b, target, inverse, n, counts)
+
+
+def _bootstrap(a: np.ndarray, b: np.ndarray, target: np.ndarray, inverse: np.ndarray, n: int, counts: np.ndarray) -> dict[str, Any]:
+    """The bootstrap of :func:`auroc_bootstrap_counts`, each pixel's group as an index in ``[0, n)``."""
+    t = np.asarray(target, bool)
     counts = np.asarray(counts, np.float64)
-    if counts.ndim != 2 or counts.shape[1] != n:
-        raise RSSQAError(f"pixel bootstrap: counts of shape {counts.shape}, expected draws x {n} groups")
     pos = np.bincount(inverse, weights=t, minlength=n)
     neg = np.bincount(inverse, weights=~t, minlength=n)
     den = (counts @ pos) * (counts @ neg)

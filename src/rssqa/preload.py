@@ -37,6 +37,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 SOCKET_ENV = "RSSQA_PRELOAD"  # the client's default socket
 # read once, when the interpreter starts or a library is imported: a stage run with other values than
@@ -257,7 +258,7 @@ def _run_stage(request: dict, added: dict[str, str]) -> int:
     return 0
 
 
-def _leave(status: int) -> None:
+def _leave(status: int) -> NoReturn:
     """End a forked stage as a fresh interpreter ends, less the teardown of every module: its other
     threads joined, the exit handlers run (W&B's, logging's, the temporary folders'), the streams
     flushed, then the process ends with ``status``. Tearing down a heap of torch and its kin took about
