@@ -1,6 +1,7 @@
 """stages/sqed.py as two ranks (``--local_ranks 2``: a second process with RANK/WORLD_SIZE, as torchrun starts
 it) builds what one process builds, each unit trained by exactly one rank; with three methods, the ranks'
-shares of the agreement between methods join into a one-process build's file.
+shares of the agreement between methods join into a one-process build's file, and a rank that builds all
+of a source's methods labels them and writes their agreement in one pass, as one process does.
 
 Compared with a one-process build: the table, splits and pool files byte for byte; the label shards array
 for array and their metadata except ``seconds`` (the labelling time, recorded in the shard, so the files'
@@ -14,7 +15,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,14 +114,16 @@ def test_two_ranks_build_what_one_process_builds(tiny_world, tmp_path, stage_pyt
 
 
 def test_ranks_share_the_agreement_between_methods(tiny_world, tmp_path, monkeypatch):
-    """With three methods, each rank computes the agreement of its share of the pool (rank 1 first here,
-    so rank 0 finds its part): the file and the table are a one-process build's, and no part file is left."""
+    """With three methods of one source spread over two ranks, each rank computes the agreement of its
+    share of the pool (rank 1 first here, so rank 0 finds its part): the file and the table are a
+    one-process build's (which labels and agrees in one pass), and no part file is left."""
     from rssqa.tasks.sqed import agreement as sqed_agreement
 
     cfg = tiny_config(tiny_world, methods=["pspnet", "linknet", "fpn"], train=TrainConfig(epochs=1, batch_size=4))
+    cfg = replace(cfg, sources=cfg.sources[:1])  # vaihingen: pspnet and fpn on rank 0, linknet on rank 1
     one = tmp_path / "one"
     summary = build_sqed(cfg, one)
-    assert summary["agreement"]["computed"] == ["loveda", "vaihingen"]
+    assert summary["agreement"]["computed"] == ["vaihingen"]
     two = tmp_path / "two"
     shutil.copytree(one, two)
     (two / "summary.json").unlink()
@@ -129,17 +132,53 @@ def test_ranks_share_the_agreement_between_methods(tiny_world, tmp_path, monkeyp
     report = build_sqed(cfg, two, ranks=Ranks(1, 2))
     assert report["rank"] == 1 and report["agreement_s"] >= 0
     parts = sorted(p.relative_to(two).as_posix() for p in two.glob("features/*/agreement.part*"))
-    assert parts == ["features/loveda/agreement.part1of2.safetensors", "features/vaihingen/agreement.part1of2.safetensors"]
+    assert parts == ["features/vaihingen/agreement.part1of2.safetensors"]
     monkeypatch.setattr(sqed_agreement, "POLL_S", 0.05)
     summary = build_sqed(cfg, two, ranks=Ranks(0, 2), wait_s=5)
-    assert summary["agreement"]["computed"] == ["loveda", "vaihingen"]
+    assert summary["agreement"]["computed"] == ["vaihingen"]
     assert not list(two.glob("features/*/agreement.part*"))
-    for source in ("vaihingen", "loveda"):
+    for source in ("vaihingen",):
         (a, meta_a), (b, meta_b) = (read_label_shard(d / "features" / source / "agreement.safetensors") for d in (one, two))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), source
         assert meta_a.pop("seconds") >= 0 and meta_b.pop("seconds") >= 0 and meta_a == meta_b
     assert (two / TABLE).read_bytes() == (one / TABLE).read_bytes()
     # a part that never comes: rank 0 names the rank it waited for
-    (two / "features" / "loveda" / "agreement.safetensors").unlink()
+    (two / "features" / "vaihingen" / "agreement.safetensors").unlink()
     with pytest.raises(RSSQAError, match=r"agreement parts of ranks \[1\] did not come in 0.1 s"):
+        build_sqed(cfg, two, ranks=Ranks(0, 2), wait_s=0.1)
+
+
+def test_a_rank_that_builds_all_of_a_source_labels_and_agrees_it_alone(tiny_world, tmp_path, monkeypatch):
+    """Two sources, three methods, two ranks: each rank builds every method of one source, labels them
+    and writes their agreement in one pass (no part files); rank 0 waits for the other source's file. The
+    shards, the agreement files and the table are a one-process build's."""
+    from rssqa.tasks.sqed import agreement as sqed_agreement
+
+    cfg = tiny_config(tiny_world, methods=["pspnet", "linknet", "fpn"], train=TrainConfig(epochs=1, batch_size=4))
+    one = tmp_path / "one"
+    build_sqed(cfg, one)
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    (two / "summary.json").unlink()
+    for f in [*two.glob("features/*/agreement.safetensors"), two / "features" / "loveda" / "fpn.safetensors"]:
+        f.unlink()
+    report = build_sqed(cfg, two, ranks=Ranks(1, 2))  # loveda's: one shard and the agreement written again
+    assert report["units"]["loveda/fpn"] == {"trained": False, "labelled": True} and report["labelled"] == 1
+    assert not list(two.glob("features/*/agreement.part*")) and (two / "features" / "loveda" / "agreement.safetensors").is_file()
+    monkeypatch.setattr(sqed_agreement, "POLL_S", 0.05)
+    summary = build_sqed(cfg, two, ranks=Ranks(0, 2), wait_s=5)
+    # loveda's file was there before rank 0 started (here the ranks ran one after the other)
+    assert summary["agreement"] == {"computed": ["vaihingen"], "reused": ["loveda"], "seconds": summary["agreement"]["seconds"]}
+    assert summary["labelled"] == 0
+    for name in unit_files(one, "features/*/*.safetensors"):
+        (a, meta_a), (b, meta_b) = (read_label_shard(d / name) for d in (one, two))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
+        assert meta_a.pop("seconds") >= 0 and meta_b.pop("seconds") >= 0 and meta_a == meta_b, name
+    assert (two / TABLE).read_bytes() == (one / TABLE).read_bytes()
+    # rerun as is: all reused; a file that never comes: rank 0 names it
+    (two / "summary.json").unlink()
+    assert build_sqed(cfg, two, ranks=Ranks(0, 2), wait_s=5)["agreement"]["reused"] == ["loveda", "vaihingen"]
+    (two / "summary.json").unlink()
+    (two / "features" / "loveda" / "agreement.safetensors").unlink()
+    with pytest.raises(RSSQAError, match=r"the agreement of loveda did not come in 0.1 s"):
         build_sqed(cfg, two, ranks=Ranks(0, 2), wait_s=0.1)

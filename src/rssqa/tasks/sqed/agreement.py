@@ -10,12 +10,15 @@ added, retrained or relabelled later makes the next run recompute it.
 
 With several ranks each one computes a contiguous share of the pool (:func:`pool_share`; an image's
 numbers do not depend on which images share its pass) into a part file, and rank 0 joins the parts.
+Where one rank builds every method of a source (one rank, or as many ranks as sources divide into),
+it labels them and writes their agreement in one pass instead (:func:`label_and_agree`): each method
+segments each pool image once, not once for its label shard and again here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +31,10 @@ from rssqa.errors import RSSQAError
 from rssqa.models.quality_inputs import agreement_inputs, method_statistics
 from rssqa.models.segmenters import load_segmenter
 from rssqa.tasks.sqed.config import SQEDConfig
-from rssqa.tasks.sqed.ranks import Ranks, await_others
-from rssqa.tasks.sqed.sources import PreparedSource, _fingerprint
+from rssqa.tasks.sqed.label import _shard_path, write_label
+from rssqa.tasks.sqed.ranks import Ranks, _devices, _owner, await_others
+from rssqa.tasks.sqed.sources import PreparedSource, _fingerprint, _label_fingerprint
+from rssqa.tasks.sqed.task import SegmentationTask, label_outputs
 
 POLL_S = 2.0  # how often rank 0 looks for the other ranks' parts
 
@@ -38,9 +43,10 @@ def agreement_path(out: Path, source: str) -> Path:
     return out / "features" / source / AGREEMENT
 
 
-def _device(accelerator: str) -> torch.device:
-    wants_gpu = accelerator in ("gpu", "cuda", "auto")
-    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+def _device(accelerator: str, local_rank: int = 0) -> torch.device:
+    """This rank's device: its own GPU (as its fits use, :func:`~rssqa.tasks.sqed.ranks._devices`), or the CPU."""
+    devices = _devices(accelerator, local_rank)
+    return torch.device(f"cuda:{devices[0]}") if isinstance(devices, list) else torch.device("cpu")
 
 
 def agreement_fingerprint(methods: Sequence[str], label_fps: Sequence[str], cfg: SQEDConfig) -> str:
@@ -86,15 +92,26 @@ def agree_source(
     t0 = time.perf_counter()
     lo, hi = pool_share(len(prep.pool_ids), ranks)
     if ranks.world_size == 1:
-        arrays = _agreement_rows(prep, methods, cfg, out, lo, hi)
+        arrays = _agreement_rows(prep, methods, cfg, out, lo, hi, ranks)
     else:
         mine = _part_path(out, prep.name, ranks.rank, ranks.world_size)
         if hi > lo and not shard_matches(mine, fp):
-            write_label_shard(mine, _agreement_rows(prep, methods, cfg, out, lo, hi),
+            write_label_shard(mine, _agreement_rows(prep, methods, cfg, out, lo, hi, ranks),
                               {"source": prep.name, "fingerprint": fp, "rows": [lo, hi]})  # fmt: skip
         if ranks.rank != 0:
             return None, True
         arrays = _join_parts(out, prep, fp, ranks.world_size, wait_s)
+    _write_agreement(path, prep, methods, cfg, arrays, fp, time.perf_counter() - t0)
+    if ranks.world_size > 1:
+        for r in range(ranks.world_size):
+            _part_path(out, prep.name, r, ranks.world_size).unlink(missing_ok=True)
+    return path, True
+
+
+def _write_agreement(
+    path: Path, prep: PreparedSource, methods: Sequence[str], cfg: SQEDConfig, arrays: dict[str, np.ndarray], fp: str,
+    seconds: float,
+) -> None:
     meta = {
         "source": prep.name,
         "methods": list(methods),
@@ -103,18 +120,79 @@ def agree_source(
         "grid": cfg.label.grid,
         "chunk": cfg.label.chunk,
         "names": list(AGREEMENT_NAMES),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
     }
     write_label_shard(path, arrays, meta)
-    if ranks.world_size > 1:
-        for r in range(ranks.world_size):
-            _part_path(out, prep.name, r, ranks.world_size).unlink(missing_ok=True)
-    return path, True
 
 
-def _agreement_rows(prep: PreparedSource, methods: Sequence[str], cfg: SQEDConfig, out: Path, lo: int, hi: int) -> dict[str, np.ndarray]:
+def label_and_agree(
+    prep: PreparedSource, tasks: Mapping[str, SegmentationTask], cfg: SQEDConfig, out: Path, ranks: Ranks | None = None
+) -> tuple[dict[str, bool], Path, bool]:
+    """Label every method of a source and write their agreement in one pass over its pool: each method
+    segments each image once for both (a rank that builds all of a source's methods, :func:`source_owner`).
+
+    The same numbers as :func:`~rssqa.tasks.sqed.label.label_method` per method then :func:`agree_source`:
+    the same statistics of the same forwards, in the labelling's batches and chunks.
+
+    Args:
+        tasks: the source's trained methods, in table order (at least :data:`~rssqa.agreement.MIN_METHODS`).
+        ranks: this process's rank (its GPU, where there are several).
+
+    Returns:
+        ``({method: whether its label shard was written now}, the agreement file, whether it was written now)``.
+    """
+    methods = list(tasks)
+    label_fps = {m: _label_fingerprint(t.hparams.fingerprint, prep, cfg.label.chunk) for m, t in tasks.items()}
+    fp = agreement_fingerprint(methods, [label_fps[m] for m in methods], cfg)
+    path = agreement_path(out, prep.name)
+    todo = [m for m in methods if not shard_matches(_shard_path(out, prep.name, m), label_fps[m])]
+    if not todo and shard_matches(path, fp):
+        return dict.fromkeys(methods, False), path, False
+    t0 = time.perf_counter()
+    device = _device(cfg.train.accelerator, (ranks or Ranks()).local_rank)
+    segs = [tasks[m].segmenter.to(device).eval() for m in methods]
+    labels: dict[str, list[dict[str, torch.Tensor]]] = {m: [] for m in methods}
+    parts: dict[str, list[torch.Tensor]] = {f"{m}/{k}": [] for m in methods for k in ("agree_maps", "agree_global")}
+    for batch in DataLoader(prep.pool_arrays, batch_size=cfg.label.batch_size, shuffle=False):
+        stats = [method_statistics(s, batch["image"].to(device), cfg.label.chunk, keep_probs=True) for s in segs]
+        for m, agree in zip(methods, agreement_inputs(stats, cfg.label.grid), strict=True):  # pops probs and pred
+            for k, v in agree.items():
+                parts[f"{m}/{k}"].append(v)
+        for m, st in zip(methods, stats, strict=True):
+            labels[m].append(label_outputs(st, batch["mask"].to(device), tasks[m].hparams.num_classes))
+    seconds = time.perf_counter() - t0
+    for m in todo:  # each shard records an equal share of the pass
+        write_label(_shard_path(out, prep.name, m), prep, m, tasks[m], cfg, labels[m], label_fps[m], seconds / len(methods))
+    _write_agreement(path, prep, methods, cfg, {k: torch.cat(v).numpy() for k, v in parts.items()}, fp, seconds)
+    return {m: m in todo for m in methods}, path, True
+
+
+def source_owner(sources: Sequence[str], methods: Sequence[str], source: str, world_size: int) -> int | None:
+    """The rank that builds every method of ``source`` (:func:`~rssqa.tasks.sqed.ranks.assign_units`), or
+    ``None`` where they are spread over several ranks."""
+    owners = {_owner(sources, methods, source, m, world_size) for m in methods}
+    return owners.pop() if len(owners) == 1 else None
+
+
+def await_agreement(
+    prep: PreparedSource, methods: Sequence[str], label_fps: Sequence[str], cfg: SQEDConfig, out: Path, wait_s: float,
+    since: float,
+) -> tuple[Path, bool]:
+    """The agreement file of a source that another rank labels and agrees in one pass, once it is on disk
+    (``wait_s`` without it is an error), and whether it was written after ``since`` (this rank's start,
+    wall-clock: written by this run, not found from an earlier one)."""
+    path, fp = agreement_path(out, prep.name), agreement_fingerprint(methods, label_fps, cfg)
+    await_others(lambda: [] if shard_matches(path, fp) else [prep.name], wait_s, POLL_S, lambda _: (
+        f"{path}: the agreement of {prep.name} did not come in {wait_s:g} s (its methods' rank writes it)"
+    ))  # fmt: skip
+    return path, path.stat().st_mtime >= since
+
+
+def _agreement_rows(
+    prep: PreparedSource, methods: Sequence[str], cfg: SQEDConfig, out: Path, lo: int, hi: int, ranks: Ranks
+) -> dict[str, np.ndarray]:
     """``<method>/agree_maps`` and ``<method>/agree_global`` of the pool rows ``[lo, hi)``."""
-    device = _device(cfg.train.accelerator)
+    device = _device(cfg.train.accelerator, ranks.local_rank)
     segs = [load_segmenter(out / "methods" / prep.name / m / "final.ckpt", map_location=device) for m in methods]
     parts: dict[str, list[torch.Tensor]] = {f"{m}/{k}": [] for m in methods for k in ("agree_maps", "agree_global")}
     loader = DataLoader(Subset(prep.pool_arrays, range(lo, hi)), batch_size=cfg.label.batch_size, shuffle=False)

@@ -40,7 +40,13 @@ from rssqa.data.sqed import (
 from rssqa.errors import RSSQAError
 from rssqa.models.segmenters import add_method_config, check_buildable, list_methods, resolve_method
 from rssqa.runs import atomic_write_json, write_summary
-from rssqa.tasks.sqed.agreement import agree_source, agreement_columns
+from rssqa.tasks.sqed.agreement import (
+    agree_source,
+    agreement_columns,
+    await_agreement,
+    label_and_agree,
+    source_owner,
+)
 from rssqa.tasks.sqed.config import SQEDConfig
 from rssqa.tasks.sqed.label import _rows, _shard_path, label_method
 from rssqa.tasks.sqed.ranks import Ranks, _owner, assign_units, await_others
@@ -182,28 +188,48 @@ def build_sqed(
         "reused_shards": 0,
     }
     shard_bytes, recorded = 0, {"train_s": 0.0, "train_images": 0, "label_s": 0.0, "label_rows": 0}
+    agreeing = len(methods) >= MIN_METHODS
+    since = time.time()  # an agreement file written after this is this run's
+    agreed: dict[str, tuple[Path | None, bool]] = {}  # per source: its agreement file, whether written now
     try:
         for name, group in itertools.groupby(mine, key=lambda unit: unit[0]):
             prep = preps[name]
             # read only if a method needs training, then shared by the source's methods, then freed
             data = functools.cache(functools.partial(training_data, prep, cfg))
-            for _, method in group:
+            group_methods = [m for _, m in group]
+            # this rank builds every method of the source: it labels them and their agreement in one pass
+            together: dict[str, Any] | None = {} if agreeing and group_methods == methods else None
+            for method in group_methods:
                 t = time.perf_counter()
                 task, trained = train_method(prep, method, cfg, out, loggers, data, ranks)
                 timing["train_s"] += time.perf_counter() - t
                 timing["trained" if trained else "reused_checkpoints"] += 1
-                t = time.perf_counter()
-                _, labelled = label_method(prep, method, task, cfg, out, ranks)
-                timing["label_s"] += time.perf_counter() - t
-                timing["labelled" if labelled else "reused_shards"] += 1
+                labelled = False
+                if together is None:
+                    t = time.perf_counter()
+                    _, labelled = label_method(prep, method, task, cfg, out, ranks)
+                    timing["label_s"] += time.perf_counter() - t
+                    timing["labelled" if labelled else "reused_shards"] += 1
+                else:
+                    together[method] = task
                 units[f"{name}/{method}"] = {"trained": trained, "labelled": labelled}
                 done = len(units)
                 elapsed = time.perf_counter() - t_prep
                 of_rank = f" of rank {ranks.rank}" if ranks.world_size > 1 else ""
                 progress.line("sqed", f"{name}/{method} {'trained' if trained else 'reused'}: unit {done}/{len(mine)}"
                                       f"{of_rank}, {elapsed:.0f} s{progress.eta(done, len(mine), elapsed)}")  # fmt: skip
+            if together is not None:
+                t = time.perf_counter()
+                labels, agree_file, new = label_and_agree(prep, together, cfg, out, ranks)
+                timing["label_s"] += time.perf_counter() - t
+                for method, labelled in labels.items():
+                    timing["labelled" if labelled else "reused_shards"] += 1
+                    units[f"{name}/{method}"]["labelled"] = labelled
+                agreed[name] = (agree_file if lead else None, new)
+                progress.line("sqed", f"{name}: {len(labels)} methods labelled and their agreement in one pass, "
+                                      f"{time.perf_counter() - t:.0f} s")  # fmt: skip
+                del together
         timing = {k: round(v, 2) if isinstance(v, float) else v for k, v in timing.items()}
-        agreeing = len(methods) >= MIN_METHODS  # every rank computes a share of the agreement between methods
         if not lead and not agreeing:
             return _rank_report(ranks, units, timing, t0)
         for sc in cfg.sources:  # a rank but 0 prepared only its units' sources
@@ -213,12 +239,17 @@ def build_sqed(
         others = [(preps[s], m) for s in names for m in methods if f"{s}/{m}" not in units]
         _await_units(others, cfg, out, names, methods, ranks.world_size, wait_s)
         t_wait = time.perf_counter() - t_wait
-        # agreement between each source's methods, now that all of them are labelled
+        # agreement between each source's methods, now that all of them are labelled: every rank computes a
+        # share of a source whose methods several ranks built; one rank built them all: it wrote it already
         t_agree = time.perf_counter()
-        agreed: dict[str, tuple[Path | None, bool]] = {}
         for name in names:
+            if name in agreed:
+                continue
             fps = [read_shard_meta(_shard_path(out, name, m))["fingerprint"] for m in methods]
-            agreed[name] = agree_source(preps[name], methods, fps, cfg, out, ranks, wait_s)
+            if not agreeing or source_owner(names, methods, name, ranks.world_size) is None:
+                agreed[name] = agree_source(preps[name], methods, fps, cfg, out, ranks, wait_s)
+            elif lead:
+                agreed[name] = await_agreement(preps[name], methods, fps, cfg, out, wait_s, since)
         t_agree = time.perf_counter() - t_agree
         if not lead:
             return _rank_report(ranks, units, timing, t0, waited_s=round(t_wait, 2), agreement_s=round(t_agree, 2))

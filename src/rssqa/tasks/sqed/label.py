@@ -61,6 +61,16 @@ def label_method(
     loader = DataLoader(prep.pool_arrays, batch_size=cfg.label.batch_size, shuffle=False)
     task.describe_chunk = cfg.label.chunk
     batches = trainer.predict(task, dataloaders=loader)
+    write_label(path, prep, method, task, cfg, batches, fp, time.perf_counter() - t0)
+    return path, True
+
+
+def write_label(
+    path: Path, prep: PreparedSource, method: str, task: SegmentationTask, cfg: SQEDConfig,
+    batches: list[dict[str, torch.Tensor]], fp: str, seconds: float,
+) -> None:
+    """Write the label shard of ``method`` on ``prep``'s pool from its batches of
+    :func:`~rssqa.tasks.sqed.task.label_outputs`, ``seconds`` being the time they took."""
     arrays = {k: torch.cat([b[k] for b in batches]).numpy() for k in batches[0]}
     if np.isnan(arrays["oa"]).any():
         raise RSSQAError(f"{prep.name}: pool images without labelled pixels reached labelling")
@@ -77,10 +87,9 @@ def label_method(
         "map_names": list(MAP_NAMES),
         "feature_shapes": shapes,
         "spec": task.hparams.spec,
-        "seconds": round(time.perf_counter() - t0, 3),  # segment + statistics, before writing
+        "seconds": round(seconds, 3),  # segment + statistics, before writing
     }
     write_label_shard(path, arrays, meta)
-    return path, True
 
 
 def _rows(prep: PreparedSource, method: str, path: Path, out: Path) -> list[dict[str, Any]]:

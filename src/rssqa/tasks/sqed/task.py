@@ -117,10 +117,8 @@ class SegmentationTask(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         # the same statistics the scorer computes live (rssqa.models.quality_inputs), plus the truth's OA
-        out = method_statistics(self.segmenter, batch["image"], self.describe_chunk)
-        logits = out.pop("logits")
-        oa, n = per_image_oa(logits.argmax(1), batch["mask"], self.hparams.num_classes)
-        return {"oa": oa.cpu(), "n_labelled": n.cpu(), **out}
+        stats = method_statistics(self.segmenter, batch["image"], self.describe_chunk)
+        return label_outputs(stats, batch["mask"], self.hparams.num_classes)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=self.spec.lr, weight_decay=self.spec.weight_decay)
@@ -131,6 +129,15 @@ class SegmentationTask(L.LightningModule):
             pct_start=0.2,
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def label_outputs(stats: dict[str, torch.Tensor], masks: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """A label shard's arrays for one batch: the truth's OA of each image (``oa``, ``n_labelled``) and
+    the cached statistics, from :func:`~rssqa.models.quality_inputs.method_statistics` (whose
+    ``logits`` it pops; ``probs`` and ``pred`` must be gone)."""
+    logits = stats.pop("logits")
+    oa, n = per_image_oa(logits.argmax(1), masks, num_classes)
+    return {"oa": oa.cpu(), "n_labelled": n.cpu(), **stats}
 
 
 def load_task(path: str | os.PathLike, map_location: str = "cpu") -> SegmentationTask:
