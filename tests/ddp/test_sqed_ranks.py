@@ -175,6 +175,13 @@ def test_a_rank_that_builds_all_of_a_source_labels_and_agrees_it_alone(tiny_worl
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
         assert meta_a.pop("seconds") >= 0 and meta_b.pop("seconds") >= 0 and meta_a == meta_b, name
     assert (two / TABLE).read_bytes() == (one / TABLE).read_bytes()
+    # a lost shard alone: only its method runs again, the agreement file stays as it was
+    agreement = two / "features" / "loveda" / "agreement.safetensors"
+    before = agreement.stat().st_mtime_ns
+    (two / "features" / "loveda" / "linknet.safetensors").unlink()
+    assert build_sqed(cfg, two, ranks=Ranks(1, 2))["labelled"] == 1 and agreement.stat().st_mtime_ns == before
+    (a, _), (b, _) = (read_label_shard(d / "features" / "loveda" / "linknet.safetensors") for d in (one, two))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
     # rerun as is: all reused; a file that never comes: rank 0 names it
     (two / "summary.json").unlink()
     assert build_sqed(cfg, two, ranks=Ranks(0, 2), wait_s=5)["agreement"]["reused"] == ["loveda", "vaihingen"]

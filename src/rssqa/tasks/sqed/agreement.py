@@ -146,25 +146,29 @@ def label_and_agree(
     fp = agreement_fingerprint(methods, [label_fps[m] for m in methods], cfg)
     path = agreement_path(out, prep.name)
     todo = [m for m in methods if not shard_matches(_shard_path(out, prep.name, m), label_fps[m])]
-    if not todo and shard_matches(path, fp):
+    agree = not shard_matches(path, fp)
+    if not todo and not agree:
         return dict.fromkeys(methods, False), path, False
     t0 = time.perf_counter()
     device = _device(cfg.train.accelerator, (ranks or Ranks()).local_rank)
-    segs = [tasks[m].segmenter.to(device).eval() for m in methods]
-    labels: dict[str, list[dict[str, torch.Tensor]]] = {m: [] for m in methods}
-    parts: dict[str, list[torch.Tensor]] = {f"{m}/{k}": [] for m in methods for k in ("agree_maps", "agree_global")}
+    run = methods if agree else todo  # a lost shard alone: only its method runs, the agreement stands
+    segs = [tasks[m].segmenter.to(device).eval() for m in run]
+    labels: dict[str, list[dict[str, torch.Tensor]]] = {m: [] for m in run}
+    parts: dict[str, list[torch.Tensor]] = {f"{m}/{k}": [] for m in run for k in ("agree_maps", "agree_global")}
     for batch in DataLoader(prep.pool_arrays, batch_size=cfg.label.batch_size, shuffle=False):
-        stats = [method_statistics(s, batch["image"].to(device), cfg.label.chunk, keep_probs=True) for s in segs]
-        for m, agree in zip(methods, agreement_inputs(stats, cfg.label.grid), strict=True):  # pops probs and pred
-            for k, v in agree.items():
-                parts[f"{m}/{k}"].append(v)
-        for m, st in zip(methods, stats, strict=True):
+        stats = [method_statistics(s, batch["image"].to(device), cfg.label.chunk, keep_probs=agree) for s in segs]
+        if agree:
+            for m, agreed in zip(run, agreement_inputs(stats, cfg.label.grid), strict=True):  # pops probs and pred
+                for k, v in agreed.items():
+                    parts[f"{m}/{k}"].append(v)
+        for m, st in zip(run, stats, strict=True):
             labels[m].append(label_outputs(st, batch["mask"].to(device), tasks[m].hparams.num_classes))
     seconds = time.perf_counter() - t0
     for m in todo:  # each shard records an equal share of the pass
-        write_label(_shard_path(out, prep.name, m), prep, m, tasks[m], cfg, labels[m], label_fps[m], seconds / len(methods))
-    _write_agreement(path, prep, methods, cfg, {k: torch.cat(v).numpy() for k, v in parts.items()}, fp, seconds)
-    return {m: m in todo for m in methods}, path, True
+        write_label(_shard_path(out, prep.name, m), prep, m, tasks[m], cfg, labels[m], label_fps[m], seconds / len(run))
+    if agree:
+        _write_agreement(path, prep, methods, cfg, {k: torch.cat(v).numpy() for k, v in parts.items()}, fp, seconds)
+    return {m: m in todo for m in methods}, path, agree
 
 
 def source_owner(sources: Sequence[str], methods: Sequence[str], source: str, world_size: int) -> int | None:
