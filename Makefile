@@ -70,6 +70,7 @@ DATA ?= $(if $(filter dubai,$(PROFILE)),../shared/data/dubai-aerial,$(OUT))
 # a profile without its own pretrain config (dubai) scores with another profile's CLIP-RS and raw CLIP
 CLIP_PROFILE ?= $(if $(wildcard conf/$(PROFILE)/pretrain.yaml),$(PROFILE),demo)
 CLIP_OUT := $(RUNS)/$(CLIP_PROFILE)
+OFF_PATH_NICE ?= 10
 GPUS ?= 8
 LAUNCHER ?= slurm
 
@@ -88,8 +89,10 @@ endif
 
 $(OUT)/purify/summary.json: conf/$(PROFILE)/purify.yaml $(WORLD) | $(STAMP)
 	$(STAGE_PY) $(CMD_purify)
+# the raw CLIP is off the critical path (world, purify, CLIP-RS, sqa): at a lower CPU priority it takes what the
+# stages beside it leave (it starts as RS-SQED ends, while purify still runs) instead of slowing them
 $(OUT)/pretrain_raw/summary.json: conf/$(PROFILE)/pretrain_raw.yaml $(WORLD) | $(STAMP)
-	$(STAGE_PY) $(CMD_pretrain_raw)
+	nice -n $(OFF_PATH_NICE) $(STAGE_PY) $(CMD_pretrain_raw)
 # (the purified run's summary compares itself with the raw run when that has finished; the report always does)
 $(OUT)/pretrain/summary.json: conf/$(PROFILE)/pretrain.yaml $(OUT)/purify/summary.json $(WORLD) | $(STAMP)
 	$(STAGE_PY) $(CMD_pretrain)

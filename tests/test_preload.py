@@ -21,6 +21,8 @@ import os, sys
 print("argv", sys.argv[1:], "cwd", os.getcwd(), "X", os.environ.get("X"), "preloaded", {marker!r} in sys.modules)
 if os.environ.get("SHOW"):
     print(os.environ.get(os.environ["SHOW"]))
+if os.environ.get("NICE"):
+    print("nice", os.getpriority(os.PRIO_PROCESS, 0))
 if os.environ.get("PIDFILE"):
     open(os.environ["PIDFILE"], "w").write(str(os.getpid()))
     import time; time.sleep(60)
@@ -88,6 +90,17 @@ def test_a_forked_stage_has_the_clients_streams_directory_environment_arguments_
     # a module run with -m, the way make runs the report
     r = _client(sock, "-m", "json.tool", "--help", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m json.tool")
+
+
+def test_a_forked_stage_runs_at_its_clients_cpu_priority(server, tmp_path):
+    sock, _ = server
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for prefix, expect in (([], base), (["nice", "-n", "5"], base + 5)):
+        cmd = [*prefix, sys.executable, "-m", "rssqa.preload", "run", "--socket", str(sock), "--", "stage.py"]
+        r = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "NICE": "1"}, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        first, shown = r.stdout.splitlines()
+        assert first.endswith("preloaded True") and shown == f"nice {min(expect, 19)}", r.stdout
 
 
 def test_a_forked_stage_ends_as_a_fresh_interpreter_would(server, tmp_path):

@@ -1,12 +1,12 @@
 """A preloaded interpreter for the pipeline's stage processes: the imports paid once, each stage forked.
 
 On a small machine a stage process spends 10 to 19 s of one core importing torch, Lightning (which
-imports all of torchmetrics), open_clip (torchvision, transformers, timm) and wandb before any work,
-and ``make demo`` starts a dozen of them. ``serve`` imports what the stage scripts import, once, then
-forks a copy of itself for each ``run`` request: the copy takes the client's standard streams,
-working directory, environment and command line, runs the script (or ``-m module``) as ``__main__``
-and exits; the client exits with its status. A client that finds no server, or a server whose
-interpreter differs from its own in what is fixed at start-up (the Python, ``PYTHONHASHSEED``, the
+imports all of torchmetrics), open_clip (torchvision, transformers, timm) and wandb before any work, and
+``make demo`` starts a dozen of them. ``serve`` imports what the stage scripts import, once, then forks
+a copy of itself for each ``run`` request: the copy takes the client's standard streams, working
+directory, environment, CPU priority (``nice``) and command line, runs the script (or ``-m module``) as
+``__main__`` and exits; the client exits with its status. A client that finds no server, or a server
+whose interpreter differs from its own in what is fixed at start-up (the Python, ``PYTHONHASHSEED``, the
 variables that libraries read when imported), runs the command itself: a recipe that goes through
 ``run`` works the same with or without a server.
 
@@ -56,7 +56,7 @@ def run(socket_path: str | None, argv: Sequence[str]) -> int:
     if conn is None:
         _exec(argv)
     request = {"argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ), "prefix": sys.prefix,
-               "version": sys.version}  # fmt: skip
+               "version": sys.version, "nice": os.getpriority(os.PRIO_PROCESS, 0)}  # fmt: skip
     data = json.dumps(request).encode()
     with conn:
         socket.send_fds(conn, [_HEADER.pack(len(data))], [0, 1, 2])
@@ -234,6 +234,7 @@ def _run_stage(request: dict, added: dict[str, str]) -> int:
         os.close(fd)
     sys.stdout.reconfigure(line_buffering=os.isatty(1))
     os.chdir(request["cwd"])
+    _take_priority(request.get("nice"))
     os.environ.clear()
     os.environ.update({**added, **request["env"]})
     argv = request["argv"]
@@ -256,6 +257,15 @@ def _run_stage(request: dict, added: dict[str, str]) -> int:
         traceback.print_exc()
         return 1
     return 0
+
+
+def _take_priority(nice: int | None) -> None:
+    """Run at the client's CPU priority, as a fresh interpreter started by it would (``nice -n 10 python -m
+    rssqa.preload run ...``: a stage off the critical path yields the cores to the others)."""
+    if nice is None or nice == os.getpriority(os.PRIO_PROCESS, 0):
+        return
+    with contextlib.suppress(PermissionError):  # a lower value than the server's needs privileges: keep its own
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
 def _leave(status: int) -> NoReturn:
