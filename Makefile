@@ -70,7 +70,7 @@ DATA ?= $(if $(filter dubai,$(PROFILE)),../shared/data/dubai-aerial,$(OUT))
 # a profile without its own pretrain config (dubai) scores with another profile's CLIP-RS and raw CLIP
 CLIP_PROFILE ?= $(if $(wildcard conf/$(PROFILE)/pretrain.yaml),$(PROFILE),demo)
 CLIP_OUT := $(RUNS)/$(CLIP_PROFILE)
-OFF_PATH_NICE ?= 10
+RAW_CLIP_AFTER ?=
 GPUS ?= 8
 LAUNCHER ?= slurm
 
@@ -89,10 +89,11 @@ endif
 
 $(OUT)/purify/summary.json: conf/$(PROFILE)/purify.yaml $(WORLD) | $(STAMP)
 	$(STAGE_PY) $(CMD_purify)
-# the raw CLIP is off the critical path (world, purify, CLIP-RS, sqa): at a lower CPU priority it takes what the
-# stages beside it leave (it starts as RS-SQED ends, while purify still runs) instead of slowing them
-$(OUT)/pretrain_raw/summary.json: conf/$(PROFILE)/pretrain_raw.yaml $(WORLD) | $(STAMP)
-	nice -n $(OFF_PATH_NICE) $(STAGE_PY) $(CMD_pretrain_raw)
+# RAW_CLIP_AFTER (make demo: purify's summary): the raw CLIP, off the critical path (world, purify, CLIP-RS, sqa),
+# starts beside CLIP-RS once purify has ended, not beside purify as soon as RS-SQED frees a job slot: there it
+# slowed purify, then ended long before CLIP-RS, which ran its last minute alone on one core
+$(OUT)/pretrain_raw/summary.json: conf/$(PROFILE)/pretrain_raw.yaml $(WORLD) | $(STAMP) $(RAW_CLIP_AFTER)
+	$(STAGE_PY) $(CMD_pretrain_raw)
 # (the purified run's summary compares itself with the raw run when that has finished; the report always does)
 $(OUT)/pretrain/summary.json: conf/$(PROFILE)/pretrain.yaml $(OUT)/purify/summary.json $(WORLD) | $(STAMP)
 	$(STAGE_PY) $(CMD_pretrain)
@@ -133,7 +134,8 @@ demo: setup ## the whole pipeline on the embedded world, then the report (PROFIL
 	sock=$$(mktemp -u $${TMPDIR:-/tmp}/rssqa-XXXXXX.sock); \
 	$(PY) -m rssqa.preload serve --socket $$sock --preload $(PRELOAD) & server=$$!; trap "kill $$server 2>/dev/null" EXIT; \
 	stage_py="$(PY) -m rssqa.preload run --socket $$sock --"; \
-	$(MAKE) --no-print-directory -j$(JOBS) $(if $(wildcard conf/$(DEMO_PROFILE)/world.yaml),scenes,sqa) PROFILE=$(DEMO_PROFILE) STAGE_PY="$$stage_py" && \
+	$(MAKE) --no-print-directory -j$(JOBS) $(if $(wildcard conf/$(DEMO_PROFILE)/world.yaml),scenes RAW_CLIP_AFTER=$(RUNS)/$(DEMO_PROFILE)/purify/summary.json,sqa) \
+	  PROFILE=$(DEMO_PROFILE) STAGE_PY="$$stage_py" && \
 	$(MAKE) --no-print-directory report PROFILE=$(DEMO_PROFILE) PIPELINE_SECONDS=$$(( $$(date +%s) - start )) STAGE_PY="$$stage_py" && \
 	echo "demo ($(DEMO_PROFILE)) done in $$(( $$(date +%s) - start )) s: $(RUNS)/$(DEMO_PROFILE)/report.md"
 

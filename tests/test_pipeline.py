@@ -59,6 +59,9 @@ def test_make_demo_smoke_end_to_end(tmp_path):
         t = report_json["stage_times"][stage]
         assert t["wall_s"] == summaries[stage]["wall_s"] > 0 and t["cpu_s"] == summaries[stage]["cpu_s"] > 0, stage
     assert "CPU share" in report
+    # the raw CLIP (off the critical path) started once purify had ended, beside CLIP-RS, not beside purify
+    raw_start = (root / "pretrain_raw" / "summary.json").stat().st_mtime - summaries["pretrain_raw"]["wall_s"]
+    assert raw_start >= (root / "purify" / "summary.json").stat().st_mtime - 0.5
 
     # W&B: every stage of the run is an offline run in one group, holding its key figures
     key = {"purify": ("purify", ["n_in", "noise_f1"]), "pretrain": ("pretrain", ["zeroshot_top1", "retrieval_mean_recall"]),
