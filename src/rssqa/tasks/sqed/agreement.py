@@ -154,20 +154,18 @@ def label_and_agree(
     run = methods if agree else todo  # a lost shard alone: only its method runs, the agreement stands
     segs = [tasks[m].segmenter.to(device).eval() for m in run]
     labels: dict[str, list[dict[str, torch.Tensor]]] = {m: [] for m in run}
-    parts: dict[str, list[torch.Tensor]] = {f"{m}/{k}": [] for m in run for k in ("agree_maps", "agree_global")}
+    parts = _AgreementRows(run)
     for batch in DataLoader(prep.pool_arrays, batch_size=cfg.label.batch_size, shuffle=False):
         stats = [method_statistics(s, batch["image"].to(device), cfg.label.chunk, keep_probs=agree) for s in segs]
         if agree:
-            for m, agreed in zip(run, agreement_inputs(stats, cfg.label.grid), strict=True):  # pops probs and pred
-                for k, v in agreed.items():
-                    parts[f"{m}/{k}"].append(v)
+            parts.add(stats, cfg.label.grid)  # pops probs and pred
         for m, st in zip(run, stats, strict=True):
             labels[m].append(label_outputs(st, batch["mask"].to(device), tasks[m].hparams.num_classes))
     seconds = time.perf_counter() - t0
     for m in todo:  # each shard records an equal share of the pass
         write_label(_shard_path(out, prep.name, m), prep, m, tasks[m], cfg, labels[m], label_fps[m], seconds / len(run))
     if agree:
-        _write_agreement(path, prep, methods, cfg, {k: torch.cat(v).numpy() for k, v in parts.items()}, fp, seconds)
+        _write_agreement(path, prep, methods, cfg, parts.arrays(), fp, seconds)
     return {m: m in todo for m in methods}, path, agree
 
 
@@ -198,16 +196,31 @@ def _agreement_rows(
     """``<method>/agree_maps`` and ``<method>/agree_global`` of the pool rows ``[lo, hi)``."""
     device = _device(cfg.train.accelerator, ranks.local_rank)
     segs = [load_segmenter(out / "methods" / prep.name / m / "final.ckpt", map_location=device) for m in methods]
-    parts: dict[str, list[torch.Tensor]] = {f"{m}/{k}": [] for m in methods for k in ("agree_maps", "agree_global")}
+    parts = _AgreementRows(methods)
     loader = DataLoader(Subset(prep.pool_arrays, range(lo, hi)), batch_size=cfg.label.batch_size, shuffle=False)
     for batch in loader:
         x = batch["image"].to(device)
         # the scorer's own computation (rssqa.models.quality_inputs), so the cached values are the live ones
-        stats = [method_statistics(s, x, cfg.label.chunk, keep_probs=True) for s in segs]
-        for m, agree in zip(methods, agreement_inputs(stats, cfg.label.grid), strict=True):
-            for k, v in agree.items():
-                parts[f"{m}/{k}"].append(v)
-    return {k: torch.cat(v).numpy() for k, v in parts.items()}
+        parts.add([method_statistics(s, x, cfg.label.chunk, keep_probs=True) for s in segs], cfg.label.grid)
+    return parts.arrays()
+
+
+class _AgreementRows:
+    """``<method>/agree_maps`` and ``<method>/agree_global`` of the batches of a pass, in pool order."""
+
+    def __init__(self, methods: Sequence[str]):
+        self.methods = list(methods)
+        self.parts: dict[str, list[torch.Tensor]] = {f"{m}/{k}": [] for m in self.methods for k in ("agree_maps", "agree_global")}
+
+    def add(self, stats: list[dict[str, torch.Tensor]], grid: int) -> None:
+        """One batch: :func:`~rssqa.models.quality_inputs.agreement_inputs` of the methods' statistics (which
+        pops their ``probs`` and ``pred``)."""
+        for m, agreed in zip(self.methods, agreement_inputs(stats, grid), strict=True):
+            for k, v in agreed.items():
+                self.parts[f"{m}/{k}"].append(v)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: torch.cat(v).numpy() for k, v in self.parts.items()}
 
 
 def _join_parts(out: Path, prep: PreparedSource, fp: str, world_size: int, wait_s: float) -> dict[str, np.ndarray]:

@@ -198,7 +198,8 @@ def build_sqed(
             data = functools.cache(functools.partial(training_data, prep, cfg))
             group_methods = [m for _, m in group]
             # this rank builds every method of the source: it labels them and their agreement in one pass
-            together: dict[str, Any] | None = {} if agreeing and group_methods == methods else None
+            owns_source = source_owner(names, methods, name, ranks.world_size) == ranks.rank
+            together: dict[str, Any] | None = {} if agreeing and owns_source else None
             for method in group_methods:
                 t = time.perf_counter()
                 task, trained = train_method(prep, method, cfg, out, loggers, data, ranks)
