@@ -89,7 +89,7 @@ def test_an_image_larger_than_the_tiles_is_scored_as_its_windows(scorer):
     assert np.allclose(got[1], expected, rtol=0, atol=1e-12)
     assert np.array_equal(got[0], scorer.score([_image(0)], source="alpha")[0])  # a tile-size image: itself
     assert not np.allclose(scorer.score([big], source="alpha", tiles=False)[0], expected)
-    ranked = scorer.recommend([big], source="beta")[0]
+    ranked = scorer.recommend([big], source="beta", policy=False)[0]
     by_windows = scorer.score([big], list(METHODS), source="beta", ranking=True)[0]
     assert [m for m, _ in ranked] == [METHODS[j] for j in np.argsort(-by_windows, kind="stable")]
 
@@ -99,10 +99,60 @@ def test_methods_differ_and_recommend_ranks_them(scorer):
     # three methods and a scorer with a ranking head: recommendation ranks by that head
     scores = scorer.score(imgs, list(METHODS), source="beta", ranking=True)
     assert not np.array_equal(scores, scorer.score(imgs, list(METHODS), source="beta"))
-    ranked = scorer.recommend(imgs, source="beta")
+    ranked = scorer.recommend(imgs, source="beta", policy=False)
     for row, ranking in zip(scores, ranked, strict=True):
         assert [m for m, _ in ranking] == [METHODS[j] for j in np.argsort(-row, kind="stable")]
         assert sorted(s for _, s in ranking) == sorted(row.tolist())
+
+
+def _with_policy(monkeypatch, scorer, policy: str, method: str) -> None:
+    vs = {"diff": -0.01, "low": -0.03, "high": 0.01, "verdict": "tie"}
+    monkeypatch.setitem(scorer.config, "recommend_policy",
+                        {"policy": policy, "model": "with_agreement_ranking", "method": method, "val_vs_best_fixed": vs})  # fmt: skip
+
+
+def test_recommend_puts_the_fixed_method_first_where_validation_chose_it(scorer, monkeypatch):
+    """A scorer whose recommender was not ahead of the best fixed method on val recommends that method;
+    the others follow by score. ``policy=False`` and a ``model`` policy rank by the scores alone."""
+    imgs = [_image(0), _image(1)]
+    by_score = scorer.recommend(imgs, source="beta", policy=False)
+    fixed = by_score[0][-1][0]  # the method the first image ranks last
+    _with_policy(monkeypatch, scorer, "fixed", fixed)
+    for got, ranking in zip(scorer.recommend(imgs, source="beta"), by_score, strict=True):
+        assert got[0][0] == fixed and got[1:] == [kv for kv in ranking if kv[0] != fixed]
+    assert scorer.recommend(imgs, source="beta", policy=False) == by_score
+    assert scorer.recommend(imgs, [m for m in METHODS if m != fixed], source="beta") == [
+        [kv for kv in r if kv[0] != fixed] for r in scorer.recommend(imgs, [m for m in METHODS if m != fixed], source="beta", policy=False)
+    ]  # the fixed method not among those ranked: by the scores
+    _with_policy(monkeypatch, scorer, "model", fixed)
+    assert scorer.recommend(imgs, source="beta") == by_score
+
+
+def test_cli_recommend_says_when_the_fixed_method_comes_first(run_root, folder, capsys, monkeypatch):
+    from rssqa.scorer import Scorer
+
+    path = run_root / "sqa" / "scorer"
+    config = Scorer.load(path).config.get("recommend_policy")
+    assert config and config["policy"] in ("model", "fixed")  # the stage writes one
+    img = str(folder / "tile_0.png")
+    args = ["recommend", img, "--scorer", str(path), "--source", "beta", "--json"]
+    original = Scorer.load
+
+    def load(*a, **k):
+        s = original(*a, **k)
+        _with_policy(monkeypatch, s, "fixed", "upernet")
+        return s
+
+    monkeypatch.setattr(Scorer, "load", load)
+    assert main(args) == 0
+    out = capsys.readouterr()
+    got = json.loads(out.out)[0]
+    assert got["recommended"] == "upernet" and got["by"] == "fixed"
+    assert "was not ahead of always running upernet (-0.010 OA [-0.030, +0.010])" in out.err and "--by-score" in out.err
+    assert main([*args, "--by-score"]) == 0
+    out = capsys.readouterr()
+    got = json.loads(out.out)[0]
+    assert got["by"] == "score" and got["ranking"][0]["score"] == max(x["score"] for x in got["ranking"]) and out.err == ""
 
 
 def test_scorer_refuses_bad_images_and_sources(scorer):
@@ -148,7 +198,10 @@ def test_cli_recommend_table(run_root, folder, capsys):
     lines = out.out.strip().splitlines()
     assert lines[0].split()[:2] == ["image", "recommended"] and len(lines) == 2
     assert all(m in lines[1] for m in METHODS)
-    assert out.err == ""  # no progress bar for single files
+    # no progress bar for single files; one line on why, where the scorer's policy puts its fixed method first
+    policy = json.loads((run_root / "sqa" / "scorer" / "scorer.json").read_text())["recommend_policy"]
+    fixed = policy["policy"] == "fixed"
+    assert out.err.count("\n") == fixed and (not fixed or f"always running {policy['method']}" in out.err)
 
 
 def test_cli_score_with_other_methods_uses_agreement(run_root, folder, capsys):

@@ -81,3 +81,14 @@ def test_within_image_error_ignores_per_image_offsets():
     oa = rng.uniform(0.3, 0.9, len(ids))
     noisy = oa + rng.normal(0.0, 0.05, len(ids)) + np.repeat(rng.normal(0, 0.2, 4000), 4)
     assert within_image_error(ids, methods, oa, noisy) == pytest.approx(0.05, rel=0.03)
+
+
+def test_policy_ranks_by_the_model_only_where_validation_says_ahead():
+    from rssqa.recommend import POLICY_FIXED, POLICY_MODEL, apply_policy, choose_policy
+
+    assert choose_policy({"diff": 0.02, "low": 0.001, "high": 0.04, "verdict": "ahead"}) == POLICY_MODEL
+    for verdict in ("tie", "behind"):
+        assert choose_policy({"diff": 0.01, "low": -0.01, "high": 0.03, "verdict": verdict}) == POLICY_FIXED
+    ranking = rank_methods({"a": 0.5, "b": 0.9, "c": 0.7})
+    assert apply_policy(ranking, "a") == [("a", 0.5), ("b", 0.9), ("c", 0.7)]  # the fixed method first, the rest in order
+    assert apply_policy(ranking, None) == apply_policy(ranking, "z") == ranking  # none, or not among the ranked

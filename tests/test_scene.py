@@ -52,7 +52,23 @@ def test_windows_cover_the_scene_and_owners_partition_it():
         window_offsets(50, 64, 0)
 
 
-def test_scene_outputs_are_georeferenced_and_fused_is_the_chosen_methods(scorer, run_root, tmp_path):
+@pytest.mark.parametrize("by", ["score", "fixed"])
+def test_scene_outputs_are_georeferenced_and_fused_is_the_chosen_methods(scorer, run_root, tmp_path, monkeypatch, by):
+    """Each window's method is the one its scores rank first (``--by-score``) or, where the scorer's
+    validation chose it (its ``recommend_policy``), the scorer's fixed method everywhere."""
+    from rssqa.scorer import Scorer
+
+    if by == "fixed":
+        policy = {"policy": "fixed", "model": "with_agreement_ranking", "method": scorer.methods("alpha")[1], "val_vs_best_fixed": {}}
+        monkeypatch.setitem(scorer.config, "recommend_policy", policy)
+        original = Scorer.load
+
+        def load(*a, **k):
+            s = original(*a, **k)
+            monkeypatch.setitem(s.config, "recommend_policy", policy)
+            return s
+
+        monkeypatch.setattr(Scorer, "load", load)
     tile = _tile(scorer)
     h, w = 2 * tile, 3 * tile
     scene = tmp_path / "scene.tif"
@@ -68,9 +84,11 @@ def test_scene_outputs_are_georeferenced_and_fused_is_the_chosen_methods(scorer,
         d.write(gt, 1)
     out = tmp_path / "out"
     rc = main(["scene", str(scene), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--out", str(out),
-               "--overlap", "0", "--tile", str(tile), "--truth", str(truth), "--quiet"])  # fmt: skip
+               "--overlap", "0", "--tile", str(tile), "--truth", str(truth), "--quiet",
+               *(["--by-score"] if by == "score" else [])])  # fmt: skip
     assert rc == 0
     summary = json.loads((out / "scene.json").read_text())
+    assert summary["recommended_by"] == ("score" if by == "score" else f"fixed: {scorer.methods('alpha')[1]} (the scorer's validation)")
     assert summary["windows"]["total"] == 6 and summary["georeferenced"]
     assert not (out / ".scene-work").exists()
     for name in LAYERS:
@@ -97,7 +115,7 @@ def test_scene_outputs_are_georeferenced_and_fused_is_the_chosen_methods(scorer,
     for r in range(0, h, tile):
         for c in range(0, w, tile):
             win = np.ascontiguousarray(pixels[r : r + tile, c : c + tile])
-            ranked = scorer.recommend([win], names, summary["source"])[0]
+            ranked = scorer.recommend([win], names, summary["source"], policy=by == "fixed")[0]
             chosen = ranked[0][0]
             owned = best[r : r + tile, c : c + tile][valid[r : r + tile, c : c + tile]]
             assert set(owned.tolist()) == {names.index(chosen)}

@@ -168,21 +168,34 @@ def cmd_score(args: argparse.Namespace) -> int:
     return status
 
 
+def _fixed_note(scorer: Any) -> None:
+    """One line on stderr: why the scorer's best fixed method comes first (its ``recommend_policy``)."""
+    p = scorer.config["recommend_policy"]
+    v = p.get("val_vs_best_fixed") or {}
+    gain = f" ({v['diff']:+.3f} OA [{v['low']:+.3f}, {v['high']:+.3f}])" if "diff" in v else ""
+    print(f"rssqa: on validation, choosing per image by {p.get('model')} was not ahead of always running {p['method']}{gain}; "
+          f"{p['method']} comes first, the others follow by predicted OA (--by-score: rank by it alone)", file=sys.stderr)
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     """``rssqa recommend``: the methods ranked by predicted OA for each image."""
     files, folder = collect_images(args.inputs)
     scorer = _load_scorer(args)
     methods = args.methods or None
+    fixed = None if args.by_score else scorer.fixed_first(scorer.method_names(methods, args.source))
+    if fixed is not None:
+        _fixed_note(scorer)
     inputs, results = Inputs(scorer, args.on_bad, len(files)), []
     for block in _blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
         if not images:
             continue
-        ranked = scorer.recommend(images, methods, args.source, names=[str(f) for f in block], tiles=not args.whole)
+        ranked = scorer.recommend(images, methods, args.source, names=[str(f) for f in block], tiles=not args.whole, policy=fixed is not None)
         for f, ranking in zip(block, ranked, strict=True):
-            results.append(
-                {"image": str(f), "recommended": ranking[0][0], "ranking": [{"method": m, "score": s} for m, s in ranking]}
-            )
+            results.append({
+                "image": str(f), "recommended": ranking[0][0], "by": "fixed" if fixed is not None else "score",
+                "ranking": [{"method": m, "score": s} for m, s in ranking],
+            })  # fmt: skip
     status = inputs.finish()
     if args.json:
         print(json.dumps(results, indent=2))
@@ -225,9 +238,11 @@ def cmd_scene(args: argparse.Namespace) -> int:
     scorer = _load_scorer(args)
     options = SceneOptions(
         source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, rescale=rescale, truth=args.truth,
-        progress=not args.quiet, resume=not args.restart,
+        progress=not args.quiet, resume=not args.restart, by_score=args.by_score,
     )
     summary = score_scene_file(scorer, args.scene, args.out, options)
+    if summary.get("recommended_by", "score") != "score":
+        _fixed_note(scorer)
     if args.json:
         print(json.dumps(summary, indent=2, default=float))
         return 0
@@ -301,6 +316,8 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--methods", nargs="+", default=None, help="methods to rank (default: all of the source)")
     p.add_argument("--top", type=int, default=0, help="show only the best K in the table")
+    p.add_argument("--by-score", action="store_true",
+                   help="rank by predicted OA alone, also where the scorer's validation chose its best fixed method")
     p.set_defaults(func=cmd_recommend)
 
 
@@ -326,6 +343,8 @@ def _add_scene(sub: argparse._SubParsersAction) -> None:
                    help="pixels that are not 8-bit (e.g. uint16) mapped linearly from LOW..HIGH to 0..255")
     p.add_argument("--truth", default=None, help="a ground-truth class raster on the same grid: also measure the maps")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming unfinished work in --out")
+    p.add_argument("--by-score", action="store_true",
+                   help="each window's method by predicted OA, also where the scorer's validation chose its best fixed method")
     p.add_argument("--chunk", type=int, default=None, help="forward batch size (default: the scorer's)")
     p.add_argument("--json", action="store_true", help="print scene.json instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

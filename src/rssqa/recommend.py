@@ -14,6 +14,11 @@ predicted score (ties broken by method name, so the choice is deterministic).
 :func:`headroom` asks how exact a quality score must be for a top1 target: it ranks each image's methods
 by their true OA plus Gaussian noise of a given size, so a model's within-image error can be read against
 the top1 it would allow.
+
+:func:`choose_policy` decides what ``rssqa recommend`` does with a trained scorer: rank by its
+recommending model where that beat always running the best fixed method on the validation split
+(the paired bootstrap interval of the per-image gain above zero), else put the best fixed method first
+(:func:`apply_policy`): a per-image choice that has not shown a gain is the worse answer to give.
 """
 
 from __future__ import annotations
@@ -74,6 +79,23 @@ def best_fixed_method(image_ids: Sequence[Any], methods: Sequence[str], oa: Sequ
 def rank_methods(scores: dict[str, float]) -> list[tuple[str, float]]:
     """Methods of one image by decreasing predicted score, ties by name: ``[(method, score), ...]``."""
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+POLICY_MODEL, POLICY_FIXED = "model", "fixed"
+
+
+def choose_policy(val_vs_fixed: dict[str, Any]) -> str:
+    """:data:`POLICY_MODEL` where the recommending model's choices were ahead of the best fixed method on
+    the validation split (``val_vs_fixed``: :func:`rssqa.metrics.mean_bootstrap` of the per-image gain,
+    its verdict ``ahead``), else :data:`POLICY_FIXED`."""
+    return POLICY_MODEL if val_vs_fixed.get("verdict") == "ahead" else POLICY_FIXED
+
+
+def apply_policy(ranking: list[tuple[str, float]], fixed: str | None) -> list[tuple[str, float]]:
+    """``ranking`` (:func:`rank_methods`) with ``fixed`` moved first when it is ranked (``None``: as it is)."""
+    if fixed is None or fixed not in (m for m, _ in ranking):
+        return ranking
+    return [kv for kv in ranking if kv[0] == fixed] + [kv for kv in ranking if kv[0] != fixed]
 
 
 def per_image_choices(

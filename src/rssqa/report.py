@@ -204,10 +204,26 @@ def _folds_section(cv: dict[str, Any], table: Any) -> str:
         r = p["recommend"][p["recommender"]]
         out.append(f"\nRecommending by {p['recommender']}: chosen OA {r['chosen_oa']:.3f}, best fixed method {r['best_fixed_oa']:.3f}, "
                    f"oracle {r['oracle_oa']:.3f}; chosen minus best fixed per image {_interval(gain)} (bootstrap over images).\n")  # fmt: skip
+    pol = p.get("policy")
+    if pol:
+        out.append(f"\nAs `rssqa recommend` decides (each fold on its val split: ranking by {p['recommender']} only where it was "
+                   f"ahead of the best fixed method there; folds: {', '.join(pol['per_fold'])}): chosen OA {pol['chosen_oa']:.3f}, "
+                   f"minus best fixed per image {_interval(pol['vs_best_fixed'])}.\n")  # fmt: skip
     return "".join(out)
 
 
 _SEED_ORDER = ("rs_sqa", "with_agreement", "with_agreement_ranking", "error_map")  # the summary's keys are sorted
+
+
+def _policy_line(p: dict[str, Any]) -> str:
+    """What ``rssqa recommend`` does with this run's scorer (the sqa summary's ``recommend_policy``)."""
+    v, t = p["val"]["vs_best_fixed"], p["test"]
+    how = (f"ranks by {p['model']}" if p["policy"] == "model"
+           else f"puts {p['method']} first and the others after it by {p['model']}'s scores")  # fmt: skip
+    return (f"`rssqa recommend` {how}: on the val split, choosing per image by {p['model']} minus always running "
+            f"{p['method']} was {v['diff']:+.3f} OA [{v['low']:+.3f}, {v['high']:+.3f}] ({v['verdict']}; only `ahead` "
+            f"ranks by the model). What it does, on the test split: chosen OA {t['chosen_oa']:.3f}, regret {t['regret']:.3f} "
+            f"(best fixed {t['best_fixed_oa']:.3f}, oracle {t['oracle_oa']:.3f}).\n\n")
 
 
 def _seeds_section(sd: dict[str, Any], table: Any) -> str:
@@ -435,6 +451,9 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
             md.append(f"Best fixed method (on train): {rec['best_fixed_method']}; {rec.get('n_images')} test images; "
                       "top1_within: the chosen method is within 0.01 OA of the best; gap_closed: (chosen_oa - "
                       "best_fixed_oa) / (oracle_oa - best_fixed_oa).\n")
+        pol = a.get("recommend_policy")
+        if pol:
+            md.append(_policy_line(pol))
         others = a.get("recommend_baselines", {})
         if others:
             md.append("Ranking the methods by another score instead:\n\n")

@@ -38,7 +38,7 @@ from rssqa.models.pixel_error import PixelErrorHead, image_quality, load_pixel_h
 from rssqa.models.quality_inputs import QualityInputs, forward_rows
 from rssqa.models.segmenters import Segmenter, load_segmenter
 from rssqa.models.sqa import RSSQA
-from rssqa.recommend import rank_methods
+from rssqa.recommend import POLICY_FIXED, apply_policy, rank_methods
 
 CONFIG = "scorer.json"
 WEIGHTS = "scorer.safetensors"
@@ -517,17 +517,30 @@ class Scorer:
 
     def recommend(
         self, images: Sequence[np.ndarray], methods: Sequence[str] | None = None, source: str | None = None,
-        names: Sequence[str] | None = None, tiles: bool = True,
+        names: Sequence[str] | None = None, tiles: bool = True, policy: bool = True,
     ) -> list[list[tuple[str, float]]]:
         """Per image, the methods ranked by predicted OA: ``[[(method, score), ...], ...]``.
 
         With at least three methods, ranks with the scorer's ranking head (an agreement head trained to
         order methods) or else its agreement head, where it has them; the paper's head otherwise. An
-        image larger than the training tiles is scored window by window (:meth:`score`, ``tiles``).
+        image larger than the training tiles is scored window by window (:meth:`score`, ``tiles``). With
+        ``policy``, the scorer's best fixed method comes first where validation chose it (:meth:`fixed_first`).
         """
         labels = self.method_names(methods, source)
         head = self.recommend_head(len(labels))
         scores = self.score(
             images, methods, source, names=names, agreement=head is not self.model, ranking=head is self.ranking_model, tiles=tiles
         )  # fmt: skip
-        return [rank_methods(dict(zip(labels, row.tolist(), strict=True))) for row in scores]
+        fixed = self.fixed_first(labels) if policy else None
+        fixed_name = None if fixed is None else labels[fixed]
+        return [apply_policy(rank_methods(dict(zip(labels, row.tolist(), strict=True))), fixed_name) for row in scores]
+
+    def fixed_first(self, labels: Sequence[str]) -> int | None:
+        """Index in ``labels`` of the method :meth:`recommend` puts first whatever the scores, or ``None``
+        (rank by the scores): the scorer's ``recommend_policy`` is ``fixed`` where its recommending model did
+        not choose better than always running the best fixed method on the validation split
+        (:func:`rssqa.recommend.choose_policy`), and that method is among ``labels``."""
+        policy = self.config.get("recommend_policy") or {}
+        if policy.get("policy") == POLICY_FIXED and policy.get("method") in labels:
+            return list(labels).index(policy["method"])
+        return None

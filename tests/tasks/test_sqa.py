@@ -227,6 +227,24 @@ def test_stage_writes_the_whole_comparison(run_root):
     for v in (s["recommend"]["vs_best_fixed"], rec["vs_best_fixed"], s["recommend_baselines"]["error_map"]["vs_best_fixed"]):
         assert v["low"] <= v["high"] and v["verdict"] == ("ahead" if v["low"] > 0 else "behind" if v["high"] < 0 else "tie")
     assert rec["vs_best_fixed"]["diff"] == pytest.approx(rec["chosen_oa"] - r["best_fixed_oa"])
+    # what rssqa recommend does: rank by the recommender only where val says ahead of the best fixed method
+    pol = s["recommend_policy"]
+    assert pol["model"] == "with_agreement_ranking" and pol["method"] == r["best_fixed_method"]
+    assert pol["policy"] == ("model" if pol["val"]["vs_best_fixed"]["verdict"] == "ahead" else "fixed")
+    if pol["policy"] == "model":
+        assert pol["test"]["chosen_oa"] == pytest.approx(s["recommend_baselines"]["with_agreement_ranking"]["chosen_oa"])
+    else:
+        assert pol["test"]["chosen_oa"] == pytest.approx(r["best_fixed_oa"]) and pol["test"]["vs_best_fixed"]["diff"] == 0
+    assert config["recommend_policy"] == {"policy": pol["policy"], "model": pol["model"], "method": pol["method"],
+                                          "val_vs_best_fixed": pol["val"]["vs_best_fixed"]}  # fmt: skip
+    # and each group fold decides the same way on its own val split
+    cvp = cv["pooled"]["policy"]
+    assert len(cvp["per_fold"]) == 3 and set(cvp["per_fold"]) <= {"model", "fixed"}
+    assert [f["policy"] for f in cv["folds"]] == cvp["per_fold"]
+    if set(cvp["per_fold"]) == {"fixed"}:
+        assert cvp["chosen_oa"] == pytest.approx(cvp["best_fixed_oa"])
+    if set(cvp["per_fold"]) == {"model"}:
+        assert cvp["chosen_oa"] == pytest.approx(cv["pooled"]["recommend"]["with_agreement_ranking"]["chosen_oa"])
 
 
 def test_scorer_holds_the_averaged_weights(run_root):

@@ -60,6 +60,7 @@ class SceneOptions:
     progress: bool = True
     resume: bool = True
     quicklook: bool = True
+    by_score: bool = False  # each window's method by predicted OA, also where the scorer's validation chose its fixed method
 
 
 def _fingerprint(path: Path, scorer_config: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -110,6 +111,8 @@ class SceneJob:
         if self.pixel_head is not None and self.pixel_head.agreement and not self.agreement:
             self.pixel_head = None
         self.error_model = "pixel error head" if self.pixel_head is not None else "1 - max probability"
+        # every window's method is the scorer's best fixed one where its validation chose so (Scorer.fixed_first)
+        self.fixed = None if self.opt.by_score else scorer.fixed_first(self.names)
         self.tile = int(self.opt.tile or trained_tile(scorer.config, self.source) or scorer.min_size)
         if self.tile < scorer.min_size:
             raise RSSQAError(f"--tile: {self.tile} px is smaller than the {scorer.min_size} px the scorer takes")
@@ -161,7 +164,7 @@ class SceneJob:
             padded = np.concatenate([part, np.zeros((chunk - k, *part.shape[1:]), np.uint8)]) if k < chunk else part
             inp = self.scorer._inputs(padded, self.methods, self.head, self.agreement, pixels=True)
             s = self.scorer.head_scores(inp, self.methods, len(self.methods), self.head, k)
-            choice = s.argmax(1)
+            choice = s.argmax(1) if self.fixed is None else np.full(len(s), self.fixed)
             pix = inp["pixels"]
             chosen = torch.stack([pix[c]["probs"][i].float().cpu() for i, c in enumerate(choice)])
             agree = torch.stack([pix[c]["agree"][i].float().cpu() for i, c in enumerate(choice)]) if self.agreement else None
@@ -235,7 +238,7 @@ class SceneJob:
         self.out.mkdir(parents=True, exist_ok=True)
         work = self.out / WORK
         settings = {"methods": self.names, "source": self.source, "tile": tile, "overlap": self.overlap, "bands": bands,
-                    "head": self.head_name, "truth": str(self.opt.truth or "")}  # fmt: skip
+                    "head": self.head_name, "fixed": self.fixed, "truth": str(self.opt.truth or "")}  # fmt: skip
         key = _fingerprint(self.path, self.scorer.config, settings)
         state = self._load_state(work, key)
         n_classes = None
@@ -340,7 +343,7 @@ class SceneJob:
         a, b = row_own[0] - r0, row_own[1] - r0
         for k, (j, c) in enumerate(windows):
             s = judged["scores"][k]
-            choice = int(s.argmax())
+            choice = int(s.argmax()) if self.fixed is None else self.fixed
             strip.probs[:, :, c : c + tile] += judged["probs"][k] * weight
             strip.error[:, c : c + tile] += judged["error"][k] * weight
             strip.weight[:, c : c + tile] += weight
@@ -423,6 +426,7 @@ class SceneJob:
             "scene": str(self.path), "size": [src.height, src.width], "crs": str(src.crs) if georef else None,
             "transform": list(src.transform)[:6] if georef else None, "georeferenced": georef,
             "source": self.source, "methods": self.names, "head": self.head_name,
+            "recommended_by": "score" if self.fixed is None else f"fixed: {self.names[self.fixed]} (the scorer's validation)",
             "error_model": self.error_model,
             "tile": self.tile, "overlap": self.overlap,
             "windows": {"total": len(rows_off) * len(cols_off), "scored": state["n_windows"], "skipped_nodata": state["n_skipped"],

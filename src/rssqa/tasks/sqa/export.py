@@ -52,6 +52,7 @@ def export_scorer(
     agreement: SQATask | None = None,
     ranking: SQATask | None = None,
     pixel: PixelErrorHead | None = None,
+    policy: dict[str, Any] | None = None,
 ) -> Path:
     """Write the trained head and everything needed to run it as a scorer folder, atomically.
 
@@ -66,6 +67,8 @@ def export_scorer(
             ``scorer_ranking.safetensors``).
         pixel: the trained pixel error head (``pixel_model`` in ``scorer.json``, its weights, input
             standardisation included, in ``scorer_pixel.safetensors``).
+        policy: what ``rssqa recommend`` does (``recommend_policy``: ``policy`` ``model`` or ``fixed``, the
+            recommending ``model``, the fixed ``method``, ``val_vs_best_fixed``; :mod:`rssqa.recommend`).
 
     Returns:
         ``out_dir``.
@@ -100,6 +103,7 @@ def export_scorer(
         "methods": list(data.methods),
         "checkpoints": checkpoints,
         "best_fixed_method": best_fixed,
+        **({"recommend_policy": policy} if policy else {}),
         **_image_sizes(data),
         "classes": _classes(data),
     }

@@ -122,6 +122,7 @@ def cross_validate_groups(
     n_boot: int = 1000,
     extra: Callable[[int, SQADataModule], Mapping[str, np.ndarray]] | None = None,
     extra_names: Sequence[str] = (),
+    val_predictions: Callable[[str], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Out-of-fold figures of ``models`` and the label-free scores, per fold and pooled.
 
@@ -139,6 +140,9 @@ def cross_validate_groups(
         extra: ``(fold, data)`` -> more learned scores on that fold's test rows (``data`` has the fold's
             split), named ``extra_names``: e.g. the error map of a pixel head trained for the fold.
         extra_names: the names ``extra`` returns; they are compared like ``models``.
+        val_predictions: fit name -> its predictions on that fold's val rows: each fold then decides, as the
+            stage does for its scorer (:func:`rssqa.recommend.choose_policy`), between the recommender's choices
+            and the best fixed method on its val split, and ``pooled.policy`` holds what that decision gives.
 
     Returns:
         ``{"k", "folds": [{groups, n_images, best_fixed_method, best_fixed_oa, oracle_oa, scores: {name: {srcc,
@@ -178,6 +182,10 @@ def cross_validate_groups(
                 fold["scores"][name] = {"srcc": metrics.srcc(pred, oa), "chosen_oa": float(picks[:, 0].mean()),
                                         "regret": float((picks[:, 2] - picks[:, 0]).mean())}  # fmt: skip
             fold["best_fixed_oa"], fold["oracle_oa"] = float(picks[:, 1].mean()), float(picks[:, 2].mean())  # any score's
+            if val_predictions is not None and recommender in models:
+                fold["policy"] = _fold_policy(data, np.asarray(val_predictions(run_name(f, recommender)), np.float64), fixed, n_boot, seed)
+                mine = per_image[recommender][-1]
+                per_image.setdefault(POLICY, []).append(mine if fold["policy"] == recommend.POLICY_MODEL else mine[:, [1, 1, 2]])
             tested[rows] = True
             folds.append(fold)
     finally:
@@ -204,6 +212,12 @@ def cross_validate_groups(
         choice[m] = {"chosen_oa": float(chosen), "best_fixed_oa": float(fixed_oa), "oracle_oa": float(oracle),
                      "regret": float(oracle - chosen), "gap_closed": float((chosen - fixed_oa) / gap) if gap > 0 else None,
                      "vs_best_fixed": metrics.mean_bootstrap(every[:, 0] - every[:, 1], n_boot, seed)}  # fmt: skip
+    policy = None
+    if POLICY in per_image:
+        every = np.concatenate(per_image[POLICY])
+        policy = {"per_fold": [f["policy"] for f in folds], "chosen_oa": float(every[:, 0].mean()),
+                  "best_fixed_oa": float(every[:, 1].mean()), "oracle_oa": float(every[:, 2].mean()),
+                  "vs_best_fixed": metrics.mean_bootstrap(every[:, 0] - every[:, 1], n_boot, seed)}  # fmt: skip
     picks = np.concatenate(per_image[recommender]) if recommender in per_image else np.zeros((0, 3))
     gain = picks[:, 0] - picks[:, 1]
     return {
@@ -215,5 +229,18 @@ def cross_validate_groups(
             "best_label_free": best_lf, "vs_consensus": versus("consensus"), "vs_best_label_free": versus(best_lf),
             "models": [*models, *(m for m in extra_names if m in srcc)], "recommend": choice, "recommender": recommender,
             "recommended_minus_best_fixed": metrics.mean_bootstrap(gain, n_boot, seed) if len(gain) else None,
+            "policy": policy,
         },  # fmt: skip
     }
+
+
+POLICY = "_policy"  # per_image's entry for what each fold's policy chose
+
+
+def _fold_policy(data: SQADataModule, val_pred: np.ndarray, fixed: str, n_boot: int, seed: int) -> str:
+    """The fold's :func:`rssqa.recommend.choose_policy` from the recommender's predictions on its val rows."""
+    rows = data.rows("val")
+    chosen, fixed_oa, _ = recommend.per_image_choices(
+        data.image_idx[rows].tolist(), data.method_of[rows], data.oa[rows].double().numpy(), val_pred, fixed
+    )  # fmt: skip
+    return recommend.choose_policy(metrics.mean_bootstrap(chosen - fixed_oa, n_boot, seed))

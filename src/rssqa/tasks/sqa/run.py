@@ -135,6 +135,22 @@ def recommendation(data: SQADataModule, preds: dict[str, np.ndarray], split: str
     return {**out, "best_fixed_method": fixed, "gap_closed": closed, "vs_best_fixed": metrics.mean_bootstrap(chosen - fixed_oa)}
 
 
+def recommend_policy(data: SQADataModule, model: str, preds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What ``rssqa recommend`` does with the exported scorer (:func:`rssqa.recommend.choose_policy`): the
+    recommending model ``model``'s choices against the best fixed method on val decide between ranking by the
+    model and putting the best fixed method first; ``test`` holds the test figures of what was decided."""
+    val = recommendation(data, preds, "val")
+    policy, fixed = recommend.choose_policy(val["vs_best_fixed"]), val["best_fixed_method"]
+    if policy == recommend.POLICY_FIXED:  # a score that ranks the fixed method first on every image
+        preds = {"test": (data.method_of[data.rows("test")] == fixed).astype(np.float64)}
+    test = recommendation(data, preds)
+    return {
+        "policy": policy, "model": model, "method": fixed,
+        "val": {k: val[k] for k in ("chosen_oa", "best_fixed_oa", "oracle_oa", "vs_best_fixed", "n_images")},
+        "test": {k: test[k] for k in ("top1", "top1_within", "chosen_oa", "best_fixed_oa", "oracle_oa", "regret", "gap_closed", "vs_best_fixed")},
+    }  # fmt: skip
+
+
 def recommended_methods(data: SQADataModule, score: np.ndarray, split: str = "test") -> dict[int, int]:
     """Image index -> index (in ``data.methods``) of the method ``score`` (over ``data.rows(split)``) ranks first."""
     rows = data.rows(split)
@@ -300,7 +316,7 @@ def run_sqa(
             summary["group_folds"] = cross_validate_groups(
                 fold_models, data, group_folds, lambda run: fits.result(run)[1]["test"], baseline_scores, best_fixed,
                 LABEL_FREE, recommender, seed, extra=(lambda f, _: fits.call_result(f"{PIXEL_FOLD}{f}")) if with_map else None,
-                extra_names=(ERROR_MAP,) if with_map else (),
+                extra_names=(ERROR_MAP,) if with_map else (), val_predictions=lambda run: fits.result(run)[1]["val"],
             )  # fmt: skip
         if seam:
             drop_seam_caches(data)
@@ -363,6 +379,8 @@ def _evaluate_runs(
     if ERROR_MAP in test_scores:
         rec_baselines[ERROR_MAP] = recommendation(data, {"test": test_scores[ERROR_MAP]})
     headroom = recommendation_headroom(data, {k: v["preds"] for k, v in runs.items()})
+    rec_model = next(k for k in RECOMMENDERS if k in runs)
+    policy = recommend_policy(data, rec_model, runs[rec_model]["preds"])
 
     figures = out / "figures"
     plot_scatter(preds["test"], oa_test, data.method_of[test_rows], figures / "scatter_test.png", title="RS-SQA on test")
@@ -376,7 +394,7 @@ def _evaluate_runs(
 
     scorer_dir = export_scorer(
         main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task,
-        pixel=pixel_head,
+        pixel=pixel_head, policy={k: policy[k] for k in ("policy", "model", "method")} | {"val_vs_best_fixed": policy["val"]["vs_best_fixed"]},
     )  # fmt: skip
     ranking = sorted(
         ((k, v["srcc"]) for k, v in {"rs_sqa": test, **{k: v for k, v in table.items() if v}}.items() if v["srcc"] is not None),
@@ -393,6 +411,7 @@ def _evaluate_runs(
             k: {m: v[m] for m in ("top1", "top1_within", "regret", "chosen_oa", "gap_closed", "vs_best_fixed")} for k, v in rec_baselines.items()
         },
         "recommend_headroom": headroom,
+        "recommend_policy": policy,
         "pixel_error": pixel_error,
         "srcc_ranking": [k for k, _ in ranking],
         "vs_rs_sqa": {k: v for k, v in versus(preds["test"], "rs_sqa").items() if k != "rs_sqa"},
