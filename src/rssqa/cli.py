@@ -190,7 +190,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         block, images = inputs.read(block)
         if not images:
             continue
-        ranked = scorer.recommend(images, methods, args.source, names=[str(f) for f in block], tiles=not args.whole, policy=fixed is not None)
+        ranked = scorer.recommend(images, methods, args.source, names=[str(f) for f in block], tiles=not args.whole, policy=not args.by_score)
         for f, ranking in zip(block, ranked, strict=True):
             results.append({
                 "image": str(f), "recommended": ranking[0][0], "by": "fixed" if fixed is not None else "score",
