@@ -22,6 +22,7 @@ import numpy as np
 
 from rssqa import metrics, recommend
 from rssqa.errors import RSSQAError
+from rssqa.tasks.sqa.choice import val_policy
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.fits import FitJob
 
@@ -141,7 +142,7 @@ def cross_validate_groups(
             split), named ``extra_names``: e.g. the error map of a pixel head trained for the fold.
         extra_names: the names ``extra`` returns; they are compared like ``models``.
         val_predictions: fit name -> its predictions on that fold's val rows: each fold then decides, as the
-            stage does for its scorer (:func:`rssqa.recommend.choose_policy`), between the recommender's choices
+            stage does for its scorer (:func:`rssqa.tasks.sqa.choice.val_policy`), between the recommender's choices
             and the best fixed method on its val split, and ``pooled.policy`` holds what that decision gives.
 
     Returns:
@@ -183,7 +184,7 @@ def cross_validate_groups(
                                         "regret": float((picks[:, 2] - picks[:, 0]).mean())}  # fmt: skip
             fold["best_fixed_oa"], fold["oracle_oa"] = float(picks[:, 1].mean()), float(picks[:, 2].mean())  # any score's
             if val_predictions is not None and recommender in models:
-                fold["policy"] = _fold_policy(data, np.asarray(val_predictions(run_name(f, recommender)), np.float64), fixed, n_boot, seed)
+                fold["policy"], _ = val_policy(data, np.asarray(val_predictions(run_name(f, recommender)), np.float64), fixed, n_boot, seed)
                 mine = per_image[recommender][-1]
                 per_image.setdefault(POLICY, []).append(mine if fold["policy"] == recommend.POLICY_MODEL else mine[:, [1, 1, 2]])
             tested[rows] = True
@@ -235,12 +236,3 @@ def cross_validate_groups(
 
 
 POLICY = "_policy"  # per_image's entry for what each fold's policy chose
-
-
-def _fold_policy(data: SQADataModule, val_pred: np.ndarray, fixed: str, n_boot: int, seed: int) -> str:
-    """The fold's :func:`rssqa.recommend.choose_policy` from the recommender's predictions on its val rows."""
-    rows = data.rows("val")
-    chosen, fixed_oa, _ = recommend.per_image_choices(
-        data.image_idx[rows].tolist(), data.method_of[rows], data.oa[rows].double().numpy(), val_pred, fixed
-    )  # fmt: skip
-    return recommend.choose_policy(metrics.mean_bootstrap(chosen - fixed_oa, n_boot, seed))

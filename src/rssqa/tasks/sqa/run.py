@@ -17,6 +17,7 @@ from rssqa.agreement import BASELINES as AGREEMENT_BASELINES
 from rssqa.errors import RSSQAError
 from rssqa.progress import line
 from rssqa.runs import atomic_write_json, write_summary
+from rssqa.tasks.sqa.choice import best_fixed, recommend_policy, recommendation
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.export import export_scorer
 from rssqa.tasks.sqa.figures import plot_comparison, plot_embedding, plot_scatter
@@ -112,43 +113,6 @@ def evaluate(
         "per_method": _clean(metrics.grouped_metrics(p, oa, data.method_of[rows])),
         "n_rows": len(rows),
     }
-
-
-def best_fixed(data: SQADataModule) -> str:
-    """The method with the highest mean OA on the train split: what a user without a quality score runs."""
-    train = data.rows("train")
-    return recommend.best_fixed_method(data.image_idx[train].tolist(), data.method_of[train], data.oa[train].tolist())
-
-
-def recommendation(data: SQADataModule, preds: dict[str, np.ndarray], split: str = "test") -> dict[str, Any]:
-    """Per-image method recommendation on ``split`` from ``preds[split]`` (fixed method from train)."""
-    rows = data.rows(split)
-    fixed = best_fixed(data)
-    chosen, fixed_oa, best = recommend.per_image_choices(
-        data.image_idx[rows].tolist(), data.method_of[rows], data.oa[rows].double().tolist(), preds[split].tolist(), fixed
-    )  # fmt: skip
-    out = recommend.choice_metrics(chosen, fixed_oa, best)
-    gap = out["oracle_oa"] - out["best_fixed_oa"]
-    # share of the best-fixed-method-to-oracle gap that the score's choices close (1: the oracle)
-    closed = (out["chosen_oa"] - out["best_fixed_oa"]) / gap if gap > 0 else float("nan")
-    # how sure: the chosen method's OA minus the best fixed method's, per image, bootstrapped over images
-    return {**out, "best_fixed_method": fixed, "gap_closed": closed, "vs_best_fixed": metrics.mean_bootstrap(chosen - fixed_oa)}
-
-
-def recommend_policy(data: SQADataModule, model: str, preds: dict[str, np.ndarray]) -> dict[str, Any]:
-    """What ``rssqa recommend`` does with the exported scorer (:func:`rssqa.recommend.choose_policy`): the
-    recommending model ``model``'s choices against the best fixed method on val decide between ranking by the
-    model and putting the best fixed method first; ``test`` holds the test figures of what was decided."""
-    val = recommendation(data, preds, "val")
-    policy, fixed = recommend.choose_policy(val["vs_best_fixed"]), val["best_fixed_method"]
-    if policy == recommend.POLICY_FIXED:  # a score that ranks the fixed method first on every image
-        preds = {"test": (data.method_of[data.rows("test")] == fixed).astype(np.float64)}
-    test = recommendation(data, preds)
-    return {
-        "policy": policy, "model": model, "method": fixed,
-        "val": {k: val[k] for k in ("chosen_oa", "best_fixed_oa", "oracle_oa", "vs_best_fixed", "n_images")},
-        "test": {k: test[k] for k in ("top1", "top1_within", "chosen_oa", "best_fixed_oa", "oracle_oa", "regret", "gap_closed", "vs_best_fixed")},
-    }  # fmt: skip
 
 
 def recommended_methods(data: SQADataModule, score: np.ndarray, split: str = "test") -> dict[int, int]:
