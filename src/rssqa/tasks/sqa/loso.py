@@ -71,7 +71,7 @@ def leave_one_source_out(
         test_predictions: fit name (:func:`run_name`) -> its predictions on that fold's test rows (the
             fits of :func:`loso_jobs`, trained wherever :class:`~rssqa.tasks.sqa.fits.Fits` runs them).
         baselines: :func:`rssqa.tasks.sqa.run.baseline_scores` (``atc`` is refitted on the other sources).
-        recommendation: :func:`rssqa.tasks.sqa.run.recommendation`.
+        recommendation: :func:`rssqa.tasks.sqa.choice.recommendation`.
         label_free: names of the label-free baselines to report beside the models.
 
     Returns:
