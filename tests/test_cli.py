@@ -204,6 +204,41 @@ def test_cli_recommend_table(run_root, folder, capsys):
     assert out.err.count("\n") == fixed and (not fixed or f"always running {policy['method']}" in out.err)
 
 
+def test_cli_reads_images_as_the_scorers_source_was_read(run_root, tmp_path, capsys, monkeypatch):
+    """A scorer whose source was resampled on read (``read`` in ``scorer.json``) resamples new images the
+    same way by default, and says so; ``--scale 1`` reads them as they are; a bad factor is one line."""
+    from rssqa.scorer import Scorer
+
+    original = Scorer.load
+
+    def load(*a, **k):
+        s = original(*a, **k)
+        s.config["read"] = {"alpha": {"scale": 0.5}}
+        return s
+
+    monkeypatch.setattr(Scorer, "load", load)
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    image = _image(5, 128)
+    Image.fromarray(image).save(big)
+    Image.fromarray(Scorer.read(image, 0.5)).save(small)
+    assert Scorer.read(image, 0.5).shape == (64, 64, 3) and Scorer.read(image, 1.0) is image
+    args = ["--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--method", "fpn", "--json"]
+
+    def score(*extra: str) -> tuple[float, str]:
+        assert main(["score", *extra, *args]) == 0
+        out = capsys.readouterr()
+        return json.loads(out.out)[0]["score"], out.err
+
+    by_default, said = score(str(big))
+    assert "images resampled by 0.5 before scoring" in said and "--scale 1" in said
+    as_is, said = score(str(small), "--scale", "1")
+    assert as_is == by_default and said == ""
+    full, _ = score(str(big), "--scale", "1")  # the same file at twice the training resolution: another score
+    assert full != by_default
+    assert main(["score", str(big), "--scale", "0", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --scale: must be a positive factor, got 0"]
+
+
 def test_cli_score_with_other_methods_uses_agreement(run_root, folder, capsys):
     img, scorer = str(folder / "tile_0.png"), str(run_root / "sqa" / "scorer")
     args = ["score", img, "--scorer", scorer, "--source", "beta", "--method", "fpn", "--json"]

@@ -201,6 +201,30 @@ def test_scene_without_georeferencing_warns_once_and_works(run_root, scorer, tmp
     assert json.loads((out / "scene.json").read_text())["georeferenced"] is False
 
 
+def test_scene_says_when_the_scorers_source_was_resampled(run_root, scorer, tmp_path, capsys, monkeypatch):
+    """A scene is read at its own resolution; where the scorer's source was resampled on read, one line says
+    so with the factor (and how to resample a file so); a scorer read as it is says nothing of it."""
+    from rssqa.scorer import Scorer
+
+    tile = _tile(scorer)
+    path = tmp_path / "s.tif"
+    write_scene(path, tile + 10, tile + 20)
+    args = ["scene", str(path), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "resampled" not in capsys.readouterr().err
+    original = Scorer.load
+
+    def load(*a, **k):
+        s = original(*a, **k)
+        s.config["read"] = {"alpha": {"scale": 0.25}}
+        return s
+
+    monkeypatch.setattr(Scorer, "load", load)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("trained on images resampled by 0.25 when read") == 1 and "-outsize 25% 25%" in err
+
+
 def _bad_scenes(tmp: Path, tile: int) -> dict[str, tuple[Path, list[str], str]]:
     four = tmp / "four.tif"
     write_scene(four, tile, tile, bands=4)

@@ -66,10 +66,11 @@ class Inputs:
         scorer: checks each image (:meth:`~rssqa.scorer.Scorer.check_image`: three 8-bit bands, large enough).
         on_bad: ``skip`` (one ``skipped:`` line on stderr each, counted) or ``error`` (the first one stops the command).
         total: how many images there are (a single image that is bad is an error either way).
+        scale: resample each image by this factor when read (:meth:`~rssqa.scorer.Scorer.read`; 1: as it is).
     """
 
-    def __init__(self, scorer: Any, on_bad: str = "skip", total: int = 0):
-        self.scorer, self.on_bad = scorer, "error" if total == 1 else on_bad
+    def __init__(self, scorer: Any, on_bad: str = "skip", total: int = 0, scale: float = 1.0):
+        self.scorer, self.on_bad, self.scale = scorer, "error" if total == 1 else on_bad, scale
         self.seen = 0
         self.skipped: list[str] = []
 
@@ -81,7 +82,7 @@ class Inputs:
         for f in block:
             self.seen += 1
             try:
-                images.append(self.scorer.check_image(read_image(f), str(f)))
+                images.append(self.scorer.check_image(self.scorer.read(read_image(f), self.scale), str(f)))
                 files.append(f)
             except RSSQAError as e:
                 if self.on_bad == "error":
@@ -98,6 +99,19 @@ class Inputs:
             print(f"{len(self.skipped)} of {self.seen} images skipped (listed above); the others are scored", file=sys.stderr)
             return 1
         return 0
+
+
+def _read_scale(scorer: Any, args: argparse.Namespace) -> float:
+    """``--scale``, or the factor the scorer's source was resampled by on read (said on stderr when not 1)."""
+    if args.scale is not None:
+        if not args.scale > 0:
+            raise RSSQAError(f"--scale: must be a positive factor, got {args.scale:g}")
+        return args.scale
+    scale = scorer.read_scale(args.source)
+    if scale != 1:
+        print(f"rssqa: images resampled by {scale:g} before scoring, as the scorer's source was read for training "
+              "(--scale 1: read them as they are)", file=sys.stderr)
+    return scale
 
 
 def _say(message: str) -> None:
@@ -147,7 +161,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.error_map and (args.segmenter or scorer.pixel_model is None):
         raise RSSQAError("score --error-map: needs registered --method names and a scorer with a pixel error head")
     scorer.use_agreement(names, others)  # a one-line error before any image is read
-    inputs, results = Inputs(scorer, args.on_bad, len(files)), []
+    inputs, results = Inputs(scorer, args.on_bad, len(files), _read_scale(scorer, args)), []
     for block in _blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
         if not images:
@@ -185,7 +199,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     fixed = None if args.by_score else scorer.fixed_first(scorer.method_names(methods, args.source))
     if fixed is not None:
         _fixed_note(scorer)
-    inputs, results = Inputs(scorer, args.on_bad, len(files)), []
+    inputs, results = Inputs(scorer, args.on_bad, len(files), _read_scale(scorer, args)), []
     for block in _blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
         if not images:
@@ -236,6 +250,11 @@ def cmd_scene(args: argparse.Namespace) -> int:
     if rescale is not None and len(rescale) != 2:
         raise RSSQAError(f"--rescale: {args.rescale!r}: two numbers, LOW,HIGH")
     scorer = _load_scorer(args)
+    scale = scorer.read_scale(args.source)
+    if scale != 1:  # a scene is read at its own resolution (its windows, outputs and truth share its grid)
+        print(f"rssqa: the scorer's methods were trained on images resampled by {scale:g} when read; the scene is read as "
+              f"it is: resample it so first if it is such a file (e.g. gdal_translate -r bilinear -outsize {scale:.0%} "
+              f"{scale:.0%} in.tif out.tif)", file=sys.stderr)
     options = SceneOptions(
         source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, rescale=rescale, truth=args.truth,
         progress=not args.quiet, resume=not args.restart, by_score=args.by_score,
@@ -280,6 +299,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--whole", action="store_true",
         help="score an image larger than the training tiles as one input (default: window by window, the scores "
         "averaged by the pixels each window owns)",
+    )
+    p.add_argument(
+        "--scale", type=float, default=None, metavar="F",
+        help="resample each image by F when read (bilinear; 0.25: a quarter of each side). Default: as the scorer's "
+        "source was read for training (its sqed scale / target_gsd; said on stderr when not 1); 1: as they are",
     )
     p.add_argument(
         "--on-bad", choices=("skip", "error"), default="skip",

@@ -209,6 +209,25 @@ class Scorer:
             raise RSSQAError(f"--source: {source!r} unknown; choose one of {', '.join(sources)}")
         return source
 
+    def read_scale(self, source: str | None = None) -> float:
+        """The factor ``source``'s files were resampled by when the sqed stage read them (``read`` in
+        ``scorer.json``; 1: read as they are, also for a scorer from before it was recorded): new images of
+        the same kind are read so too (:meth:`read`)."""
+        read = self.config.get("read") or {}
+        if not read:
+            return 1.0
+        return float(read.get(self.resolve_source(source), {}).get("scale", 1.0))
+
+    @staticmethod
+    def read(image: np.ndarray, scale: float) -> np.ndarray:
+        """``image`` (``H×W×3`` uint8) resampled by ``scale`` as the sqed stage's sources resample on read
+        (:func:`rssqa.data.segsets.source.resample_image`: bilinear, antialiased when it shrinks)."""
+        from rssqa.data.segsets.source import resample_image, resampled_size
+
+        if scale == 1:
+            return image
+        return resample_image(image, resampled_size(image.shape[0], scale), resampled_size(image.shape[1], scale))
+
     def method(self, name: str, source: str | None = None) -> _Method:
         """A registered method of ``source`` (its segmenter loaded once)."""
         source = self.resolve_source(source)

@@ -121,7 +121,7 @@ def _sqa_main():
 
 
 @needs_real
-def test_tiny_sqed_and_sqa_on_real_patches(tmp_path):
+def test_tiny_sqed_and_sqa_on_real_patches(tmp_path, capsys):
     """One part of each of four areas, 64 px patches, two methods, one epoch; then sqa with the profile's
     config (two epochs) on two tiny rs-tiny CLIPs taking 64 px. Every split holds whole areas. About 10 s."""
     from rssqa.models.clip import create_clip, export_clip
@@ -182,6 +182,22 @@ def test_tiny_sqed_and_sqa_on_real_patches(tmp_path):
     cv = a["group_folds"]
     assert sorted(g for f in cv["folds"] for g in f["groups"]) == sorted(f"dubai/{g}" for v in per_split.values() for g in v)
     assert cv["pooled"]["n_images"] == sum(1 for r in rows if r["split"] != "seg" and r["method"] == "pspnet")
+
+    # a file of the set, scored by its path: read as the source read it (the profile's scale), as the scorer records
+    from rssqa.cli import main as rssqa_main
+    from rssqa.data.segsets import read_image
+    from rssqa.scorer import Scorer
+
+    scorer_dir = tmp_path / "sqa" / "scorer"
+    assert json.loads((scorer_dir / "scorer.json").read_text())["read"] == {"dubai": {"scale": s["options"]["scale"]}}
+    file = REAL / "images" / f"{per_split['test'][0]}_001.jpg"
+    quarter = tmp_path / "quarter.png"
+    Image.fromarray(Scorer.read(read_image(file), s["options"]["scale"])).save(quarter)
+    scores, _ = [], capsys.readouterr()  # (the stages' own output so far)
+    for path, extra in ((file, []), (quarter, ["--scale", "1"])):
+        assert rssqa_main(["score", str(path), "--scorer", str(scorer_dir), "--method", "pspnet", "--json", *extra]) == 0
+        scores.append(json.loads(capsys.readouterr().out)[0]["score"])
+    assert scores[0] == scores[1]
 
     # the test area's whole images, as the source reads them, scored as scenes against their masks
     spec = importlib.util.spec_from_file_location("scenes_stage", ROOT / "stages" / "scenes.py")

@@ -5,7 +5,8 @@ Folder (``runs/<profile>/sqed/``)::
     table.csv                        one row per (image, method): TABLE_COLUMNS
     pool/<source>/images.npy         N×H×W×3 uint8, the images that were labelled (row = image_row)
     pool/<source>/masks.npy          N×H×W uint8 ground truth (255 = ignore)
-    pool/<source>/samples.json       per image: image_id, group, split, file, window; the class names
+    pool/<source>/samples.json       per image: image_id, group, split, file, window; the class names;
+                                     how the files were resampled on read (``read``, when they were)
     features/<source>/<method>.safetensors   one label shard: per-image arrays, row = feature_row
     methods/<source>/<method>/final.ckpt     the trained method (Lightning checkpoint, weights only)
     splits.json, summary.json, oa_distributions.png
@@ -387,7 +388,8 @@ class SQED:
         return np.asarray(self.masks(r["source"])[r["image_row"]])
 
     def pool(self, source: str) -> dict[str, Any]:
-        """``pool/<source>/samples.json``: image ids, groups, splits, files and windows, class names."""
+        """``pool/<source>/samples.json``: image ids, groups, splits, files and windows, class names, and
+        ``read`` (``{"scale": factor}``, ``"gsd"`` as read where known) for files resampled on read."""
         path = self.folder / "pool" / source / "samples.json"
         if not path.is_file():
             raise RSSQAError(f"{path}: not found")

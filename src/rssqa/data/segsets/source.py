@@ -249,7 +249,8 @@ class SegSource(Dataset):
             Patches are cut from the resampled image, so ``patch_size``, ``stride``, the windows and
             patch ids are in resampled pixels, and an image whose resampled size is smaller than a
             patch is a bad file (an error naming it, or skipped and counted with ``on_bad="skip"``).
-        gsd: the source's ground sample distance, metres per pixel (used with ``target_gsd``).
+        gsd: the source's ground sample distance, metres per pixel (used with ``target_gsd``; a scorer
+            trained on the source records it, as read, see :meth:`read_scale`).
         target_gsd: resample to this ground sample distance: the factor is ``gsd / target_gsd``
             (``gsd: 0.3, target_gsd: 1.2`` is ``scale: 0.25``); needs ``gsd``, excludes ``scale``.
             Neither given (the default): no resampling.
@@ -287,6 +288,7 @@ class SegSource(Dataset):
         if on_bad not in ON_BAD:
             raise RSSQAError(f"{name}: on_bad={on_bad!r}; choose from {ON_BAD}")
         self.factor = _resample_factor(name, scale, gsd, target_gsd)
+        self.gsd = float(gsd) if gsd is not None else None
         rx = _group_regex(name, group_pattern)
         if isinstance(ignore_classes, str):
             ignore_classes = [ignore_classes]
@@ -356,6 +358,14 @@ class SegSource(Dataset):
         """What changes the pixels read beyond the files and the class list: ``{}`` by default,
         ``{"resample": factor}`` when resampling (part of the cache fingerprints of the sqed stage)."""
         return {"resample": self.factor} if self.factor != 1 else {}
+
+    def read_scale(self) -> dict[str, float]:
+        """How the images were resampled on read, for a scorer to read new images the same way: ``{}``
+        for images read as they are; else ``{"scale": factor}``, with ``"gsd"`` (metres per pixel as
+        read, the files' ``gsd`` over the factor) when the source's ``gsd`` is known."""
+        if self.factor == 1 and self.gsd is None:
+            return {}
+        return {"scale": self.factor} | ({"gsd": self.gsd / self.factor} if self.gsd is not None else {})
 
     def _bad(self, key: str, path: str, reason: str) -> None:
         if self.on_bad == "error":

@@ -44,6 +44,21 @@ def _classes(data: SQADataModule) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+def _read(data: SQADataModule) -> dict[str, dict[str, float]]:
+    """Per source whose files the sqed stage resampled on read, how (``{"scale": factor}``, and ``"gsd"`` as
+    read where known; :meth:`rssqa.data.segsets.SegSource.read_scale`): ``rssqa score`` and ``recommend``
+    read new images the same way. Sources read as they are, or an RS-SQED without pool metadata: absent."""
+    out = {}
+    for s in sorted(set(data.source_of.tolist())):
+        try:
+            read = data.sqed.pool(s).get("read")
+        except RSSQAError:
+            read = None
+        if read:
+            out[s] = {k: float(v) for k, v in read.items()}
+    return out
+
+
 def export_scorer(
     task: SQATask,
     data: SQADataModule,
@@ -106,6 +121,7 @@ def export_scorer(
         **({"recommend_policy": policy} if policy else {}),
         **_image_sizes(data),
         "classes": _classes(data),
+        "read": _read(data),
     }
     if agreement is not None:
         config["agreement_model"] = agreement.model_kwargs()

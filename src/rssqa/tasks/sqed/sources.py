@@ -83,6 +83,8 @@ def prepare_source(
         "source": sc.name,
         "files": pool_files,
         "classes": list(source.classes),
+        # how the files were resampled on read (absent: as they are): the scorer reads new images so
+        **({"read": source.read_scale()} if source.read_scale() else {}),
         "samples": [
             {
                 "image_id": s.image_id,
