@@ -131,3 +131,18 @@ def scorer(run_root):
     from rssqa.scorer import Scorer
 
     return Scorer.load(run_root / "sqa" / "scorer")
+
+
+def patch_scorer_load(monkeypatch, edit) -> None:
+    """Every ``Scorer.load`` of the test returns its scorer as ``edit(scorer)`` changed it (a ``scorer.json``
+    field the stage did not write, without touching the shared scorer folder)."""
+    from rssqa.scorer import Scorer
+
+    original = Scorer.load
+
+    def load(*a, **k):
+        scorer = original(*a, **k)
+        edit(scorer)
+        return scorer
+
+    monkeypatch.setattr(Scorer, "load", load)

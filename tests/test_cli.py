@@ -14,6 +14,7 @@ from PIL import Image
 
 from rssqa.cli import main
 from rssqa.errors import RSSQAError
+from tests.conftest import patch_scorer_load
 from tests.tasks.test_sqa import METHODS
 
 
@@ -136,14 +137,7 @@ def test_cli_recommend_says_when_the_fixed_method_comes_first(run_root, folder, 
     assert config and config["policy"] in ("model", "fixed")  # the stage writes one
     img = str(folder / "tile_0.png")
     args = ["recommend", img, "--scorer", str(path), "--source", "beta", "--json"]
-    original = Scorer.load
-
-    def load(*a, **k):
-        s = original(*a, **k)
-        _with_policy(monkeypatch, s, "fixed", "upernet")
-        return s
-
-    monkeypatch.setattr(Scorer, "load", load)
+    patch_scorer_load(monkeypatch, lambda s: _with_policy(monkeypatch, s, "fixed", "upernet"))
     assert main(args) == 0
     out = capsys.readouterr()
     got = json.loads(out.out)[0]
@@ -209,14 +203,7 @@ def test_cli_reads_images_as_the_scorers_source_was_read(run_root, tmp_path, cap
     same way by default, and says so; ``--scale 1`` reads them as they are; a bad factor is one line."""
     from rssqa.scorer import Scorer
 
-    original = Scorer.load
-
-    def load(*a, **k):
-        s = original(*a, **k)
-        s.config["read"] = {"alpha": {"scale": 0.5}}
-        return s
-
-    monkeypatch.setattr(Scorer, "load", load)
+    patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"scale": 0.5}}))
     big, small = tmp_path / "big.png", tmp_path / "small.png"
     image = _image(5, 128)
     Image.fromarray(image).save(big)

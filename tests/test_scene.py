@@ -16,6 +16,7 @@ from rasterio.transform import from_origin  # noqa: E402
 from rssqa.cli import main  # noqa: E402
 from rssqa.errors import RSSQAError  # noqa: E402
 from rssqa.scene import LAYERS, NODATA, owned_bounds, taper, window_offsets  # noqa: E402
+from tests.conftest import patch_scorer_load  # noqa: E402
 
 TRANSFORM = from_origin(500000.0, 5800000.0, 0.5, 0.5)
 CRS_UTM = CRS.from_epsg(32633)
@@ -204,22 +205,13 @@ def test_scene_without_georeferencing_warns_once_and_works(run_root, scorer, tmp
 def test_scene_says_when_the_scorers_source_was_resampled(run_root, scorer, tmp_path, capsys, monkeypatch):
     """A scene is read at its own resolution; where the scorer's source was resampled on read, one line says
     so with the factor (and how to resample a file so); a scorer read as it is says nothing of it."""
-    from rssqa.scorer import Scorer
-
     tile = _tile(scorer)
     path = tmp_path / "s.tif"
     write_scene(path, tile + 10, tile + 20)
     args = ["scene", str(path), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert "resampled" not in capsys.readouterr().err
-    original = Scorer.load
-
-    def load(*a, **k):
-        s = original(*a, **k)
-        s.config["read"] = {"alpha": {"scale": 0.25}}
-        return s
-
-    monkeypatch.setattr(Scorer, "load", load)
+    patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"scale": 0.25}}))
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
     assert err.count("trained on images resampled by 0.25 when read") == 1 and "-outsize 25% 25%" in err
