@@ -217,7 +217,7 @@ def test_cli_reads_images_as_the_scorers_source_was_read(run_root, tmp_path, cap
         return json.loads(out.out)[0]["score"], out.err
 
     by_default, said = score(str(big))
-    assert "images resampled by 0.5 before scoring" in said and "--scale 1" in said
+    assert "images resampled by 0.5 when read" in said and "--scale 1" in said
     as_is, said = score(str(small), "--scale", "1")
     assert as_is == by_default and said == ""
     full, _ = score(str(big), "--scale", "1")  # the same file at twice the training resolution: another score

@@ -202,19 +202,58 @@ def test_scene_without_georeferencing_warns_once_and_works(run_root, scorer, tmp
     assert json.loads((out / "scene.json").read_text())["georeferenced"] is False
 
 
-def test_scene_says_when_the_scorers_source_was_resampled(run_root, scorer, tmp_path, capsys, monkeypatch):
-    """A scene is read at its own resolution; where the scorer's source was resampled on read, one line says
-    so with the factor (and how to resample a file so); a scorer read as it is says nothing of it."""
+def test_scene_is_read_as_the_scorers_source_was_read(run_root, scorer, tmp_path, capsys, monkeypatch):
+    """Where the scorer's source was resampled on read (``read`` in ``scorer.json``), the scene and its truth
+    are read resampled by that factor (said once on stderr) and the maps lie on that grid, georeferenced
+    (the transform's pixel scaled); ``--scale 1`` reads the scene at its own resolution, without a word."""
     tile = _tile(scorer)
-    path = tmp_path / "s.tif"
-    write_scene(path, tile + 10, tile + 20)
-    args = ["scene", str(path), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--quiet"]
+    h, w = 2 * (tile + 10), 2 * (tile + 20)
+    path, truth = tmp_path / "s.tif", tmp_path / "truth.tif"
+    write_scene(path, h, w)
+    with rasterio.open(truth, "w", driver="GTiff", width=w, height=h, count=1, dtype="uint8", nodata=255,
+                       crs=CRS_UTM, transform=TRANSFORM) as d:  # fmt: skip
+        d.write(np.random.default_rng(5).integers(0, 2, (h, w)).astype(np.uint8), 1)
+    args = ["scene", str(path), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--quiet", "--truth", str(truth)]
+    patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"scale": 0.5}}))
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    assert "resampled" not in capsys.readouterr().err
-    patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"scale": 0.25}}))
-    assert main([*args, "--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
-    assert err.count("trained on images resampled by 0.25 when read") == 1 and "-outsize 25% 25%" in err
+    assert err.count("the scene and its maps resampled by 0.5 when read") == 1
+    summary = json.loads((tmp_path / "a" / "scene.json").read_text())
+    assert summary["scale"] == 0.5 and summary["size"] == [h // 2, w // 2] and summary["evaluation"]["fused_oa"] >= 0
+    for name in LAYERS:
+        with rasterio.open(tmp_path / "a" / f"{name}.tif") as d:
+            assert (d.height, d.width) == (h // 2, w // 2) and d.crs == CRS_UTM
+            assert d.transform == TRANSFORM * rasterio.Affine.scale(2, 2)
+    assert main([*args, "--out", str(tmp_path / "b"), "--scale", "1"]) == 0
+    assert "resampled" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "scene.json").read_text())["size"] == [h, w]
+
+
+def test_resampled_raster_reads_whole_or_by_strips_alike_and_close_to_the_sources(tmp_path):
+    """:class:`rssqa.scene.common.Resampled` gives the same pixels read whole or strip by strip, within a grey
+    level of the sources' own resampling on read (Pillow's), and classes by nearest neighbour."""
+    from rssqa.data.segsets.source import resample_image, resample_mask
+    from rssqa.scene.common import Resampled
+
+    img = write_scene(tmp_path / "s.tif", 200, 240)
+    Window = rasterio.windows.Window
+    with rasterio.open(tmp_path / "s.tif") as ds:
+        r = Resampled(ds, 0.25)
+        assert (r.height, r.width) == (50, 60) and r.transform == TRANSFORM * rasterio.Affine.scale(4, 4)
+        whole = r.read([1, 2, 3], Window(0, 0, 60, 50))
+        strips = np.concatenate([r.read([1, 2, 3], Window(0, row, 60, 10)) for row in range(0, 50, 10)], 1)
+        assert np.array_equal(whole, strips) and r.dataset_mask(Window(0, 0, 60, 10)).shape == (10, 60)
+    pillow = resample_image(np.ascontiguousarray(img.transpose(1, 2, 0)), 50, 60).transpose(2, 0, 1)
+    yy, xx = np.mgrid[:50, :60]
+    inside = 4 * (yy + xx) > 200 // 3 + 16  # away from the nodata corner, which GDAL leaves out of its kernel
+    assert np.abs(whole.astype(int) - pillow)[:, inside].mean() < 1.0
+    classes = (np.arange(200)[:, None] // 8 + np.arange(240)[None] // 8).astype(np.uint8) % 5
+    with rasterio.open(tmp_path / "c.tif", "w", driver="GTiff", width=240, height=200, count=1, dtype="uint8") as d:
+        d.write(classes, 1)
+    with rasterio.open(tmp_path / "c.tif") as ds:
+        got = Resampled(ds, 0.25, categorical=True).read(1, Window(0, 0, 60, 50))
+    assert set(np.unique(got)) <= set(range(5))
+    assert (got == resample_mask(classes, 50, 60)).mean() > 0.9
 
 
 def _bad_scenes(tmp: Path, tile: int) -> dict[str, tuple[Path, list[str], str]]:

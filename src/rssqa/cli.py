@@ -101,7 +101,7 @@ class Inputs:
         return 0
 
 
-def _read_scale(scorer: Any, args: argparse.Namespace) -> float:
+def _read_scale(scorer: Any, args: argparse.Namespace, what: str = "images") -> float:
     """``--scale``, or the factor the scorer's source was resampled by on read (said on stderr when not 1)."""
     if args.scale is not None:
         if not args.scale > 0:
@@ -109,8 +109,8 @@ def _read_scale(scorer: Any, args: argparse.Namespace) -> float:
         return args.scale
     scale = scorer.read_scale(args.source)
     if scale != 1:
-        print(f"rssqa: images resampled by {scale:g} before scoring, as the scorer's source was read for training "
-              "(--scale 1: read them as they are)", file=sys.stderr)
+        print(f"rssqa: {what} resampled by {scale:g} when read, as the scorer's source was read for training "
+              "(--scale 1: as they are)", file=sys.stderr)
     return scale
 
 
@@ -250,14 +250,9 @@ def cmd_scene(args: argparse.Namespace) -> int:
     if rescale is not None and len(rescale) != 2:
         raise RSSQAError(f"--rescale: {args.rescale!r}: two numbers, LOW,HIGH")
     scorer = _load_scorer(args)
-    scale = scorer.read_scale(args.source)
-    if scale != 1:  # a scene is read at its own resolution (its windows, outputs and truth share its grid)
-        print(f"rssqa: the scorer's methods were trained on images resampled by {scale:g} when read; the scene is read as "
-              f"it is: resample it so first if it is such a file (e.g. gdal_translate -r bilinear -outsize {scale:.0%} "
-              f"{scale:.0%} in.tif out.tif)", file=sys.stderr)
     options = SceneOptions(
         source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, rescale=rescale, truth=args.truth,
-        progress=not args.quiet, resume=not args.restart, by_score=args.by_score,
+        progress=not args.quiet, resume=not args.restart, by_score=args.by_score, scale=_read_scale(scorer, args, "the scene and its maps"),
     )
     summary = score_scene_file(scorer, args.scene, args.out, options)
     if summary.get("recommended_by", "score") != "score":
@@ -366,6 +361,9 @@ def _add_scene(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rescale", default=None, metavar="LOW,HIGH",
                    help="pixels that are not 8-bit (e.g. uint16) mapped linearly from LOW..HIGH to 0..255")
     p.add_argument("--truth", default=None, help="a ground-truth class raster on the same grid: also measure the maps")
+    p.add_argument("--scale", type=float, default=None, metavar="F",
+                   help="read the scene (and --truth) resampled by F; the maps are on that grid. Default: as the scorer's "
+                   "source was read for training (said on stderr when not 1); 1: at its own resolution")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming unfinished work in --out")
     p.add_argument("--by-score", action="store_true",
                    help="each window's method by predicted OA, also where the scorer's validation chose its best fixed method")

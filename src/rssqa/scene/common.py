@@ -79,3 +79,45 @@ def _save_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=float))
     os.replace(tmp, path)
+
+
+class Resampled:
+    """An open raster read at ``factor`` times its resolution (``0.25``: a quarter of each side), with what
+    the scene job reads of a raster: ``height``/``width`` (:func:`~rssqa.data.segsets.source.resampled_size`, as
+    the sources resample on read), ``count``, ``dtypes``, ``crs``, a ``transform`` scaled to the new pixels,
+    ``profile``, and ``read`` / ``dataset_mask`` of a window in the new pixels: the matching (fractional)
+    window of the file, read with rasterio's ``out_shape``, bilinear for images (GDAL widens the kernel
+    when it shrinks, as Pillow does), nearest for class rasters (``categorical``) and the data mask.
+    """
+
+    def __init__(self, dataset: Any, factor: float, categorical: bool = False):
+        from rasterio.enums import Resampling
+        from rasterio.transform import Affine
+
+        from rssqa.data.segsets.source import resampled_size
+
+        self.dataset, self.factor = dataset, factor
+        self.height, self.width = resampled_size(dataset.height, factor), resampled_size(dataset.width, factor)
+        self._sy, self._sx = dataset.height / self.height, dataset.width / self.width  # file pixels per pixel
+        self.count, self.dtypes, self.crs = dataset.count, dataset.dtypes, dataset.crs
+        self.transform = dataset.transform * Affine.scale(self._sx, self._sy)
+        self.profile = {**dataset.profile, "width": self.width, "height": self.height, "transform": self.transform}
+        self._resampling = Resampling.nearest if categorical else Resampling.bilinear
+        self._nearest = Resampling.nearest
+
+    def _window(self, window: Any) -> Any:
+        return _rasterio().windows.Window(
+            window.col_off * self._sx, window.row_off * self._sy, window.width * self._sx, window.height * self._sy
+        )
+
+    def read(self, indexes: Any, window: Any) -> np.ndarray:
+        shape = (int(window.height), int(window.width))
+        out_shape = shape if isinstance(indexes, int) else (len(indexes), *shape)
+        return self.dataset.read(indexes, window=self._window(window), out_shape=out_shape, resampling=self._resampling)
+
+    def dataset_mask(self, window: Any) -> np.ndarray:
+        shape = (int(window.height), int(window.width))
+        return self.dataset.dataset_mask(window=self._window(window), out_shape=shape, resampling=self._nearest)
+
+    def close(self) -> None:
+        self.dataset.close()

@@ -29,6 +29,7 @@ from rssqa.scene.common import (
     NODATA,
     STATE,
     WORK,
+    Resampled,
     _open,
     _rasterio,
     _save_json,
@@ -61,6 +62,7 @@ class SceneOptions:
     resume: bool = True
     quicklook: bool = True
     by_score: bool = False  # each window's method by predicted OA, also where the scorer's validation chose its fixed method
+    scale: float = 1.0  # read the scene (and truth) resampled by this factor (common.Resampled); the maps are on that grid
 
 
 def _fingerprint(path: Path, scorer_config: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -210,11 +212,20 @@ class SceneJob:
         return summary
 
     def _open_and_run(self) -> dict[str, Any]:
-        with gdal_env(), _open(self.path, "scene") as src:
+        scale = self.opt.scale
+        if not scale > 0:
+            raise RSSQAError(f"--scale: must be a positive factor, got {scale:g}")
+        with gdal_env(), _open(self.path, "scene") as file:
+            src = file if scale == 1 else Resampled(file, scale)
             bands, georef = self._check(src)
             if not georef:
                 print(f"warning: {self.path}: no georeferencing (CRS/transform); the outputs carry none", file=sys.stderr)
             truth = _open(Path(self.opt.truth), "truth raster") if self.opt.truth else None
+            if truth is not None and scale != 1:
+                if (truth.height, truth.width) != (file.height, file.width):
+                    truth.close()
+                    raise RSSQAError(f"{self.opt.truth}: {truth.width}x{truth.height} px, the scene is {file.width}x{file.height}")
+                truth = Resampled(truth, scale, categorical=True)
             try:
                 if truth is not None and (truth.height, truth.width) != (src.height, src.width):
                     raise RSSQAError(f"{self.opt.truth}: {truth.width}x{truth.height} px, the scene is {src.width}x{src.height}")
@@ -238,7 +249,8 @@ class SceneJob:
         self.out.mkdir(parents=True, exist_ok=True)
         work = self.out / WORK
         settings = {"methods": self.names, "source": self.source, "tile": tile, "overlap": self.overlap, "bands": bands,
-                    "head": self.head_name, "fixed": self.fixed, "truth": str(self.opt.truth or "")}  # fmt: skip
+                    "head": self.head_name, "fixed": self.fixed, "truth": str(self.opt.truth or ""),
+                    **({"scale": self.opt.scale} if self.opt.scale != 1 else {})}  # fmt: skip
         key = _fingerprint(self.path, self.scorer.config, settings)
         state = self._load_state(work, key)
         n_classes = None
@@ -428,7 +440,7 @@ class SceneJob:
             "source": self.source, "methods": self.names, "head": self.head_name,
             "recommended_by": "score" if self.fixed is None else f"fixed: {self.names[self.fixed]} (the scorer's validation)",
             "error_model": self.error_model,
-            "tile": self.tile, "overlap": self.overlap,
+            "tile": self.tile, "overlap": self.overlap, "scale": self.opt.scale,
             "windows": {"total": len(rows_off) * len(cols_off), "scored": state["n_windows"], "skipped_nodata": state["n_skipped"],
                         "rows": len(rows_off), "cols": len(cols_off)},
             "mean_predicted_oa": {m: s / n for m, s in zip(self.names, state["score_sum"], strict=True)},
