@@ -201,14 +201,14 @@ def test_cli_recommend_table(run_root, folder, capsys):
 def test_cli_reads_images_as_the_scorers_source_was_read(run_root, tmp_path, capsys, monkeypatch):
     """A scorer whose source was resampled on read (``read`` in ``scorer.json``) resamples new images the
     same way by default, and says so; ``--scale 1`` reads them as they are; a bad factor is one line."""
-    from rssqa.scorer import Scorer
+    from rssqa.data.segsets import resample_by
 
     patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"scale": 0.5}}))
     big, small = tmp_path / "big.png", tmp_path / "small.png"
     image = _image(5, 128)
     Image.fromarray(image).save(big)
-    Image.fromarray(Scorer.read(image, 0.5)).save(small)
-    assert Scorer.read(image, 0.5).shape == (64, 64, 3) and Scorer.read(image, 1.0) is image
+    Image.fromarray(resample_by(image, 0.5)).save(small)
+    assert resample_by(image, 0.5).shape == (64, 64, 3) and resample_by(image, 1.0) is image
     args = ["--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--method", "fpn", "--json"]
 
     def score(*extra: str) -> tuple[float, str]:

@@ -66,7 +66,7 @@ class Inputs:
         scorer: checks each image (:meth:`~rssqa.scorer.Scorer.check_image`: three 8-bit bands, large enough).
         on_bad: ``skip`` (one ``skipped:`` line on stderr each, counted) or ``error`` (the first one stops the command).
         total: how many images there are (a single image that is bad is an error either way).
-        scale: resample each image by this factor when read (:meth:`~rssqa.scorer.Scorer.read`; 1: as it is).
+        scale: resample each image by this factor when read (:func:`rssqa.data.segsets.resample_by`; 1: as it is).
     """
 
     def __init__(self, scorer: Any, on_bad: str = "skip", total: int = 0, scale: float = 1.0):
@@ -76,13 +76,13 @@ class Inputs:
 
     def read(self, block: Sequence[Path]) -> tuple[list[Path], list[Any]]:
         """``(files, images)`` of the usable images of ``block``."""
-        from rssqa.data.segsets import read_image
+        from rssqa.data.segsets import read_image, resample_by
 
         files, images = [], []
         for f in block:
             self.seen += 1
             try:
-                images.append(self.scorer.check_image(self.scorer.read(read_image(f), self.scale), str(f)))
+                images.append(self.scorer.check_image(resample_by(read_image(f), self.scale), str(f)))
                 files.append(f)
             except RSSQAError as e:
                 if self.on_bad == "error":

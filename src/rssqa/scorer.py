@@ -210,23 +210,9 @@ class Scorer:
         return source
 
     def read_scale(self, source: str | None = None) -> float:
-        """The factor ``source``'s files were resampled by when the sqed stage read them (``read`` in
-        ``scorer.json``; 1: read as they are, also for a scorer from before it was recorded): new images of
-        the same kind are read so too (:meth:`read`)."""
+        """The factor the sqed stage resampled ``source``'s files by on read (``read`` in ``scorer.json``; else 1)."""
         read = self.config.get("read") or {}
-        if not read:
-            return 1.0
-        return float(read.get(self.resolve_source(source), {}).get("scale", 1.0))
-
-    @staticmethod
-    def read(image: np.ndarray, scale: float) -> np.ndarray:
-        """``image`` (``H×W×3`` uint8) resampled by ``scale`` as the sqed stage's sources resample on read
-        (:func:`rssqa.data.segsets.source.resample_image`: bilinear, antialiased when it shrinks)."""
-        from rssqa.data.segsets.source import resample_image, resampled_size
-
-        if scale == 1:
-            return image
-        return resample_image(image, resampled_size(image.shape[0], scale), resampled_size(image.shape[1], scale))
+        return float(read.get(self.resolve_source(source), {}).get("scale", 1.0)) if read else 1.0
 
     def method(self, name: str, source: str | None = None) -> _Method:
         """A registered method of ``source`` (its segmenter loaded once)."""

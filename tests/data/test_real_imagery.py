@@ -185,14 +185,13 @@ def test_tiny_sqed_and_sqa_on_real_patches(tmp_path, capsys):
 
     # a file of the set, scored by its path: read as the source read it (the profile's scale), as the scorer records
     from rssqa.cli import main as rssqa_main
-    from rssqa.data.segsets import read_image
-    from rssqa.scorer import Scorer
+    from rssqa.data.segsets import read_image, resample_by
 
     scorer_dir = tmp_path / "sqa" / "scorer"
     assert json.loads((scorer_dir / "scorer.json").read_text())["read"] == {"dubai": {"scale": s["options"]["scale"]}}
     file = REAL / "images" / f"{per_split['test'][0]}_001.jpg"
     quarter = tmp_path / "quarter.png"
-    Image.fromarray(Scorer.read(read_image(file), s["options"]["scale"])).save(quarter)
+    Image.fromarray(resample_by(read_image(file), s["options"]["scale"])).save(quarter)
     scores, _ = [], capsys.readouterr()  # (the stages' own output so far)
     for path, extra in ((file, []), (quarter, ["--scale", "1"])):
         assert rssqa_main(["score", str(path), "--scorer", str(scorer_dir), "--method", "pspnet", "--json", *extra]) == 0

@@ -21,7 +21,15 @@ from rssqa.data.segsets.layouts import (
     register_layout,
 )
 from rssqa.data.segsets.masks import IGNORE_INDEX, MaskCodec
-from rssqa.data.segsets.source import FilePair, SegSample, SegSource, patch_windows, read_image, read_mask
+from rssqa.data.segsets.source import (
+    FilePair,
+    SegSample,
+    SegSource,
+    patch_windows,
+    read_image,
+    read_mask,
+    resample_by,
+)
 
 __all__ = [
     "DEEPGLOBE_CLASSES",
@@ -45,6 +53,7 @@ __all__ = [
     "patch_windows",
     "read_image",
     "read_mask",
+    "resample_by",
     "register_layout",
     "to_tensors",
 ]

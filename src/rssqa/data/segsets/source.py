@@ -180,6 +180,14 @@ def resample_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(out)
 
 
+def resample_by(image: np.ndarray, factor: float) -> np.ndarray:
+    """``image`` (``H×W×3`` uint8) resampled by ``factor`` as the sources resample on read (:func:`resampled_size`,
+    :func:`resample_image`); ``factor`` 1 returns it as it is."""
+    if factor == 1:
+        return image
+    return resample_image(image, resampled_size(image.shape[0], factor), resampled_size(image.shape[1], factor))
+
+
 def resample_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     """``H×W`` class indices resized to ``height×width``, nearest neighbour (no new labels are invented)."""
     if mask.shape == (height, width):
