@@ -221,14 +221,11 @@ class SceneJob:
             if not georef:
                 print(f"warning: {self.path}: no georeferencing (CRS/transform); the outputs carry none", file=sys.stderr)
             truth = _open(Path(self.opt.truth), "truth raster") if self.opt.truth else None
-            if truth is not None and scale != 1:
-                if (truth.height, truth.width) != (file.height, file.width):
-                    truth.close()
-                    raise RSSQAError(f"{self.opt.truth}: {truth.width}x{truth.height} px, the scene is {file.width}x{file.height}")
-                truth = Resampled(truth, scale, categorical=True)
             try:
-                if truth is not None and (truth.height, truth.width) != (src.height, src.width):
-                    raise RSSQAError(f"{self.opt.truth}: {truth.width}x{truth.height} px, the scene is {src.width}x{src.height}")
+                if truth is not None and (truth.height, truth.width) != (file.height, file.width):
+                    raise RSSQAError(f"{self.opt.truth}: {truth.width}x{truth.height} px, the scene is {file.width}x{file.height}")
+                if truth is not None and scale != 1:  # on the scene's new grid, classes by nearest neighbour
+                    truth = Resampled(truth, scale, categorical=True)
                 summary = self._run(src, bands, georef, truth)
             finally:
                 if truth is not None:
