@@ -229,6 +229,26 @@ def test_scene_is_read_as_the_scorers_source_was_read(run_root, scorer, tmp_path
     assert json.loads((tmp_path / "b" / "scene.json").read_text())["size"] == [h, w]
 
 
+def test_scene_is_read_at_the_ground_sample_distance_the_methods_were_trained_at(run_root, scorer, tmp_path, capsys, monkeypatch):
+    """A scorer that records the ground sample distance its methods saw (a source with ``gsd``) reads a scene in
+    a metric CRS at that distance: 0.5 m pixels for a 1 m scorer, a factor of 0.5 (said so); a scene without
+    georeferencing falls back to the source's factor (here 1: read as it is, nothing said)."""
+    from rssqa.scene.common import scene_gsd
+
+    tile = _tile(scorer)
+    path, plain = tmp_path / "s.tif", tmp_path / "plain.tif"
+    write_scene(path, 2 * tile, 2 * tile + 8)
+    write_scene(plain, tile + 4, tile + 4, georef=False)
+    assert scene_gsd(path) == 0.5 and scene_gsd(plain) is None and scene_gsd(tmp_path / "missing.tif") is None
+    patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"scale": 1.0, "gsd": 1.0}}))
+    args = ["--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--quiet"]
+    assert main(["scene", str(path), "--out", str(tmp_path / "a"), *args]) == 0
+    assert "resampled by 0.5 when read, its 0.5 m pixels to the 1 m the scorer's methods were trained at" in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "scene.json").read_text())["size"] == [tile, tile + 4]
+    assert main(["scene", str(plain), "--out", str(tmp_path / "b"), *args]) == 0
+    assert "resampled" not in capsys.readouterr().err
+
+
 def test_resampled_raster_reads_whole_or_by_strips_alike_and_close_to_the_sources(tmp_path):
     """:class:`rssqa.scene.common.Resampled` gives the same pixels read whole or strip by strip, within a grey
     level of the sources' own resampling on read (Pillow's), and classes by nearest neighbour."""

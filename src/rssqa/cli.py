@@ -101,16 +101,21 @@ class Inputs:
         return 0
 
 
-def _read_scale(scorer: Any, args: argparse.Namespace, what: str = "images") -> float:
-    """``--scale``, or the factor the scorer's source was resampled by on read (said on stderr when not 1)."""
+def _read_scale(scorer: Any, args: argparse.Namespace, what: str = "images", gsd: float | None = None) -> float:
+    """``--scale``; else, for a scene of ground sample distance ``gsd`` (metres per pixel) and a scorer that
+    records the one its methods were trained at, their ratio; else the factor the scorer's source was
+    resampled by on read. Said on stderr when not 1."""
     if args.scale is not None:
         if not args.scale > 0:
             raise RSSQAError(f"--scale: must be a positive factor, got {args.scale:g}")
         return args.scale
-    scale = scorer.read_scale(args.source)
+    trained = (scorer.config.get("read") or {}).get(scorer.resolve_source(args.source), {}).get("gsd") if gsd else None
+    if trained:
+        scale, why = gsd / trained, f"its {gsd:g} m pixels to the {trained:g} m the scorer's methods were trained at"
+    else:
+        scale, why = scorer.read_scale(args.source), "as the scorer's source was read for training"
     if scale != 1:
-        print(f"rssqa: {what} resampled by {scale:g} when read, as the scorer's source was read for training "
-              "(--scale 1: as they are)", file=sys.stderr)
+        print(f"rssqa: {what} resampled by {scale:g} when read, {why} (--scale 1: as they are)", file=sys.stderr)
     return scale
 
 
@@ -241,6 +246,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_scene(args: argparse.Namespace) -> int:
     """``rssqa scene``: quality, best-method, fused and error maps of a whole (Geo)TIFF scene."""
     from rssqa.scene import SceneOptions, score_scene_file
+    from rssqa.scene.common import scene_gsd
 
     try:
         bands = [int(b) for b in args.bands.split(",")] if args.bands else None
@@ -252,7 +258,7 @@ def cmd_scene(args: argparse.Namespace) -> int:
     scorer = _load_scorer(args)
     options = SceneOptions(
         source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, rescale=rescale, truth=args.truth,
-        progress=not args.quiet, resume=not args.restart, by_score=args.by_score, scale=_read_scale(scorer, args, "the scene and its maps"),
+        progress=not args.quiet, resume=not args.restart, by_score=args.by_score, scale=_read_scale(scorer, args, "the scene and its maps", scene_gsd(Path(args.scene))),
     )
     summary = score_scene_file(scorer, args.scene, args.out, options)
     if summary.get("recommended_by", "score") != "score":
@@ -362,8 +368,9 @@ def _add_scene(sub: argparse._SubParsersAction) -> None:
                    help="pixels that are not 8-bit (e.g. uint16) mapped linearly from LOW..HIGH to 0..255")
     p.add_argument("--truth", default=None, help="a ground-truth class raster on the same grid: also measure the maps")
     p.add_argument("--scale", type=float, default=None, metavar="F",
-                   help="read the scene (and --truth) resampled by F; the maps are on that grid. Default: as the scorer's "
-                   "source was read for training (said on stderr when not 1); 1: at its own resolution")
+                   help="read the scene (and --truth) resampled by F; the maps are on that grid. Default: to the ground "
+                   "sample distance the scorer's methods were trained at where both are known (a CRS in metres), else as "
+                   "the scorer's source was read for training (said on stderr when not 1); 1: at its own resolution")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming unfinished work in --out")
     p.add_argument("--by-score", action="store_true",
                    help="each window's method by predicted OA, also where the scorer's validation chose its best fixed method")
