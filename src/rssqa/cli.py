@@ -109,11 +109,12 @@ def _read_scale(scorer: Any, args: argparse.Namespace, what: str = "images", gsd
         if not args.scale > 0:
             raise RSSQAError(f"--scale: must be a positive factor, got {args.scale:g}")
         return args.scale
-    trained = (scorer.config.get("read") or {}).get(scorer.resolve_source(args.source), {}).get("gsd") if gsd else None
+    reading = scorer.reading(args.source)
+    trained = reading.get("gsd") if gsd else None
     if trained:
         scale, why = gsd / trained, f"its {gsd:g} m pixels to the {trained:g} m the scorer's methods were trained at"
     else:
-        scale, why = scorer.read_scale(args.source), "as the scorer's source was read for training"
+        scale, why = float(reading.get("scale", 1.0)), "as the scorer's source was read for training"
     if scale != 1:
         print(f"rssqa: {what} resampled by {scale:g} when read, {why} (--scale 1: as they are)", file=sys.stderr)
     return scale

@@ -209,10 +209,9 @@ class Scorer:
             raise RSSQAError(f"--source: {source!r} unknown; choose one of {', '.join(sources)}")
         return source
 
-    def read_scale(self, source: str | None = None) -> float:
-        """The factor the sqed stage resampled ``source``'s files by on read (``read`` in ``scorer.json``; else 1)."""
-        read = self.config.get("read") or {}
-        return float(read.get(self.resolve_source(source), {}).get("scale", 1.0)) if read else 1.0
+    def reading(self, source: str | None = None) -> dict[str, float]:
+        """How the sqed stage resampled ``source``'s files on read (``read`` in ``scorer.json``: scale, gsd; ``{}``: as they are)."""
+        return self.config["read"].get(self.resolve_source(source), {}) if self.config.get("read") else {}
 
     def method(self, name: str, source: str | None = None) -> _Method:
         """A registered method of ``source`` (its segmenter loaded once)."""

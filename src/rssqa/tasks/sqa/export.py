@@ -33,30 +33,22 @@ def _image_sizes(data: SQADataModule) -> dict[str, Any]:
     return {"image_size": list(one.pop()) if len(one) == 1 else None, "image_sizes": sizes}
 
 
-def _classes(data: SQADataModule) -> dict[str, dict[str, list[str]]]:
-    """Per source, the class names of its masks (``rssqa scene`` names the fused map's classes with them)."""
-    out = {}
+def _pool_records(data: SQADataModule) -> dict[str, dict[str, Any]]:
+    """From each source's pool metadata (``samples.json``, read once): ``classes``, the class names of its
+    masks (``rssqa scene`` names the fused map's classes with them), and ``read``, for the sources whose files
+    the sqed stage resampled on read, how (``{"scale": factor}``, ``"gsd"`` as read where known;
+    :meth:`rssqa.data.segsets.SegSource.read_scale`), so that ``rssqa score`` / ``recommend`` / ``scene`` read
+    new images the same way. An RS-SQED without pool metadata: classes unnamed, nothing on reading."""
+    classes, read = {}, {}
     for s in sorted(set(data.source_of.tolist())):
         try:
-            out[s] = {"names": list(data.sqed.pool(s).get("classes") or [])}
-        except RSSQAError:  # an RS-SQED without pool metadata: the classes stay unnamed
-            out[s] = {"names": []}
-    return out
-
-
-def _read(data: SQADataModule) -> dict[str, dict[str, float]]:
-    """Per source whose files the sqed stage resampled on read, how (``{"scale": factor}``, and ``"gsd"`` as
-    read where known; :meth:`rssqa.data.segsets.SegSource.read_scale`): ``rssqa score`` and ``recommend``
-    read new images the same way. Sources read as they are, or an RS-SQED without pool metadata: absent."""
-    out = {}
-    for s in sorted(set(data.source_of.tolist())):
-        try:
-            read = data.sqed.pool(s).get("read")
+            pool = data.sqed.pool(s)
         except RSSQAError:
-            read = None
-        if read:
-            out[s] = {k: float(v) for k, v in read.items()}
-    return out
+            pool = {}
+        classes[s] = {"names": list(pool.get("classes") or [])}
+        if pool.get("read"):
+            read[s] = {k: float(v) for k, v in pool["read"].items()}
+    return {"classes": classes, "read": read}
 
 
 def export_scorer(
@@ -120,8 +112,7 @@ def export_scorer(
         "best_fixed_method": best_fixed,
         **({"recommend_policy": policy} if policy else {}),
         **_image_sizes(data),
-        "classes": _classes(data),
-        "read": _read(data),
+        **_pool_records(data),
     }
     if agreement is not None:
         config["agreement_model"] = agreement.model_kwargs()

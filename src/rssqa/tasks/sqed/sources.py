@@ -79,12 +79,12 @@ def prepare_source(
     pool_splits = [split_of[s.group] for s in samples]
     folder = out / "pool" / sc.name
     pool_files = _files_fingerprint(source, pool)
+    read = source.read_scale()  # how the files were resampled on read (absent: as they are): the scorer reads new images so
     listing = {
         "source": sc.name,
         "files": pool_files,
         "classes": list(source.classes),
-        # how the files were resampled on read (absent: as they are): the scorer reads new images so
-        **({"read": source.read_scale()} if source.read_scale() else {}),
+        **({"read": read} if read else {}),
         "samples": [
             {
                 "image_id": s.image_id,
