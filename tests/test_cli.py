@@ -226,6 +226,42 @@ def test_cli_reads_images_as_the_scorers_source_was_read(run_root, tmp_path, cap
     assert capsys.readouterr().err.strip().splitlines() == ["error: --scale: must be a positive factor, got 0"]
 
 
+def test_cli_reads_the_bands_and_values_the_scorers_source_was_read_with(run_root, tmp_path, capsys, monkeypatch):
+    """A scorer whose source was read from four-band uint16 GeoTIFFs (``bands`` and ``rescale`` in its ``read``)
+    reads a new such file the same way by default, and says so: the same score as the 8-bit RGB image it was made
+    from; ``--bands`` / ``--rescale`` choose otherwise; without a recorded range a uint16 file is one line."""
+    rasterio = pytest.importorskip("rasterio")
+    rgb = _image(6, 64)
+    png, tif = tmp_path / "rgb.png", tmp_path / "nir_b_g_r.tif"
+    Image.fromarray(rgb).save(png)
+    stored = np.stack([np.full(rgb.shape[:2], 3000, np.uint16), *(rgb[..., c].astype(np.uint16) * 8 + 40 for c in (2, 1, 0))])
+    with rasterio.open(tif, "w", driver="GTiff", width=64, height=64, count=4, dtype="uint16") as d:
+        d.write(stored)
+    args = ["--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--method", "fpn", "--json"]
+
+    def score(*extra: str) -> tuple[int, float | None, str]:
+        rc = main(["score", *extra, *args])
+        out = capsys.readouterr()
+        return rc, (json.loads(out.out)[0]["score"] if rc == 0 else None), out.err
+
+    _, eight, _ = score(str(png))
+    rc, _, said = score(str(tif))  # this scorer read 8-bit RGB files: the file needs --bands and --rescale
+    assert rc == 2 and said.strip().splitlines() == [f"error: {tif}: 4 bands; expected 3 (set bands to choose three)"]
+    rc, flags, said = score(str(tif), "--bands", "4,3,2", "--rescale", "40,2080")
+    assert rc == 0 and flags == eight and said == ""
+    rc, _, said = score(str(tif), "--bands", "4,3,2")
+    assert rc == 2 and "uint16 pixels; expected 8-bit" in said
+    patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"bands": [3, 2, 1], "rescale": [40.0, 2080.0]}}))
+    rc, recorded, said = score(str(tif))
+    assert rc == 0 and recorded == eight
+    assert "bands 4,3,2 and values 40..2080 mapped to 0-255, as the scorer's source was read for training" in said
+    rc, other, _ = score(str(tif), "--rescale", "0,4000")  # the flag wins over the record
+    assert rc == 0 and other != eight
+    for bad, words in ((["--bands", "0,1,2"], "whole band numbers, the first band 1"), (["--rescale", "9"], "2 comma-separated numbers")):
+        rc, _, said = score(str(tif), *bad)
+        assert rc == 2 and words in said
+
+
 def test_cli_score_with_other_methods_uses_agreement(run_root, folder, capsys):
     img, scorer = str(folder / "tile_0.png"), str(run_root / "sqa" / "scorer")
     args = ["score", img, "--scorer", scorer, "--source", "beta", "--method", "fpn", "--json"]

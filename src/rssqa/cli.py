@@ -67,10 +67,16 @@ class Inputs:
         on_bad: ``skip`` (one ``skipped:`` line on stderr each, counted) or ``error`` (the first one stops the command).
         total: how many images there are (a single image that is bad is an error either way).
         scale: resample each image by this factor when read (:func:`rssqa.data.segsets.resample_by`; 1: as it is).
+        bands: the three bands to read, 0-based (``None``: a three-band file as it is).
+        rescale: ``(low, high)`` mapped linearly to 0-255 (``None``: 8-bit pixels as they are).
     """
 
-    def __init__(self, scorer: Any, on_bad: str = "skip", total: int = 0, scale: float = 1.0):
+    def __init__(
+        self, scorer: Any, on_bad: str = "skip", total: int = 0, scale: float = 1.0,
+        bands: list[int] | None = None, rescale: tuple[float, float] | None = None,
+    ):  # fmt: skip
         self.scorer, self.on_bad, self.scale = scorer, "error" if total == 1 else on_bad, scale
+        self.bands, self.rescale = bands, rescale
         self.seen = 0
         self.skipped: list[str] = []
 
@@ -82,7 +88,8 @@ class Inputs:
         for f in block:
             self.seen += 1
             try:
-                images.append(self.scorer.check_image(resample_by(read_image(f), self.scale), str(f)))
+                image = read_image(f, self.bands, self.rescale)
+                images.append(self.scorer.check_image(resample_by(image, self.scale), str(f)))
                 files.append(f)
             except RSSQAError as e:
                 if self.on_bad == "error":
@@ -118,6 +125,41 @@ def _read_scale(scorer: Any, args: argparse.Namespace, what: str = "images", gsd
     if scale != 1:
         print(f"rssqa: {what} resampled by {scale:g} when read, {why} (--scale 1: as they are)", file=sys.stderr)
     return scale
+
+
+def _numbers(text: str | None, flag: str, n: int) -> list[float] | None:
+    """``n`` comma-separated numbers of ``flag`` (``None`` when not given), or a one-line error."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != n:
+        raise RSSQAError(f"{flag} {text!r}: {n} comma-separated numbers expected")
+    return values
+
+
+def _read_pixels(scorer: Any, args: argparse.Namespace) -> tuple[list[int] | None, tuple[float, float] | None]:
+    """``--bands`` (1-based, returned 0-based) and ``--rescale``; where not given, the bands and the value range
+    the scorer's source was read with for training (said on stderr)."""
+    bands = _numbers(args.bands, "--bands", 3)
+    rescale = _numbers(args.rescale, "--rescale", 2)
+    if bands is not None and (min(bands) < 1 or any(b != int(b) for b in bands)):
+        raise RSSQAError(f"--bands {args.bands!r}: whole band numbers, the first band 1")
+    if rescale is not None and not rescale[1] > rescale[0]:
+        raise RSSQAError(f"--rescale {args.rescale!r}: HIGH must be above LOW")
+    reading, said = scorer.reading(args.source), []
+    if bands is None and reading.get("bands"):
+        bands = [int(b) + 1 for b in reading["bands"]]
+        said.append(f"bands {','.join(map(str, bands))}")
+    if rescale is None and reading.get("rescale"):
+        rescale = [float(v) for v in reading["rescale"]]
+        said.append(f"values {rescale[0]:g}..{rescale[1]:g} mapped to 0-255")
+    if said:
+        print(f"rssqa: {' and '.join(said)}, as the scorer's source was read for training (--bands / --rescale to change)",
+              file=sys.stderr)  # fmt: skip
+    return ([int(b) - 1 for b in bands] if bands else None), (tuple(rescale) if rescale else None)
 
 
 def _say(message: str) -> None:
@@ -167,7 +209,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.error_map and (args.segmenter or scorer.pixel_model is None):
         raise RSSQAError("score --error-map: needs registered --method names and a scorer with a pixel error head")
     scorer.use_agreement(names, others)  # a one-line error before any image is read
-    inputs, results = Inputs(scorer, args.on_bad, len(files), _read_scale(scorer, args)), []
+    inputs, results = Inputs(scorer, args.on_bad, len(files), _read_scale(scorer, args), *_read_pixels(scorer, args)), []
     for block in _blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
         if not images:
@@ -205,7 +247,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     fixed = None if args.by_score else scorer.fixed_first(scorer.method_names(methods, args.source))
     if fixed is not None:
         _fixed_note(scorer)
-    inputs, results = Inputs(scorer, args.on_bad, len(files), _read_scale(scorer, args)), []
+    inputs, results = Inputs(scorer, args.on_bad, len(files), _read_scale(scorer, args), *_read_pixels(scorer, args)), []
     for block in _blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
         if not images:
@@ -249,14 +291,9 @@ def cmd_scene(args: argparse.Namespace) -> int:
     from rssqa.scene import SceneOptions, score_scene_file
     from rssqa.scene.common import scene_gsd
 
-    try:
-        bands = [int(b) for b in args.bands.split(",")] if args.bands else None
-        rescale = tuple(float(v) for v in args.rescale.split(",")) if args.rescale else None
-    except ValueError:
-        raise RSSQAError(f"--bands {args.bands!r} / --rescale {args.rescale!r}: comma-separated numbers expected") from None
-    if rescale is not None and len(rescale) != 2:
-        raise RSSQAError(f"--rescale: {args.rescale!r}: two numbers, LOW,HIGH")
     scorer = _load_scorer(args)
+    bands, rescale = _read_pixels(scorer, args)
+    bands = [b + 1 for b in bands] if bands else None  # the scene reads GDAL's 1-based band numbers
     options = SceneOptions(
         source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, rescale=rescale, truth=args.truth,
         progress=not args.quiet, resume=not args.restart, by_score=args.by_score, scale=_read_scale(scorer, args, "the scene and its maps", scene_gsd(Path(args.scene))),
@@ -288,6 +325,14 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- parsers
+def _pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bands", default=None, metavar="R,G,B",
+                   help="1-based band numbers of red, green, blue (default: as the scorer's source was read, else bands 1-3)")
+    p.add_argument("--rescale", default=None, metavar="LOW,HIGH",
+                   help="pixels that are not 8-bit (e.g. uint16) mapped linearly from LOW..HIGH to 0..255 "
+                   "(default: as the scorer's source was read)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--scorer", default=DEFAULT_SCORER, help="scorer folder written by the sqa stage (default: %(default)s)")
@@ -307,6 +352,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="resample each image by F when read (bilinear; 0.25: a quarter of each side). Default: as the scorer's "
         "source was read for training (its sqed scale / target_gsd; said on stderr when not 1); 1: as they are",
     )
+    _pixels(p)
     p.add_argument(
         "--on-bad", choices=("skip", "error"), default="skip",
         help="an unusable image among the inputs: skip it (said on stderr, exit status 1) or stop (default: %(default)s)",
@@ -364,9 +410,7 @@ def _add_scene(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all of the source)")
     p.add_argument("--tile", type=int, default=None, help="window side in px (default: the scorer's training tile)")
     p.add_argument("--overlap", type=int, default=None, help="px shared by neighbouring windows (default: a quarter tile)")
-    p.add_argument("--bands", default=None, metavar="R,G,B", help="1-based band numbers of red, green, blue")
-    p.add_argument("--rescale", default=None, metavar="LOW,HIGH",
-                   help="pixels that are not 8-bit (e.g. uint16) mapped linearly from LOW..HIGH to 0..255")
+    _pixels(p)
     p.add_argument("--truth", default=None, help="a ground-truth class raster on the same grid: also measure the maps")
     p.add_argument("--scale", type=float, default=None, metavar="F",
                    help="read the scene (and --truth) resampled by F; the maps are on that grid. Default: to the ground "

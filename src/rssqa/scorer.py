@@ -209,8 +209,8 @@ class Scorer:
             raise RSSQAError(f"--source: {source!r} unknown; choose one of {', '.join(sources)}")
         return source
 
-    def reading(self, source: str | None = None) -> dict[str, float]:
-        """How the sqed stage resampled ``source``'s files on read (``read`` in ``scorer.json``: scale, gsd; ``{}``: as they are)."""
+    def reading(self, source: str | None = None) -> dict[str, Any]:
+        """How the sqed stage read ``source``'s files (``read`` in ``scorer.json``: scale, gsd, bands, rescale; ``{}``: as they are)."""
         return self.config["read"].get(self.resolve_source(source), {}) if self.config.get("read") else {}
 
     def method(self, name: str, source: str | None = None) -> _Method:

@@ -101,10 +101,10 @@ def test_target_gsd_is_scale_gsd_over_target(tmp_path):
             assert a.shape == (11, 13, *a.shape[2:]) and np.array_equal(a, b)
     assert folder(tmp_path, gsd=0.5)[0]["image"].shape == (42, 50, 3)  # gsd alone: no resampling
     # what a scorer records of the reading: the factor, and the ground sample distance as read where known
-    assert folder(tmp_path).read_scale() == {}
-    assert folder(tmp_path, scale=0.25).read_scale() == {"scale": 0.25}
-    assert by_gsd.read_scale() == {"scale": pytest.approx(0.25), "gsd": pytest.approx(1.2)}
-    assert folder(tmp_path, gsd=0.5).read_scale() == {"scale": 1.0, "gsd": 0.5}
+    assert folder(tmp_path).reading() == {}
+    assert folder(tmp_path, scale=0.25).reading() == {"scale": 0.25}
+    assert by_gsd.reading() == {"scale": pytest.approx(0.25), "gsd": pytest.approx(1.2)}
+    assert folder(tmp_path, gsd=0.5).reading() == {"scale": 1.0, "gsd": 0.5}
 
 
 def test_patches_are_cut_after_resampling(tmp_path):

@@ -39,15 +39,6 @@ def trained_tile(config: dict[str, Any], source: str | None) -> int | None:
     return int(min(size)) if size else None
 
 
-def to_8bit(pixels: np.ndarray, rescale: tuple[float, float] | None) -> np.ndarray:
-    """Pixels as the methods read them: ``rescale`` ``(low, high)`` mapped linearly to 0-255 (clipped,
-    rounded), or the 8-bit pixels as they are (``None``)."""
-    if rescale is None:
-        return pixels
-    lo, hi = rescale
-    return np.clip((pixels.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
-
-
 def gdal_env():
     """The GDAL settings a scene is read and written under: a block cache of :data:`GDAL_CACHE_MB`.
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from rssqa.agreement import MIN_METHODS, quality_agreement_maps
+from rssqa.data.segsets.rasters import to_8bit
 from rssqa.errors import RSSQAError
 from rssqa.models.pixel_error import BASELINES as PIXEL_BASELINES
 from rssqa.models.pixel_error import pixel_inputs
@@ -34,7 +35,6 @@ from rssqa.scene.common import (
     _rasterio,
     _save_json,
     gdal_env,
-    to_8bit,
     trained_tile,
 )
 from rssqa.scene.evaluate import _evaluate_windows, _finish_eval, _new_eval, fused_per_window

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from rssqa.scene.common import METHOD_COLOURS, _rasterio, to_8bit
+from rssqa.data.segsets.rasters import to_8bit
+from rssqa.scene.common import METHOD_COLOURS, _rasterio
 
 
 def _small(path: Path, side: int, bands: Any = 1, nearest: bool = True) -> np.ndarray:

@@ -11,7 +11,8 @@ the configuration does not know) is checked when a sample is read. Each problem 
 Options every layout accepts (they live here, so a registered layout gets them without code of its
 own): ``patch_size`` / ``stride``, ``bands``, ``on_bad``, ``max_images``; resampling on read (``scale``,
 or ``target_gsd`` with the source's ``gsd``); split groups from the file name (``group_pattern``); and
-schema classes treated as "no label" (``ignore_classes``). See :class:`SegSource`.
+schema classes treated as "no label" (``ignore_classes``); values of more than 8 bits mapped to 0-255
+(``rescale``). See :class:`SegSource`.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rssqa.data.segsets.masks import IGNORE_INDEX, MaskCodec
+from rssqa.data.segsets.rasters import check_rescale, header, read_image, read_mask_pixels
 from rssqa.errors import BadSample, RSSQAError
 
 log = logging.getLogger(__name__)
 
 ON_BAD = ("error", "skip")
-# Real orthophotos are large (ISPRS Potsdam: 6000 x 6000 px); Pillow's bomb guard would refuse them.
-Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass(frozen=True)
@@ -115,52 +115,9 @@ def patch_windows(height: int, width: int, size: int, stride: int | None = None)
     return [(top, left) for top in starts(height) for left in starts(width)]
 
 
-def read_image(path: Path, bands: Sequence[int] | None = None) -> np.ndarray:
-    """Read an 8-bit image as ``H×W×3`` uint8.
-
-    Args:
-        path: image file (PNG, JPEG, TIFF, ...).
-        bands: which three bands to keep from a multi-band file (0-based), e.g. ``[0, 1, 2]`` of RGBIR.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im)
-            mode = im.mode
-    except FileNotFoundError:
-        raise RSSQAError(f"{path}: image not found") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise RSSQAError(f"{path}: unreadable image ({e})") from None
-    if mode == "P":
-        raise RSSQAError(f"{path}: palette-mode image; expected an RGB (or multi-band) image")
-    if arr.dtype != np.uint8:
-        raise RSSQAError(f"{path}: {arr.dtype} pixels; expected 8-bit images (rescale to uint8 first)")
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if bands is not None:
-        if max(bands) >= arr.shape[2] or len(bands) != 3:
-            raise RSSQAError(f"{path}: bands {list(bands)} do not pick three of its {arr.shape[2]} bands")
-        arr = arr[..., list(bands)]
-    elif arr.shape[2] != 3:
-        raise RSSQAError(f"{path}: {arr.shape[2]} bands; expected 3 (set bands to choose three)")
-    return np.ascontiguousarray(arr)
-
-
 def read_mask(path: Path, codec: MaskCodec) -> np.ndarray:
     """Read and decode a mask file to ``H×W`` uint8 class indices (palette PNGs keep their indices)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "P" and codec.kind == "palette":
-                im = im.convert("RGB")
-            elif im.mode in ("RGBA", "LA"):
-                im = im.convert("RGB" if im.mode == "RGBA" else "L")
-            arr = np.asarray(im)
-    except FileNotFoundError:
-        raise RSSQAError(f"{path}: mask not found") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise RSSQAError(f"{path}: unreadable mask ({e})") from None
-    return codec.decode(arr, path)
+    return codec.decode(read_mask_pixels(path, codec.kind == "palette"), path)
 
 
 def resampled_size(n: int, factor: float) -> int:
@@ -226,17 +183,6 @@ def _group_regex(name: str, pattern: str | None) -> re.Pattern[str] | None:
     return rx
 
 
-def _header(path: Path, what: str) -> tuple[int, int, int]:
-    """``(height, width, bands)`` from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width, len(im.getbands())
-    except FileNotFoundError:
-        raise RSSQAError(f"{path}: {what} not found") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise RSSQAError(f"{path}: unreadable {what} ({e})") from None
-
-
 class SegSource(Dataset):
     """A segmentation source as a map-style dataset of ``{"image_id", "image", "mask"}`` samples.
 
@@ -258,7 +204,7 @@ class SegSource(Dataset):
             patch ids are in resampled pixels, and an image whose resampled size is smaller than a
             patch is a bad file (an error naming it, or skipped and counted with ``on_bad="skip"``).
         gsd: the source's ground sample distance, metres per pixel (used with ``target_gsd``; a scorer
-            trained on the source records it, as read, see :meth:`read_scale`).
+            trained on the source records it, as read, see :meth:`reading`).
         target_gsd: resample to this ground sample distance: the factor is ``gsd / target_gsd``
             (``gsd: 0.3, target_gsd: 1.2`` is ``scale: 0.25``); needs ``gsd``, excludes ``scale``.
             Neither given (the default): no resampling.
@@ -273,6 +219,10 @@ class SegSource(Dataset):
         ignore_classes: class names of the schema that mean "no label" (an ``unlabeled`` or
             ``clutter`` class): their pixels become the ignore index 255 and the classes leave the
             class list (the others are renumbered in order). Default: none.
+        rescale: ``[low, high]``: image values mapped linearly to 0-255 (clipped, rounded) when read, after
+            the bands are chosen and before resampling: what images of more than 8 bits per band (uint16
+            reflectance, float) need; ``rssqa score`` / ``recommend`` / ``scene`` read new images so (see
+            :meth:`reading`). Default: none, and images must hold 8-bit pixels.
 
     Samples (``__getitem__``): ``{"image_id": str, "image": H×W×3 uint8, "mask": H×W uint8}``.
     """
@@ -292,6 +242,7 @@ class SegSource(Dataset):
         target_gsd: float | None = None,
         group_pattern: str | None = None,
         ignore_classes: Sequence[str] = (),
+        rescale: Sequence[float] | None = None,
     ):
         if on_bad not in ON_BAD:
             raise RSSQAError(f"{name}: on_bad={on_bad!r}; choose from {ON_BAD}")
@@ -308,6 +259,7 @@ class SegSource(Dataset):
         self.name, self.codec, self.on_bad = name, codec, on_bad
         self.patch_size, self.stride = patch_size, stride
         self.bands = list(bands) if bands is not None else None
+        self.rescale = check_rescale(rescale, name)
         self.bad: list[BadSample] = []
         self.unlabelled: list[str] = []
         self._sizes: dict[Path, tuple[int, int]] = {}
@@ -343,14 +295,16 @@ class SegSource(Dataset):
         if pair.mask is None or not pair.mask.is_file():
             where = pair.mask or pair.expected_mask
             raise RSSQAError(f"{pair.image}: no mask" + (f" (expected {where})" if where else ""))
-        h, w, b = _header(pair.image, "image")
-        mh, mw, _ = _header(pair.mask, "mask")
+        h, w, b, dtype = header(pair.image, "image")
+        mh, mw, _, _ = header(pair.mask, "mask")
         if (h, w) != (mh, mw):
             raise RSSQAError(f"{pair.image}: image is {w}x{h} but its mask {pair.mask} is {mw}x{mh}")
         if self.bands is None and b != 3:
             raise RSSQAError(f"{pair.image}: {b} bands; expected 3 (set bands to choose three)")
         if self.bands is not None and (len(self.bands) != 3 or max(self.bands) >= b):
-            raise RSSQAError(f"{pair.image}: bands {self.bands} do not pick three of its {b} bands")
+            raise RSSQAError(f"{pair.image}: bands {self.bands} (counted from 0) do not pick three of its {b} bands")
+        if dtype != "uint8" and self.rescale is None:
+            raise RSSQAError(f"{pair.image}: {dtype} pixels; expected 8-bit images (set rescale: [low, high] to map them to 0-255)")
         rh, rw = resampled_size(h, self.factor), resampled_size(w, self.factor)
         self._sizes[pair.image] = (rh, rw)  # as read: after resampling
         if self.patch_size is None:
@@ -364,16 +318,28 @@ class SegSource(Dataset):
 
     def read_options(self) -> dict[str, Any]:
         """What changes the pixels read beyond the files and the class list: ``{}`` by default,
-        ``{"resample": factor}`` when resampling (part of the cache fingerprints of the sqed stage)."""
-        return {"resample": self.factor} if self.factor != 1 else {}
+        ``{"resample": factor}`` when resampling, ``"rescale"`` and ``"bands"`` where set (part of the
+        cache fingerprints of the sqed stage)."""
+        out: dict[str, Any] = {"resample": self.factor} if self.factor != 1 else {}
+        if self.rescale is not None:
+            out["rescale"] = list(self.rescale)
+        if self.bands is not None:
+            out["bands"] = list(self.bands)
+        return out
 
-    def read_scale(self) -> dict[str, float]:
-        """How the images were resampled on read, for a scorer to read new images the same way: ``{}``
-        for images read as they are; else ``{"scale": factor}``, with ``"gsd"`` (metres per pixel as
-        read, the files' ``gsd`` over the factor) when the source's ``gsd`` is known."""
-        if self.factor == 1 and self.gsd is None:
-            return {}
-        return {"scale": self.factor} | ({"gsd": self.gsd / self.factor} if self.gsd is not None else {})
+    def reading(self) -> dict[str, Any]:
+        """How the images were read, for a scorer to read new images the same way: ``{}`` for three 8-bit
+        bands read as they are; else ``"scale"`` (the resampling factor) with ``"gsd"`` (metres per pixel
+        as read, the files' ``gsd`` over the factor) where the source's ``gsd`` is known, ``"bands"`` (0-based)
+        and ``"rescale"`` (``[low, high]``) where set."""
+        out: dict[str, Any] = {}
+        if self.factor != 1 or self.gsd is not None:
+            out = {"scale": self.factor} | ({"gsd": self.gsd / self.factor} if self.gsd is not None else {})
+        if self.bands is not None:
+            out["bands"] = list(self.bands)
+        if self.rescale is not None:
+            out["rescale"] = list(self.rescale)
+        return out
 
     def _bad(self, key: str, path: str, reason: str) -> None:
         if self.on_bad == "error":
@@ -411,7 +377,7 @@ class SegSource(Dataset):
     def read_file(self, pair: FilePair) -> tuple[np.ndarray, np.ndarray]:
         """The whole image ``H×W×3`` uint8 and mask ``H×W`` uint8 of one file pair, as the source reads
         them (bands chosen, classes decoded, resampled), before patches are cut."""
-        image = read_image(pair.image, self.bands)
+        image = read_image(pair.image, self.bands, self.rescale)
         mask = read_mask(pair.mask, self.codec)
         if image.shape[:2] != mask.shape:
             raise RSSQAError(f"{pair.image}: image is {image.shape[:2]} but its mask is {mask.shape}")

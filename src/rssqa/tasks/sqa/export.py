@@ -36,9 +36,9 @@ def _image_sizes(data: SQADataModule) -> dict[str, Any]:
 def _pool_records(data: SQADataModule) -> dict[str, dict[str, Any]]:
     """From each source's pool metadata (``samples.json``, read once): ``classes``, the class names of its
     masks (``rssqa scene`` names the fused map's classes with them), and ``read``, for the sources whose files
-    the sqed stage resampled on read, how (``{"scale": factor}``, ``"gsd"`` as read where known;
-    :meth:`rssqa.data.segsets.SegSource.read_scale`), so that ``rssqa score`` / ``recommend`` / ``scene`` read
-    new images the same way. An RS-SQED without pool metadata: classes unnamed, nothing on reading."""
+    the sqed stage did not read as three 8-bit bands as they are, how (``"scale"``, ``"gsd"`` as read where
+    known, ``"bands"``, ``"rescale"``; :meth:`rssqa.data.segsets.SegSource.reading`), so that ``rssqa score``
+    / ``recommend`` / ``scene`` read new images the same way. An RS-SQED without pool metadata: classes unnamed, nothing on reading."""
     classes, read = {}, {}
     for s in sorted(set(data.source_of.tolist())):
         try:
@@ -47,7 +47,7 @@ def _pool_records(data: SQADataModule) -> dict[str, dict[str, Any]]:
             pool = {}
         classes[s] = {"names": list(pool.get("classes") or [])}
         if pool.get("read"):
-            read[s] = {k: float(v) for k, v in pool["read"].items()}
+            read[s] = {k: v if isinstance(v, list) else float(v) for k, v in pool["read"].items()}
     return {"classes": classes, "read": read}
 
 

@@ -79,7 +79,7 @@ def prepare_source(
     pool_splits = [split_of[s.group] for s in samples]
     folder = out / "pool" / sc.name
     pool_files = _files_fingerprint(source, pool)
-    read = source.read_scale()  # how the files were resampled on read (absent: as they are): the scorer reads new images so
+    read = source.reading()  # how the files were read (absent: three 8-bit bands as they are): the scorer reads new images so
     listing = {
         "source": sc.name,
         "files": pool_files,

@@ -1,0 +1,172 @@
+"""Reading image and mask files: PNG, JPEG and the like through Pillow, (Geo)TIFF through rasterio.
+
+Aerial and satellite imagery often comes as GeoTIFF with more than three bands or more than eight bits per
+band (uint16 reflectance, float). Such files are read with rasterio (GDAL), which decodes what Pillow
+cannot (multi-band 16-bit, tiled and compressed GeoTIFFs); the bands the methods read are chosen with
+``bands`` and their values mapped to 0-255 with ``rescale`` (``(low, high)``, linear, clipped), the same
+mapping ``rssqa scene --rescale`` applies to a scene. Every problem is a one-line
+:class:`~rssqa.errors.RSSQAError` naming the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rssqa.errors import RSSQAError
+
+# Real orthophotos are large (ISPRS Potsdam: 6000 x 6000 px); Pillow's bomb guard would refuse them.
+Image.MAX_IMAGE_PIXELS = None
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def is_tiff(path: Path) -> bool:
+    """Whether ``path`` is read with rasterio (a ``.tif`` / ``.tiff`` file)."""
+    return path.suffix.lower() in TIFF_SUFFIXES
+
+
+def to_8bit(pixels: np.ndarray, rescale: Sequence[float] | None) -> np.ndarray:
+    """Pixels as the methods read them: ``rescale`` ``(low, high)`` mapped linearly to 0-255 (clipped,
+    rounded), or the pixels as they are (``None``)."""
+    if rescale is None:
+        return pixels
+    lo, hi = rescale
+    return np.clip((pixels.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+
+
+def check_rescale(rescale: Sequence[float] | None, where: str) -> tuple[float, float] | None:
+    """``rescale`` as ``(low, high)`` floats, or a one-line error naming ``where``."""
+    if rescale is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in rescale)
+    except (TypeError, ValueError):
+        raise RSSQAError(f"{where}: rescale {rescale!r} is not two numbers [low, high]") from None
+    if not hi > lo:
+        raise RSSQAError(f"{where}: rescale {[lo, hi]}: high must be above low")
+    return lo, hi
+
+
+def _open_tiff(path: Path, what: str):
+    import rasterio
+
+    if not path.is_file():
+        raise RSSQAError(f"{path}: {what} not found")
+    try:
+        with warnings.catch_warnings():  # a plain TIFF without georeferencing is fine here
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as e:
+        raise RSSQAError(f"{path}: unreadable {what} ({str(e).splitlines()[0][:160]})") from None
+
+
+def _read_tiff(path: Path, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """All bands ``H×W×B`` of a TIFF, and its colour table as a ``256×3`` array where band 1 has one."""
+    import rasterio
+
+    with _open_tiff(path, what) as src:
+        try:
+            arr = src.read()
+        except rasterio.errors.RasterioIOError as e:
+            raise RSSQAError(f"{path}: unreadable {what} ({str(e).splitlines()[0][:160]})") from None
+        colours = None
+        if src.count == 1:
+            try:
+                table = src.colormap(1)
+            except ValueError:  # no colour table
+                table = None
+            if table:
+                colours = np.zeros((256, 3), np.uint8)
+                for k, rgba in table.items():
+                    if 0 <= k < 256:
+                        colours[k] = rgba[:3]
+    return arr.transpose(1, 2, 0), colours
+
+
+# Pillow modes of one band wider than 8 bits, and their numpy types
+_WIDE_MODES = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "int32", "F": "float32"}
+
+
+def header(path: Path, what: str) -> tuple[int, int, int, str]:
+    """``(height, width, bands, pixel type)`` from the file header, without decoding the pixels (the type
+    of the first band, as numpy names it: ``uint8``, ``uint16``, ...)."""
+    if is_tiff(path):
+        with _open_tiff(path, what) as src:
+            return src.height, src.width, src.count, src.dtypes[0]
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width, len(im.getbands()), _WIDE_MODES.get(im.mode, "uint8")
+    except FileNotFoundError:
+        raise RSSQAError(f"{path}: {what} not found") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise RSSQAError(f"{path}: unreadable {what} ({e})") from None
+
+
+def read_image(path: Path, bands: Sequence[int] | None = None, rescale: Sequence[float] | None = None) -> np.ndarray:
+    """Read an image as ``H×W×3`` uint8.
+
+    Args:
+        path: image file (PNG, JPEG, ...; a TIFF through rasterio, any number of bands and pixel type).
+        bands: which three bands to keep from a multi-band file (0-based), e.g. ``[0, 1, 2]`` of RGBIR.
+        rescale: ``(low, high)``: map the values linearly to 0-255 (clipped), for pixels that are not 8-bit
+            (uint16 reflectance, float); ``None``: the file must hold 8-bit pixels.
+    """
+    if is_tiff(path):
+        arr, _ = _read_tiff(path, "image")
+    else:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                if im.mode == "P":
+                    raise RSSQAError(f"{path}: palette-mode image; expected an RGB (or multi-band) image")
+                arr = np.asarray(im)
+        except FileNotFoundError:
+            raise RSSQAError(f"{path}: image not found") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise RSSQAError(f"{path}: unreadable image ({e})") from None
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if bands is not None:
+        if len(bands) != 3 or max(bands) >= arr.shape[2] or min(bands) < 0:
+            raise RSSQAError(f"{path}: bands {list(bands)} (counted from 0) do not pick three of its {arr.shape[2]} bands")
+        arr = arr[..., list(bands)]
+    elif arr.shape[2] != 3:
+        raise RSSQAError(f"{path}: {arr.shape[2]} bands; expected 3 (set bands to choose three)")
+    if rescale is not None:
+        arr = to_8bit(arr, rescale)
+    elif arr.dtype != np.uint8:
+        raise RSSQAError(f"{path}: {arr.dtype} pixels; expected 8-bit images (set rescale: [low, high] to map them to 0-255)")
+    return np.ascontiguousarray(arr)
+
+
+def read_mask_pixels(path: Path, palette: bool) -> np.ndarray:
+    """A mask file's stored values: ``H×W`` indices or ``H×W×3`` colours (``palette``: a colour table of a
+    single-band file is applied, so a palette-mode file reads as its colours)."""
+    if is_tiff(path):
+        arr, colours = _read_tiff(path, "mask")
+        if arr.shape[2] == 1:
+            arr = arr[..., 0]
+            if palette and colours is not None and arr.dtype == np.uint8:
+                arr = colours[arr]
+        elif arr.shape[2] == 4:
+            arr = arr[..., :3]
+        elif arr.shape[2] == 2:  # grey and alpha
+            arr = arr[..., 0]
+        return arr
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "P" and palette:
+                im = im.convert("RGB")
+            elif im.mode in ("RGBA", "LA"):
+                im = im.convert("RGB" if im.mode == "RGBA" else "L")
+            return np.asarray(im)
+    except FileNotFoundError:
+        raise RSSQAError(f"{path}: mask not found") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise RSSQAError(f"{path}: unreadable mask ({e})") from None
