@@ -262,6 +262,38 @@ def test_cli_reads_the_bands_and_values_the_scorers_source_was_read_with(run_roo
         assert rc == 2 and words in said
 
 
+def test_cli_reads_geotiffs_at_the_ground_sample_distance_the_methods_were_trained_at(run_root, tmp_path, capsys, monkeypatch):
+    """A scorer that records the ground sample distance its methods saw (1 m) reads a GeoTIFF of 0.5 m pixels at
+    half its size (said once for the two files), as the image resampled beforehand and read with ``--scale 1``;
+    a PNG of the same pixels has no distance and is read at the source's factor (1)."""
+    rasterio = pytest.importorskip("rasterio")
+    from rssqa.data.segsets import resample_by
+
+    patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"scale": 1.0, "gsd": 1.0}}))
+    image = _image(8, 128)
+    for name in ("a.tif", "b.tif"):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=128, height=128, count=3, dtype="uint8",
+                           crs="EPSG:32633", transform=rasterio.Affine(0.5, 0, 500000, 0, -0.5, 5800000)) as d:  # fmt: skip
+            d.write(image.transpose(2, 0, 1))
+    Image.fromarray(image).save(tmp_path / "full.png")
+    Image.fromarray(resample_by(image, 0.5)).save(tmp_path / "half.png")
+    args = ["--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--method", "fpn", "--json", "--quiet"]
+
+    def score(*extra: str) -> tuple[list[float], str]:
+        assert main(["score", *extra, *args]) == 0
+        out = capsys.readouterr()
+        return [r["score"] for r in json.loads(out.out)], out.err
+
+    tifs, said = score(str(tmp_path / "a.tif"), str(tmp_path / "b.tif"))
+    assert said.count("GeoTIFFs of 0.5 m pixels resampled by 0.5 when read, to the 1 m the scorer's methods were trained at") == 1
+    half, _ = score(str(tmp_path / "half.png"), "--scale", "1")
+    assert tifs == half * 2
+    full, said = score(str(tmp_path / "full.png"))
+    assert "resampled" not in said and full != half
+    as_is, said = score(str(tmp_path / "a.tif"), "--scale", "1")
+    assert as_is == full and "resampled" not in said
+
+
 def test_cli_score_with_other_methods_uses_agreement(run_root, folder, capsys):
     img, scorer = str(folder / "tile_0.png"), str(run_root / "sqa" / "scorer")
     args = ["score", img, "--scorer", scorer, "--source", "beta", "--method", "fpn", "--json"]

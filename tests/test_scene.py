@@ -233,7 +233,7 @@ def test_scene_is_read_at_the_ground_sample_distance_the_methods_were_trained_at
     """A scorer that records the ground sample distance its methods saw (a source with ``gsd``) reads a scene in
     a metric CRS at that distance: 0.5 m pixels for a 1 m scorer, a factor of 0.5 (said so); a scene without
     georeferencing falls back to the source's factor (here 1: read as it is, nothing said)."""
-    from rssqa.scene.common import scene_gsd
+    from rssqa.data.segsets.rasters import ground_sample_distance as scene_gsd
 
     tile = _tile(scorer)
     path, plain = tmp_path / "s.tif", tmp_path / "plain.tif"

@@ -69,16 +69,33 @@ class Inputs:
         scale: resample each image by this factor when read (:func:`rssqa.data.segsets.resample_by`; 1: as it is).
         bands: the three bands to read, 0-based (``None``: a three-band file as it is).
         rescale: ``(low, high)`` mapped linearly to 0-255 (``None``: 8-bit pixels as they are).
+        trained_gsd: the ground sample distance (metres) the scorer's methods were trained at: a GeoTIFF in a
+            CRS in metres is resampled by its own pixel size over it instead of by ``scale`` (``None``: never).
     """
 
     def __init__(
         self, scorer: Any, on_bad: str = "skip", total: int = 0, scale: float = 1.0,
-        bands: list[int] | None = None, rescale: tuple[float, float] | None = None,
+        bands: list[int] | None = None, rescale: tuple[float, float] | None = None, trained_gsd: float | None = None,
     ):  # fmt: skip
         self.scorer, self.on_bad, self.scale = scorer, "error" if total == 1 else on_bad, scale
-        self.bands, self.rescale = bands, rescale
+        self.bands, self.rescale, self.trained_gsd = bands, rescale, trained_gsd
         self.seen = 0
         self.skipped: list[str] = []
+        self._said: set[float] = set()
+
+    def factor(self, path: Path) -> float:
+        """The resampling factor of one file: its ground sample distance over the trained one for a GeoTIFF in
+        metres (said once per distance), else ``scale``."""
+        from rssqa.data.segsets.rasters import ground_sample_distance, is_tiff
+
+        gsd = ground_sample_distance(path) if self.trained_gsd and is_tiff(path) else None
+        if gsd is None:
+            return self.scale
+        if gsd not in self._said:
+            self._said.add(gsd)
+            _say(f"rssqa: GeoTIFFs of {gsd:g} m pixels resampled by {gsd / self.trained_gsd:g} when read, to the "
+                 f"{self.trained_gsd:g} m the scorer's methods were trained at (first: {path}; --scale to choose)")  # fmt: skip
+        return gsd / self.trained_gsd
 
     def read(self, block: Sequence[Path]) -> tuple[list[Path], list[Any]]:
         """``(files, images)`` of the usable images of ``block``."""
@@ -89,7 +106,7 @@ class Inputs:
             self.seen += 1
             try:
                 image = read_image(f, self.bands, self.rescale)
-                images.append(self.scorer.check_image(resample_by(image, self.scale), str(f)))
+                images.append(self.scorer.check_image(resample_by(image, self.factor(f)), str(f)))
                 files.append(f)
             except RSSQAError as e:
                 if self.on_bad == "error":
@@ -106,6 +123,12 @@ class Inputs:
             print(f"{len(self.skipped)} of {self.seen} images skipped (listed above); the others are scored", file=sys.stderr)
             return 1
         return 0
+
+
+def _inputs(scorer: Any, args: argparse.Namespace, total: int) -> Inputs:
+    """The images of ``rssqa score`` / ``recommend``, read as the options and the scorer's record say."""
+    trained = None if args.scale is not None else scorer.reading(args.source).get("gsd")
+    return Inputs(scorer, args.on_bad, total, _read_scale(scorer, args), *_read_pixels(scorer, args), trained_gsd=trained)
 
 
 def _read_scale(scorer: Any, args: argparse.Namespace, what: str = "images", gsd: float | None = None) -> float:
@@ -209,7 +232,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.error_map and (args.segmenter or scorer.pixel_model is None):
         raise RSSQAError("score --error-map: needs registered --method names and a scorer with a pixel error head")
     scorer.use_agreement(names, others)  # a one-line error before any image is read
-    inputs, results = Inputs(scorer, args.on_bad, len(files), _read_scale(scorer, args), *_read_pixels(scorer, args)), []
+    inputs, results = _inputs(scorer, args, len(files)), []
     for block in _blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
         if not images:
@@ -247,7 +270,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     fixed = None if args.by_score else scorer.fixed_first(scorer.method_names(methods, args.source))
     if fixed is not None:
         _fixed_note(scorer)
-    inputs, results = Inputs(scorer, args.on_bad, len(files), _read_scale(scorer, args), *_read_pixels(scorer, args)), []
+    inputs, results = _inputs(scorer, args, len(files)), []
     for block in _blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
         if not images:
@@ -288,15 +311,15 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_scene(args: argparse.Namespace) -> int:
     """``rssqa scene``: quality, best-method, fused and error maps of a whole (Geo)TIFF scene."""
+    from rssqa.data.segsets.rasters import ground_sample_distance
     from rssqa.scene import SceneOptions, score_scene_file
-    from rssqa.scene.common import scene_gsd
 
     scorer = _load_scorer(args)
     bands, rescale = _read_pixels(scorer, args)
     bands = [b + 1 for b in bands] if bands else None  # the scene reads GDAL's 1-based band numbers
     options = SceneOptions(
         source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, rescale=rescale, truth=args.truth,
-        progress=not args.quiet, resume=not args.restart, by_score=args.by_score, scale=_read_scale(scorer, args, "the scene and its maps", scene_gsd(Path(args.scene))),
+        progress=not args.quiet, resume=not args.restart, by_score=args.by_score, scale=_read_scale(scorer, args, "the scene and its maps", ground_sample_distance(Path(args.scene))),
     )
     summary = score_scene_file(scorer, args.scene, args.out, options)
     if summary.get("recommended_by", "score") != "score":
@@ -350,7 +373,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scale", type=float, default=None, metavar="F",
         help="resample each image by F when read (bilinear; 0.25: a quarter of each side). Default: as the scorer's "
-        "source was read for training (its sqed scale / target_gsd; said on stderr when not 1); 1: as they are",
+        "source was read for training (its sqed scale / target_gsd; said on stderr when not 1), and a GeoTIFF in a CRS "
+        "in metres to the ground sample distance the methods were trained at where the scorer records it; 1: as they are",
     )
     _pixels(p)
     p.add_argument(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,22 +70,6 @@ def _save_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=float))
     os.replace(tmp, path)
-
-
-def scene_gsd(path: Path) -> float | None:
-    """The ground sample distance of a scene in metres per pixel (the mean of its pixel's width and height),
-    where its CRS is projected in metres; else ``None`` (no CRS, degrees, feet, an unreadable file)."""
-    rasterio = _rasterio()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(path) as d:
-                crs, t = d.crs, d.transform
-    except rasterio.errors.RasterioIOError:
-        return None  # said by the scene job, which opens it again
-    if crs is None or not crs.is_projected or (crs.linear_units or "").lower() not in ("metre", "meter", "m"):
-        return None
-    return (abs(t.a) + abs(t.e)) / 2 if not t.is_identity else None
 
 
 class Resampled:

@@ -92,6 +92,23 @@ def _read_tiff(path: Path, what: str) -> tuple[np.ndarray, np.ndarray | None]:
 _WIDE_MODES = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "int32", "F": "float32"}
 
 
+def ground_sample_distance(path: Path) -> float | None:
+    """A raster's ground sample distance in metres per pixel (the mean of its pixel's width and height), where
+    its CRS is projected in metres; else ``None`` (no CRS, degrees, feet, not a raster GDAL reads)."""
+    import rasterio
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as d:
+                crs, t = d.crs, d.transform
+    except rasterio.errors.RasterioIOError:
+        return None  # said by whoever reads the pixels
+    if crs is None or not crs.is_projected or (crs.linear_units or "").lower() not in ("metre", "meter", "m"):
+        return None
+    return (abs(t.a) + abs(t.e)) / 2 if not t.is_identity else None
+
+
 def header(path: Path, what: str) -> tuple[int, int, int, str]:
     """``(height, width, bands, pixel type)`` from the file header, without decoding the pixels (the type
     of the first band, as numpy names it: ``uint8``, ``uint16``, ...)."""
