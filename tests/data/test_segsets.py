@@ -442,8 +442,13 @@ def test_empty_folders(tmp_path):
         build_source("vaihingen", tmp_path)
     (tmp_path / "imgs").mkdir()
     (tmp_path / "lbls").mkdir()
-    with pytest.raises(RSSQAError, match=r"imgs: no images match"):
+    with pytest.raises(RSSQAError, match=r"imgs: no images match .* \(the folder is empty\)$"):
         build_source("folder", tmp_path, num_classes=2, **FOLDER_OPTS)
+    for i in range(3):  # a pattern in the wrong case: the error says what the folder holds
+        (tmp_path / "imgs" / f"a{i}.JPG").write_bytes(b"")
+    (tmp_path / "imgs" / "notes.txt").write_text("")
+    with pytest.raises(RSSQAError, match=r"imgs: no images match '\*\.jpg' \(it holds 3 \*\.JPG, 1 \*\.txt\)$"):
+        build_source("folder", tmp_path, num_classes=2, **{**FOLDER_OPTS, "image_glob": "*.jpg"})
     with pytest.raises(RSSQAError, match=r"nowhere: image folder not found"):
         build_source("folder", tmp_path, images="nowhere", num_classes=2)
 

@@ -8,6 +8,7 @@ the whole mask schema given in configuration. Registered in the layout registry 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,9 @@ def folder(
     image_files = keyed(img_dir, image_glob, image_strip)
     mask_files = keyed(lbl_dir, mask_glob, mask_strip)
     if not image_files:
-        raise RSSQAError(f"{img_dir}: no images match {image_glob!r}")
+        raise RSSQAError(f"{img_dir}: no images match {image_glob!r}{_held(img_dir)}")
     if not mask_files:
-        raise RSSQAError(f"{lbl_dir}: no masks match {mask_glob!r}")
+        raise RSSQAError(f"{lbl_dir}: no masks match {mask_glob!r}{_held(lbl_dir)}")
     pairs = _pairs(image_files, mask_files, lambda k: lbl_dir / f"{k}{mask_strip}{Path(mask_glob).suffix}")
     codec = MaskCodec(
         tuple(classes),
@@ -99,6 +100,15 @@ def folder(
         binarize=binarize,
     )
     return SegSource(name, pairs, codec, **options)
+
+
+def _held(folder: Path) -> str:
+    """What a folder holds, for the error of a pattern that matched nothing: `` (it holds 72 *.JPG)``, the three
+    commonest endings, counted recursively (patterns are case-sensitive; ``**/*.tif`` recurses)."""
+    found = Counter(p.suffix or p.name for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not found:
+        return " (the folder is empty)"
+    return " (it holds " + ", ".join(f"{n} *{suffix}" for suffix, n in found.most_common(3)) + (", ..." if len(found) > 3 else "") + ")"
 
 
 def _classes(
