@@ -52,7 +52,7 @@ def check_rescale(rescale: Sequence[float] | None, where: str) -> tuple[float, f
     return lo, hi
 
 
-def _open_tiff(path: Path, what: str):
+def _open_raster(path: Path, what: str):
     import rasterio
 
     if not path.is_file():
@@ -65,13 +65,16 @@ def _open_tiff(path: Path, what: str):
         raise RSSQAError(f"{path}: unreadable {what} ({str(e).splitlines()[0][:160]})") from None
 
 
-def _read_tiff(path: Path, what: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """All bands ``H×W×B`` of a TIFF, and its colour table as a ``256×3`` array where band 1 has one."""
+def _read_tiff(path: Path, what: str, bands: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The bands of a TIFF as ``H×W×B`` (``bands``, 0-based: only those are decoded, a 13-band stack costs three;
+    default all), and its colour table as a ``256×3`` array where it has one band and a table."""
     import rasterio
 
-    with _open_tiff(path, what) as src:
+    with _open_raster(path, what) as src:
+        if bands is not None and (len(bands) != 3 or not all(0 <= b < src.count for b in bands)):
+            raise RSSQAError(f"{path}: bands {list(bands)} (counted from 0) do not pick three of its {src.count} bands")
         try:
-            arr = src.read()
+            arr = src.read(None if bands is None else [int(b) + 1 for b in bands])
         except rasterio.errors.RasterioIOError as e:
             raise RSSQAError(f"{path}: unreadable {what} ({str(e).splitlines()[0][:160]})") from None
         colours = None
@@ -88,32 +91,28 @@ def _read_tiff(path: Path, what: str) -> tuple[np.ndarray, np.ndarray | None]:
     return arr.transpose(1, 2, 0), colours
 
 
-# Pillow modes of one band wider than 8 bits, and their numpy types
-_WIDE_MODES = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "int32", "F": "float32"}
-
-
 def ground_sample_distance(path: Path) -> float | None:
     """A raster's ground sample distance in metres per pixel (the mean of its pixel's width and height), where
     its CRS is projected in metres; else ``None`` (no CRS, degrees, feet, not a raster GDAL reads)."""
-    import rasterio
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(path) as d:
-                crs, t = d.crs, d.transform
-    except rasterio.errors.RasterioIOError:
+        with _open_raster(path, "raster") as d:
+            crs, t = d.crs, d.transform
+    except RSSQAError:
         return None  # said by whoever reads the pixels
     if crs is None or not crs.is_projected or (crs.linear_units or "").lower() not in ("metre", "meter", "m"):
         return None
     return (abs(t.a) + abs(t.e)) / 2 if not t.is_identity else None
 
 
+# Pillow modes of one band wider than 8 bits, and their numpy types
+_WIDE_MODES = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "int32", "F": "float32"}
+
+
 def header(path: Path, what: str) -> tuple[int, int, int, str]:
     """``(height, width, bands, pixel type)`` from the file header, without decoding the pixels (the type
     of the first band, as numpy names it: ``uint8``, ``uint16``, ...)."""
     if is_tiff(path):
-        with _open_tiff(path, what) as src:
+        with _open_raster(path, what) as src:
             return src.height, src.width, src.count, src.dtypes[0]
     try:
         with Image.open(path) as im:
@@ -134,7 +133,8 @@ def read_image(path: Path, bands: Sequence[int] | None = None, rescale: Sequence
             (uint16 reflectance, float); ``None``: the file must hold 8-bit pixels.
     """
     if is_tiff(path):
-        arr, _ = _read_tiff(path, "image")
+        arr, _ = _read_tiff(path, "image", bands)
+        bands = None  # chosen as read
     else:
         try:
             with Image.open(path) as im:
