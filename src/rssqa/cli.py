@@ -28,7 +28,7 @@ from typing import Any
 
 from rssqa.errors import RSSQAError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".jp2", ".bmp", ".webp")
 DEFAULT_SCORER = os.environ.get("RSSQA_SCORER", "runs/demo/sqa/scorer")
 # images read per step: a multiple of any sensible chunk, so folders run in full chunks
 BLOCK = 64
@@ -86,9 +86,9 @@ class Inputs:
     def factor(self, path: Path) -> float:
         """The resampling factor of one file: its ground sample distance over the trained one for a GeoTIFF in
         metres (said once per distance), else ``scale``."""
-        from rssqa.data.segsets.rasters import ground_sample_distance, is_tiff
+        from rssqa.data.segsets.rasters import ground_sample_distance, is_gdal
 
-        gsd = ground_sample_distance(path) if self.trained_gsd and is_tiff(path) else None
+        gsd = ground_sample_distance(path) if self.trained_gsd and is_gdal(path) else None
         if gsd is None:
             return self.scale
         if gsd not in self._said:

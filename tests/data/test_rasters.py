@@ -155,3 +155,17 @@ def test_the_reading_travels_to_the_scorer(tmp_path):
     records = _pool_records(data)
     assert records["read"] == {"tif": {"bands": [3, 2, 1], "rescale": [0.0, 4080.0], "scale": 1.0, "gsd": 2.0}}
     assert isinstance(records["read"]["tif"]["scale"], float) and records["classes"]["png"] == {"names": CLASSES}
+
+
+def test_jpeg2000_reads_through_rasterio_with_only_the_chosen_bands(tmp_path):
+    """A four-band 12-bit JPEG 2000 (lossless), as satellite products deliver bands, reads the chosen bands
+    rescaled; a band the file does not have is one line naming the file."""
+    rgb, _ = _scene(9, 32, 32)
+    stored = np.stack([np.full((32, 32), 4000, np.uint16), *(rgb[..., c].astype(np.uint16) * 16 for c in (2, 1, 0))])
+    with rasterio.open(tmp_path / "s.jp2", "w", driver="JP2OpenJPEG", width=32, height=32, count=4, dtype="uint16",
+                       QUALITY=100, REVERSIBLE="YES") as d:  # fmt: skip
+        d.write(stored)
+    assert header(tmp_path / "s.jp2", "image") == (32, 32, 4, "uint16")
+    assert np.array_equal(read_image(tmp_path / "s.jp2", bands=[3, 2, 1], rescale=[0, 4080]), rgb)
+    with pytest.raises(RSSQAError, match=r"s\.jp2: bands \[4, 2, 1\] \(counted from 0\) do not pick three of its 4 bands$"):
+        read_image(tmp_path / "s.jp2", bands=[4, 2, 1], rescale=[0, 4080])

@@ -1,11 +1,12 @@
-"""Reading image and mask files: PNG, JPEG and the like through Pillow, (Geo)TIFF through rasterio.
+"""Reading image and mask files: PNG, JPEG and the like through Pillow; (Geo)TIFF, JPEG 2000, VRT and
+ERDAS Imagine files through rasterio.
 
-Aerial and satellite imagery often comes as GeoTIFF with more than three bands or more than eight bits per
-band (uint16 reflectance, float). Such files are read with rasterio (GDAL), which decodes what Pillow
-cannot (multi-band 16-bit, tiled and compressed GeoTIFFs); the bands the methods read are chosen with
-``bands`` and their values mapped to 0-255 with ``rescale`` (``(low, high)``, linear, clipped), the same
-mapping ``rssqa scene --rescale`` applies to a scene. Every problem is a one-line
-:class:`~rssqa.errors.RSSQAError` naming the file.
+Aerial and satellite imagery often comes as GeoTIFF or JPEG 2000 with more than three bands or more than
+eight bits per band (uint16 reflectance, float). Such files are read with rasterio (GDAL), which decodes
+what Pillow cannot (multi-band 16-bit, tiled and compressed GeoTIFFs, Sentinel-2's JPEG 2000 bands); the
+bands the methods read are chosen with ``bands`` and their values mapped to 0-255 with ``rescale``
+(``(low, high)``, linear, clipped), the same mapping ``rssqa scene --rescale`` applies to a scene. Every
+problem is a one-line :class:`~rssqa.errors.RSSQAError` naming the file.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from rssqa.errors import RSSQAError
 # Real orthophotos are large (ISPRS Potsdam: 6000 x 6000 px); Pillow's bomb guard would refuse them.
 Image.MAX_IMAGE_PIXELS = None
 
-TIFF_SUFFIXES = (".tif", ".tiff")
+# the files read with rasterio: (Geo)TIFF, JPEG 2000, GDAL's virtual rasters, ERDAS Imagine
+GDAL_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt", ".img")
 
 
-def is_tiff(path: Path) -> bool:
-    """Whether ``path`` is read with rasterio (a ``.tif`` / ``.tiff`` file)."""
-    return path.suffix.lower() in TIFF_SUFFIXES
+def is_gdal(path: Path) -> bool:
+    """Whether ``path`` is read with rasterio (its ending one of :data:`GDAL_SUFFIXES`)."""
+    return path.suffix.lower() in GDAL_SUFFIXES
 
 
 def to_8bit(pixels: np.ndarray, rescale: Sequence[float] | None) -> np.ndarray:
@@ -58,15 +60,15 @@ def _open_raster(path: Path, what: str):
     if not path.is_file():
         raise RSSQAError(f"{path}: {what} not found")
     try:
-        with warnings.catch_warnings():  # a plain TIFF without georeferencing is fine here
+        with warnings.catch_warnings():  # a plain raster without georeferencing is fine here
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             return rasterio.open(path)
     except rasterio.errors.RasterioIOError as e:
         raise RSSQAError(f"{path}: unreadable {what} ({str(e).splitlines()[0][:160]})") from None
 
 
-def _read_tiff(path: Path, what: str, bands: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The bands of a TIFF as ``H×W×B`` (``bands``, 0-based: only those are decoded, a 13-band stack costs three;
+def _read_raster(path: Path, what: str, bands: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The bands of a raster as ``H×W×B`` (``bands``, 0-based: only those are decoded, a 13-band stack costs three;
     default all), and its colour table as a ``256×3`` array where it has one band and a table."""
     import rasterio
 
@@ -111,7 +113,7 @@ _WIDE_MODES = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "int
 def header(path: Path, what: str) -> tuple[int, int, int, str]:
     """``(height, width, bands, pixel type)`` from the file header, without decoding the pixels (the type
     of the first band, as numpy names it: ``uint8``, ``uint16``, ...)."""
-    if is_tiff(path):
+    if is_gdal(path):
         with _open_raster(path, what) as src:
             return src.height, src.width, src.count, src.dtypes[0]
     try:
@@ -127,13 +129,13 @@ def read_image(path: Path, bands: Sequence[int] | None = None, rescale: Sequence
     """Read an image as ``H×W×3`` uint8.
 
     Args:
-        path: image file (PNG, JPEG, ...; a TIFF through rasterio, any number of bands and pixel type).
+        path: image file (PNG, JPEG, ...; a TIFF or JPEG 2000 through rasterio, any number of bands and pixel type).
         bands: which three bands to keep from a multi-band file (0-based), e.g. ``[0, 1, 2]`` of RGBIR.
         rescale: ``(low, high)``: map the values linearly to 0-255 (clipped), for pixels that are not 8-bit
             (uint16 reflectance, float); ``None``: the file must hold 8-bit pixels.
     """
-    if is_tiff(path):
-        arr, _ = _read_tiff(path, "image", bands)
+    if is_gdal(path):
+        arr, _ = _read_raster(path, "image", bands)
         bands = None  # chosen as read
     else:
         try:
@@ -164,8 +166,8 @@ def read_image(path: Path, bands: Sequence[int] | None = None, rescale: Sequence
 def read_mask_pixels(path: Path, palette: bool) -> np.ndarray:
     """A mask file's stored values: ``H×W`` indices or ``H×W×3`` colours (``palette``: a colour table of a
     single-band file is applied, so a palette-mode file reads as its colours)."""
-    if is_tiff(path):
-        arr, colours = _read_tiff(path, "mask")
+    if is_gdal(path):
+        arr, colours = _read_raster(path, "mask")
         if arr.shape[2] == 1:
             arr = arr[..., 0]
             if palette and colours is not None and arr.dtype == np.uint8:
