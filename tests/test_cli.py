@@ -262,6 +262,26 @@ def test_cli_reads_the_bands_and_values_the_scorers_source_was_read_with(run_roo
         assert rc == 2 and words in said
 
 
+def test_cli_methods_lists_each_sources_methods_and_how_it_reads_images(run_root, tmp_path, capsys):
+    """``rssqa methods``: a line per source, its methods, and the reading the scorer records (none: nothing said)."""
+    scorer = run_root / "sqa" / "scorer"
+    assert main(["methods", "--scorer", str(scorer)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    config = json.loads((scorer / "scorer.json").read_text())
+    assert lines == [f"{s}: {' '.join(sorted(m))}" for s, m in sorted(config["checkpoints"].items())]
+    copy = tmp_path / "scorer"
+    copy.mkdir()
+    first = sorted(config["checkpoints"])[0]
+    config["read"] = {first: {"scale": 0.25, "gsd": 1.2, "bands": [3, 2, 1], "rescale": [0.0, 3000.0]}}
+    (copy / "scorer.json").write_text(json.dumps(config))
+    assert main(["methods", "--scorer", str(copy)]) == 0
+    read = capsys.readouterr().out.strip().splitlines()
+    assert read[0] == lines[0] + " (images read: resampled by 0.25, 1.2 m pixels as trained, bands 4,3,2, values 0..3000 mapped to 0-255)"
+    assert read[1:] == lines[1:]
+    assert main(["methods", "--scorer", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'scorer.json'}: scorer config not found"
+
+
 def test_cli_reads_geotiffs_at_the_ground_sample_distance_the_methods_were_trained_at(run_root, tmp_path, capsys, monkeypatch):
     """A scorer that records the ground sample distance its methods saw (1 m) reads a GeoTIFF of 0.5 m pixels at
     half its size (said once for the two files), as the image resampled beforehand and read with ``--scale 1``;

@@ -305,8 +305,22 @@ def cmd_methods(args: argparse.Namespace) -> int:
         raise RSSQAError(f"{path}: scorer config not found")
     config = json.loads(path.read_text())
     for source, methods in sorted(config.get("checkpoints", {}).items()):
-        print(f"{source}: {' '.join(sorted(methods))}")
+        print(f"{source}: {' '.join(sorted(methods))}{_reading_words((config.get('read') or {}).get(source) or {})}")
     return 0
+
+
+def _reading_words(reading: dict[str, Any]) -> str:
+    """How a scorer reads a source's new images, in words (``""``: three 8-bit bands as they are)."""
+    words = []
+    if reading.get("scale", 1) != 1:
+        words.append(f"resampled by {reading['scale']:g}")
+    if reading.get("gsd"):
+        words.append(f"{reading['gsd']:g} m pixels as trained")
+    if reading.get("bands"):
+        words.append("bands " + ",".join(str(int(b) + 1) for b in reading["bands"]))
+    if reading.get("rescale"):
+        words.append(f"values {reading['rescale'][0]:g}..{reading['rescale'][1]:g} mapped to 0-255")
+    return f" (images read: {', '.join(words)})" if words else ""
 
 
 def cmd_scene(args: argparse.Namespace) -> int:
@@ -418,7 +432,7 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_methods(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("methods", help="list the sources and methods a scorer knows")
+    p = sub.add_parser("methods", help="list the sources and methods a scorer knows, and how it reads their images")
     p.add_argument("--scorer", default=DEFAULT_SCORER, help="scorer folder (default: %(default)s)")
     _debug(p)
     p.set_defaults(func=cmd_methods)
