@@ -246,11 +246,11 @@ def test_cli_reads_the_bands_and_values_the_scorers_source_was_read_with(run_roo
 
     _, eight, _ = score(str(png))
     rc, _, said = score(str(tif))  # this scorer read 8-bit RGB files: the file needs --bands and --rescale
-    assert rc == 2 and said.strip().splitlines() == [f"error: {tif}: 4 bands; expected 3 (set bands to choose three)"]
+    assert rc == 2 and said.strip().splitlines() == [f"error: {tif}: 4 bands; expected 3 (choose three: a source's bands option, --bands R,G,B)"]
     rc, flags, said = score(str(tif), "--bands", "4,3,2", "--rescale", "40,2080")
     assert rc == 0 and flags == eight and said == ""
     rc, _, said = score(str(tif), "--bands", "4,3,2")
-    assert rc == 2 and "uint16 pixels; expected 8-bit" in said
+    assert rc == 2 and "uint16 pixels; expected 8-bit images (map them to 0-255: a source's rescale option, --rescale LOW,HIGH)" in said
     patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"bands": [3, 2, 1], "rescale": [40.0, 2080.0]}}))
     rc, recorded, said = score(str(tif))
     assert rc == 0 and recorded == eight

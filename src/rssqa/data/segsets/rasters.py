@@ -155,11 +155,13 @@ def read_image(path: Path, bands: Sequence[int] | None = None, rescale: Sequence
             raise RSSQAError(f"{path}: bands {list(bands)} (counted from 0) do not pick three of its {arr.shape[2]} bands")
         arr = arr[..., list(bands)]
     elif arr.shape[2] != 3:
-        raise RSSQAError(f"{path}: {arr.shape[2]} bands; expected 3 (set bands to choose three)")
+        raise RSSQAError(f"{path}: {arr.shape[2]} bands; expected 3 (choose three: a source's bands option, --bands R,G,B)")
     if rescale is not None:
         arr = to_8bit(arr, rescale)
     elif arr.dtype != np.uint8:
-        raise RSSQAError(f"{path}: {arr.dtype} pixels; expected 8-bit images (set rescale: [low, high] to map them to 0-255)")
+        raise RSSQAError(
+            f"{path}: {arr.dtype} pixels; expected 8-bit images (map them to 0-255: a source's rescale option, --rescale LOW,HIGH)"
+        )
     return np.ascontiguousarray(arr)
 
 
