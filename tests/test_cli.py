@@ -305,7 +305,7 @@ def test_cli_reads_geotiffs_at_the_ground_sample_distance_the_methods_were_train
         return [r["score"] for r in json.loads(out.out)], out.err
 
     tifs, said = score(str(tmp_path / "a.tif"), str(tmp_path / "b.tif"))
-    assert said.count("GeoTIFFs of 0.5 m pixels resampled by 0.5 when read, to the 1 m the scorer's methods were trained at") == 1
+    assert said.count("georeferenced images of 0.5 m pixels resampled by 0.5 when read, to the 1 m the scorer's methods were trained at") == 1
     half, _ = score(str(tmp_path / "half.png"), "--scale", "1")
     assert tifs == half * 2
     full, said = score(str(tmp_path / "full.png"))

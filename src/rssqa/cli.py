@@ -93,7 +93,7 @@ class Inputs:
             return self.scale
         if gsd not in self._said:
             self._said.add(gsd)
-            _say(f"rssqa: GeoTIFFs of {gsd:g} m pixels resampled by {gsd / self.trained_gsd:g} when read, to the "
+            _say(f"rssqa: georeferenced images of {gsd:g} m pixels resampled by {gsd / self.trained_gsd:g} when read, to the "
                  f"{self.trained_gsd:g} m the scorer's methods were trained at (first: {path}; --scale to choose)")  # fmt: skip
         return gsd / self.trained_gsd
 
