@@ -169,3 +169,27 @@ def test_jpeg2000_reads_through_rasterio_with_only_the_chosen_bands(tmp_path):
     assert np.array_equal(read_image(tmp_path / "s.jp2", bands=[3, 2, 1], rescale=[0, 4080]), rgb)
     with pytest.raises(RSSQAError, match=r"s\.jp2: bands \[4, 2, 1\] \(counted from 0\) do not pick three of its 4 bands$"):
         read_image(tmp_path / "s.jp2", bands=[4, 2, 1], rescale=[0, 4080])
+
+
+def test_rescale_auto_measures_the_range_once_on_the_sources_images(tmp_path, caplog):
+    """``rescale: auto``: the 1st to the 99th percentile of the chosen bands' values over the source's images (a
+    subsample), then fixed: pixels mapped with it, recorded for the scorer, in the cache fingerprint, the same
+    when built again; flat images are a one-line error asking for a range."""
+    from rssqa.data.segsets.rasters import auto_range, read_bands
+
+    write_sets(tmp_path)
+    with caplog.at_level("INFO"):
+        src = _source(tmp_path, "tif", bands=[3, 2, 1], rescale="auto")
+    files = sorted((tmp_path / "tif" / "images").glob("*.tif"))
+    values = np.concatenate([read_bands(f, [3, 2, 1])[::4, ::4].reshape(-1) for f in files]).astype(float)
+    lo, hi = np.percentile(values, [1, 99])
+    assert src.rescale == pytest.approx((lo, hi)) and 0 <= lo < hi <= 4080  # the NIR band (4000 everywhere) not read
+    assert "rescale auto: values" in caplog.text
+    assert src.reading()["rescale"] == list(src.rescale) and src.read_options()["rescale"] == list(src.rescale)
+    assert _source(tmp_path, "tif", bands=[3, 2, 1], rescale="auto").rescale == src.rescale
+    image, _ = src.read(0)
+    assert np.array_equal(image, to_8bit(read_bands(files[0], [3, 2, 1]), src.rescale))
+    ends = np.concatenate([read_bands(f, [3, 2, 1])[::4, ::4].reshape(-1) for f in (files[0], files[2])]).astype(float)
+    assert auto_range(files, [3, 2, 1], files=2) == pytest.approx(tuple(np.percentile(ends, [1, 99])))  # the first and last
+    with pytest.raises(RSSQAError, match=r"^rescale auto: the images' values are flat \(4000 to 4000 in 1 files\); give rescale"):
+        auto_range(files[:1], [0, 0, 0])

@@ -41,10 +41,10 @@ def to_8bit(pixels: np.ndarray, rescale: Sequence[float] | None) -> np.ndarray:
     return np.clip((pixels.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
 
 
-def check_rescale(rescale: Sequence[float] | None, where: str) -> tuple[float, float] | None:
-    """``rescale`` as ``(low, high)`` floats, or a one-line error naming ``where``."""
-    if rescale is None:
-        return None
+def check_rescale(rescale: Sequence[float] | str | None, where: str) -> tuple[float, float] | str | None:
+    """``rescale`` as ``(low, high)`` floats (or ``"auto"``), or a one-line error naming ``where``."""
+    if rescale is None or rescale == "auto":
+        return rescale
     try:
         lo, hi = (float(v) for v in rescale)
     except (TypeError, ValueError):
@@ -134,6 +134,35 @@ def read_image(path: Path, bands: Sequence[int] | None = None, rescale: Sequence
         rescale: ``(low, high)``: map the values linearly to 0-255 (clipped), for pixels that are not 8-bit
             (uint16 reflectance, float); ``None``: the file must hold 8-bit pixels.
     """
+    arr = read_bands(path, bands)
+    if rescale is not None:
+        arr = to_8bit(arr, rescale)
+    elif arr.dtype != np.uint8:
+        raise RSSQAError(
+            f"{path}: {arr.dtype} pixels; expected 8-bit images (map them to 0-255: a source's rescale option, --rescale LOW,HIGH)"
+        )
+    return np.ascontiguousarray(arr)
+
+
+def auto_range(paths: Sequence[Path], bands: Sequence[int] | None = None, files: int = 16) -> tuple[float, float]:
+    """A value range for ``rescale`` measured on the images themselves: the 1st and 99th percentiles of the
+    chosen bands' values (all bands together, every 4th pixel of each side) over up to ``files`` of ``paths``,
+    evenly spaced in their order. The same files give the same range."""
+    if not paths:
+        raise RSSQAError("rescale auto: no images to measure a value range on")
+    n = min(files, len(paths))
+    picks = sorted({round(i * (len(paths) - 1) / max(n - 1, 1)) for i in range(n)})
+    values = np.concatenate([read_bands(paths[i], bands)[::4, ::4].reshape(-1).astype(np.float64) for i in picks])
+    values = values[np.isfinite(values)]
+    lo, hi = (float(v) for v in np.percentile(values, [1, 99])) if values.size else (0.0, 0.0)
+    if not hi > lo:
+        raise RSSQAError(f"rescale auto: the images' values are flat ({lo:g} to {hi:g} in {len(picks)} files); give rescale: [low, high]")
+    return lo, hi
+
+
+def read_bands(path: Path, bands: Sequence[int] | None = None) -> np.ndarray:
+    """The three bands of an image ``H×W×3`` as stored (any pixel type): ``bands`` (0-based) of a multi-band file,
+    else the file's three bands."""
     if is_gdal(path):
         arr, _ = _read_raster(path, "image", bands)
         bands = None  # chosen as read
@@ -156,13 +185,7 @@ def read_image(path: Path, bands: Sequence[int] | None = None, rescale: Sequence
         arr = arr[..., list(bands)]
     elif arr.shape[2] != 3:
         raise RSSQAError(f"{path}: {arr.shape[2]} bands; expected 3 (choose three: a source's bands option, --bands R,G,B)")
-    if rescale is not None:
-        arr = to_8bit(arr, rescale)
-    elif arr.dtype != np.uint8:
-        raise RSSQAError(
-            f"{path}: {arr.dtype} pixels; expected 8-bit images (map them to 0-255: a source's rescale option, --rescale LOW,HIGH)"
-        )
-    return np.ascontiguousarray(arr)
+    return arr
 
 
 def read_mask_pixels(path: Path, palette: bool) -> np.ndarray:

@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rssqa.data.segsets.masks import IGNORE_INDEX, MaskCodec
-from rssqa.data.segsets.rasters import check_rescale, header, read_image, read_mask_pixels
+from rssqa.data.segsets.rasters import auto_range, check_rescale, header, read_image, read_mask_pixels
 from rssqa.errors import BadSample, RSSQAError
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,9 @@ class SegSource(Dataset):
         rescale: ``[low, high]``: image values mapped linearly to 0-255 (clipped, rounded) when read, after
             the bands are chosen and before resampling: what images of more than 8 bits per band (uint16
             reflectance, float) need; ``rssqa score`` / ``recommend`` / ``scene`` read new images so (see
-            :meth:`reading`). Default: none, and images must hold 8-bit pixels.
+            :meth:`reading`). ``auto``: the range measured once on the source's own images, the 1st to the 99th
+            percentile of their values (:func:`~rssqa.data.segsets.rasters.auto_range`), then fixed and recorded
+            like a given one. Default: none, and images must hold 8-bit pixels.
 
     Samples (``__getitem__``): ``{"image_id": str, "image": H×W×3 uint8, "mask": H×W uint8}``.
     """
@@ -242,7 +244,7 @@ class SegSource(Dataset):
         target_gsd: float | None = None,
         group_pattern: str | None = None,
         ignore_classes: Sequence[str] = (),
-        rescale: Sequence[float] | None = None,
+        rescale: Sequence[float] | str | None = None,
     ):
         if on_bad not in ON_BAD:
             raise RSSQAError(f"{name}: on_bad={on_bad!r}; choose from {ON_BAD}")
@@ -282,6 +284,9 @@ class SegSource(Dataset):
                 self._bad(pair.image_id, str(pair.image), str(e))
         if not self.samples:
             raise RSSQAError(f"{name}: no usable image/mask pairs ({len(self.bad)} bad)")
+        if self.rescale == "auto":
+            self.rescale = auto_range(sorted({s.pair.image for s in self.samples}), self.bands)
+            log.info("%s: rescale auto: values %g to %g mapped to 0-255", name, *self.rescale)
         if patch_size is None:
             sizes = Counter(self._sizes[s.pair.image] for s in self.samples)
             if len(sizes) > 1:
