@@ -257,6 +257,12 @@ def test_cli_reads_the_bands_and_values_the_scorers_source_was_read_with(run_roo
     assert "bands 4,3,2 and values 40..2080 mapped to 0-255, as the scorer's source was read for training" in said
     rc, other, _ = score(str(tif), "--rescale", "0,4000")  # the flag wins over the record
     assert rc == 0 and other != eight
+    # a range recorded for uint16 files: an 8-bit image is read as it is (said), a uint16 one through the range
+    patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"rescale": [40.0, 2080.0], "pixels": ["uint16"]}}))
+    rc, plain, said = score(str(png))
+    assert rc == 0 and plain == eight and "8-bit images read as they are, the scorer's value range is for its other pixel types" in said
+    rc, wide, said = score(str(tif), "--bands", "4,3,2")
+    assert rc == 0 and wide == eight and "read as they are" not in said
     for bad, words in ((["--bands", "0,1,2"], "whole band numbers, the first band 1"), (["--rescale", "9"], "2 comma-separated numbers")):
         rc, _, said = score(str(tif), *bad)
         assert rc == 2 and words in said

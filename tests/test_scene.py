@@ -314,7 +314,8 @@ def test_bad_scenes_are_one_line_errors_and_leave_nothing(run_root, scorer, tmp_
 
 def test_sixteen_bit_scene_is_rescaled_to_what_the_scorer_reads(run_root, scorer, tmp_path, capsys, monkeypatch):
     """A uint16 scene with --rescale LOW,HIGH scores as the same scene in 8 bits (v -> (v - LOW) * 255 / (HIGH - LOW));
-    so does it without the flag where the scorer's source was read with that range (said on stderr)."""
+    so does it without the flag where the scorer's source (of uint16 files) was read with that range (said on stderr),
+    and the 8-bit scene, read as it is there."""
     tile = _tile(scorer)
     eight = tmp_path / "eight.tif"
     img = write_scene(eight, tile, 2 * tile, seed=7)
@@ -326,11 +327,13 @@ def test_sixteen_bit_scene_is_rescaled_to_what_the_scorer_reads(run_root, scorer
     assert main(["scene", str(eight), "--out", str(tmp_path / "a"), *common]) == 0
     assert main(["scene", str(sixteen), "--out", str(tmp_path / "b"), "--rescale", "100,1120", *common]) == 0
     assert "mapped to 0-255" not in capsys.readouterr().err
-    patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"rescale": [100.0, 1120.0]}}))
+    patch_scorer_load(monkeypatch, lambda s: s.config.update(read={"alpha": {"rescale": [100.0, 1120.0], "pixels": ["uint16"]}}))
     assert main(["scene", str(sixteen), "--out", str(tmp_path / "c"), *common]) == 0
     assert "values 100..1120 mapped to 0-255, as the scorer's source was read for training" in capsys.readouterr().err
+    assert main(["scene", str(eight), "--out", str(tmp_path / "d"), *common]) == 0  # the range is for uint16 files
+    assert "an 8-bit scene read as it is, the scorer's value range is for its other pixel types" in capsys.readouterr().err
     for n in LAYERS:
-        for other in ("b", "c"):
+        for other in ("b", "c", "d"):
             with rasterio.open(tmp_path / "a" / f"{n}.tif") as a, rasterio.open(tmp_path / other / f"{n}.tif") as b:
                 assert np.array_equal(a.read(1), b.read(1)), (n, other)
 

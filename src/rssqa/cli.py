@@ -71,17 +71,20 @@ class Inputs:
         rescale: ``(low, high)`` mapped linearly to 0-255 (``None``: 8-bit pixels as they are).
         trained_gsd: the ground sample distance (metres) the scorer's methods were trained at: a GeoTIFF in a
             CRS in metres is resampled by its own pixel size over it instead of by ``scale`` (``None``: never).
+        plain_8bit: ``rescale`` is meant for pixels of more than 8 bits (the scorer's record): an 8-bit image is
+            read as it is (said once).
     """
 
     def __init__(
         self, scorer: Any, on_bad: str = "skip", total: int = 0, scale: float = 1.0,
-        bands: list[int] | None = None, rescale: tuple[float, float] | None = None, trained_gsd: float | None = None,
+        bands: list[int] | None = None, rescale: tuple[float, float] | None = None, plain_8bit: bool = False,
+        trained_gsd: float | None = None,
     ):  # fmt: skip
         self.scorer, self.on_bad, self.scale = scorer, "error" if total == 1 else on_bad, scale
-        self.bands, self.rescale, self.trained_gsd = bands, rescale, trained_gsd
+        self.bands, self.rescale, self.plain_8bit, self.trained_gsd = bands, rescale, plain_8bit, trained_gsd
         self.seen = 0
         self.skipped: list[str] = []
-        self._said: set[float] = set()
+        self._said: set[float | str] = set()
 
     def factor(self, path: Path) -> float:
         """The resampling factor of one file: its ground sample distance over the trained one for a GeoTIFF in
@@ -99,13 +102,21 @@ class Inputs:
 
     def read(self, block: Sequence[Path]) -> tuple[list[Path], list[Any]]:
         """``(files, images)`` of the usable images of ``block``."""
-        from rssqa.data.segsets import read_image, resample_by
+        from rssqa.data.segsets import resample_by
+        from rssqa.data.segsets.rasters import as_8bit, read_bands
 
         files, images = [], []
         for f in block:
             self.seen += 1
             try:
-                image = read_image(f, self.bands, self.rescale)
+                image = read_bands(f, self.bands)
+                rescale = self.rescale
+                if self.plain_8bit and image.dtype == "uint8":
+                    rescale = None
+                    if "8bit" not in self._said:
+                        self._said.add("8bit")
+                        _say(f"rssqa: 8-bit images read as they are, the scorer's value range is for its other pixel types (first: {f})")
+                image = as_8bit(image, rescale, f)
                 images.append(self.scorer.check_image(resample_by(image, self.factor(f)), str(f)))
                 files.append(f)
             except RSSQAError as e:
@@ -163,9 +174,10 @@ def _numbers(text: str | None, flag: str, n: int) -> list[float] | None:
     return values
 
 
-def _read_pixels(scorer: Any, args: argparse.Namespace) -> tuple[list[int] | None, tuple[float, float] | None]:
+def _read_pixels(scorer: Any, args: argparse.Namespace) -> tuple[list[int] | None, tuple[float, float] | None, bool]:
     """``--bands`` (1-based, returned 0-based) and ``--rescale``; where not given, the bands and the value range
-    the scorer's source was read with for training (said on stderr)."""
+    the scorer's source was read with for training (said on stderr); and whether that range is for pixels of more
+    than 8 bits only (the source's files were such: an 8-bit file is then read as it is)."""
     bands = _numbers(args.bands, "--bands", 3)
     rescale = _numbers(args.rescale, "--rescale", 2)
     if bands is not None and (min(bands) < 1 or any(b != int(b) for b in bands)):
@@ -176,13 +188,15 @@ def _read_pixels(scorer: Any, args: argparse.Namespace) -> tuple[list[int] | Non
     if bands is None and reading.get("bands"):
         bands = [int(b) + 1 for b in reading["bands"]]
         said.append(f"bands {','.join(map(str, bands))}")
+    plain_8bit = False
     if rescale is None and reading.get("rescale"):
         rescale = [float(v) for v in reading["rescale"]]
+        plain_8bit = "uint8" not in reading.get("pixels", ["uint8"])
         said.append(f"values {rescale[0]:g}..{rescale[1]:g} mapped to 0-255")
     if said:
         print(f"rssqa: {' and '.join(said)}, as the scorer's source was read for training (--bands / --rescale to change)",
               file=sys.stderr)  # fmt: skip
-    return ([int(b) - 1 for b in bands] if bands else None), (tuple(rescale) if rescale else None)
+    return ([int(b) - 1 for b in bands] if bands else None), (tuple(rescale) if rescale else None), plain_8bit
 
 
 def _say(message: str) -> None:
@@ -319,18 +333,22 @@ def _reading_words(reading: dict[str, Any]) -> str:
     if reading.get("bands"):
         words.append("bands " + ",".join(str(int(b) + 1) for b in reading["bands"]))
     if reading.get("rescale"):
-        words.append(f"values {reading['rescale'][0]:g}..{reading['rescale'][1]:g} mapped to 0-255")
+        of = f" of {'/'.join(reading['pixels'])} pixels" if reading.get("pixels") else ""
+        words.append(f"values {reading['rescale'][0]:g}..{reading['rescale'][1]:g}{of} mapped to 0-255")
     return f" (images read: {', '.join(words)})" if words else ""
 
 
 def cmd_scene(args: argparse.Namespace) -> int:
     """``rssqa scene``: quality, best-method, fused and error maps of a whole (Geo)TIFF scene."""
-    from rssqa.data.segsets.rasters import ground_sample_distance
+    from rssqa.data.segsets.rasters import ground_sample_distance, header
     from rssqa.scene import SceneOptions, score_scene_file
 
     scorer = _load_scorer(args)
-    bands, rescale = _read_pixels(scorer, args)
+    bands, rescale, plain_8bit = _read_pixels(scorer, args)
     bands = [b + 1 for b in bands] if bands else None  # the scene reads GDAL's 1-based band numbers
+    if plain_8bit and header(Path(args.scene), "scene")[3] == "uint8":
+        rescale = None
+        print("rssqa: an 8-bit scene read as it is, the scorer's value range is for its other pixel types", file=sys.stderr)
     options = SceneOptions(
         source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, rescale=rescale, truth=args.truth,
         progress=not args.quiet, resume=not args.restart, by_score=args.by_score, scale=_read_scale(scorer, args, "the scene and its maps", ground_sample_distance(Path(args.scene))),

@@ -81,7 +81,7 @@ def test_sixteen_bit_four_band_geotiffs_read_like_their_eight_bit_copies(tmp_pat
     image, mask = _source(tmp_path, "tif", bands=[3, 2, 1], rescale=[0, 4080]).read(0)
     assert np.array_equal(image, truth["a1_x"][0]) and np.array_equal(mask, truth["a1_x"][1])
     # what the scorer records, and what changes the cached pixels
-    assert tif.reading() == {"scale": 0.5, "bands": [3, 2, 1], "rescale": [0.0, 4080.0]}
+    assert tif.reading() == {"scale": 0.5, "bands": [3, 2, 1], "rescale": [0.0, 4080.0], "pixels": ["uint16"]}
     assert tif.read_options() == {"resample": 0.5, "rescale": [0.0, 4080.0], "bands": [3, 2, 1]}
     assert png.reading() == {"scale": 0.5} and _source(tmp_path, "png").reading() == {}
 
@@ -153,7 +153,7 @@ def test_the_reading_travels_to_the_scorer(tmp_path):
     pools = {"tif": {"classes": CLASSES, "read": plain.reading() | {"scale": 1, "gsd": 2}}, "png": {"classes": CLASSES}}
     data = SimpleNamespace(source_of=np.array(["png", "tif", "tif"]), sqed=SimpleNamespace(pool=pools.__getitem__))
     records = _pool_records(data)
-    assert records["read"] == {"tif": {"bands": [3, 2, 1], "rescale": [0.0, 4080.0], "scale": 1.0, "gsd": 2.0}}
+    assert records["read"] == {"tif": {"bands": [3, 2, 1], "rescale": [0.0, 4080.0], "pixels": ["uint16"], "scale": 1.0, "gsd": 2.0}}
     assert isinstance(records["read"]["tif"]["scale"], float) and records["classes"]["png"] == {"names": CLASSES}
 
 

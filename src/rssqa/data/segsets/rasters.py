@@ -134,7 +134,12 @@ def read_image(path: Path, bands: Sequence[int] | None = None, rescale: Sequence
         rescale: ``(low, high)``: map the values linearly to 0-255 (clipped), for pixels that are not 8-bit
             (uint16 reflectance, float); ``None``: the file must hold 8-bit pixels.
     """
-    arr = read_bands(path, bands)
+    return as_8bit(read_bands(path, bands), rescale, path)
+
+
+def as_8bit(arr: np.ndarray, rescale: Sequence[float] | None, path: Path | str) -> np.ndarray:
+    """Bands as read (:func:`read_bands`) as the methods read them: ``rescale`` applied, or 8-bit pixels as they
+    are; other pixels without a range are a one-line error naming ``path``."""
     if rescale is not None:
         arr = to_8bit(arr, rescale)
     elif arr.dtype != np.uint8:

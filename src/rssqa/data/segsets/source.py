@@ -265,6 +265,7 @@ class SegSource(Dataset):
         self.bad: list[BadSample] = []
         self.unlabelled: list[str] = []
         self._sizes: dict[Path, tuple[int, int]] = {}
+        self._dtypes: set[str] = set()  # the pixel types of the images (headers)
         pairs = sorted(pairs, key=lambda p: p.image_id)
         ids = Counter(p.image_id for p in pairs)
         dup = sorted(i for i, n in ids.items() if n > 1)
@@ -312,6 +313,7 @@ class SegSource(Dataset):
             raise RSSQAError(f"{pair.image}: {dtype} pixels; expected 8-bit images (set rescale: [low, high] to map them to 0-255)")
         rh, rw = resampled_size(h, self.factor), resampled_size(w, self.factor)
         self._sizes[pair.image] = (rh, rw)  # as read: after resampling
+        self._dtypes.add(dtype)
         if self.patch_size is None:
             return [SegSample(pair.image_id, pair, None)]
         corners = patch_windows(rh, rw, self.patch_size, self.stride)
@@ -336,14 +338,15 @@ class SegSource(Dataset):
         """How the images were read, for a scorer to read new images the same way: ``{}`` for three 8-bit
         bands read as they are; else ``"scale"`` (the resampling factor) with ``"gsd"`` (metres per pixel
         as read, the files' ``gsd`` over the factor) where the source's ``gsd`` is known, ``"bands"`` (0-based)
-        and ``"rescale"`` (``[low, high]``) where set."""
+        and ``"rescale"`` (``[low, high]``) where set, with ``"pixels"``, the pixel types it was applied to
+        (``["uint16"]``: a scorer reads a new 8-bit image as it is rather than through a range meant for others)."""
         out: dict[str, Any] = {}
         if self.factor != 1 or self.gsd is not None:
             out = {"scale": self.factor} | ({"gsd": self.gsd / self.factor} if self.gsd is not None else {})
         if self.bands is not None:
             out["bands"] = list(self.bands)
         if self.rescale is not None:
-            out["rescale"] = list(self.rescale)
+            out["rescale"], out["pixels"] = list(self.rescale), sorted(self._dtypes)
         return out
 
     def _bad(self, key: str, path: str, reason: str) -> None:
