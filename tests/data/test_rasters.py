@@ -193,3 +193,32 @@ def test_rescale_auto_measures_the_range_once_on_the_sources_images(tmp_path, ca
     assert auto_range(files, [3, 2, 1], files=2) == pytest.approx(tuple(np.percentile(ends, [1, 99])))  # the first and last
     with pytest.raises(RSSQAError, match=r"^rescale auto: the images' values are flat \(4000 to 4000 in 1 files\); give rescale"):
         auto_range(files[:1], [0, 0, 0])
+
+
+def test_pixels_without_imagery_are_not_scored(tmp_path):
+    """Where a GeoTIFF image has no data (its nodata value: a mosaic's empty border), the source's mask holds the
+    ignore index, before resampling; a patch that is border only is left out as unlabelled; an image without
+    nodata, or a PNG, keeps every label."""
+    from rssqa.data.segsets import IGNORE_INDEX
+    from rssqa.data.segsets.rasters import valid_pixels
+
+    rgb, labels = _scene(11, 32, 48)
+    rgb = np.maximum(rgb, 1)
+    rgb[:, :16] = 0  # the border: every band 0
+    for folder, nodata in (("with", 0), ("without", None)):
+        root = tmp_path / folder
+        kw = {} if nodata is None else {"nodata": nodata}
+        (root / "images").mkdir(parents=True)
+        with rasterio.open(root / "images" / "a.tif", "w", driver="GTiff", width=48, height=32, count=3, dtype="uint8", **kw) as d:
+            d.write(rgb.transpose(2, 0, 1))
+        _tif(root / "masks" / "a.tif", labels[None])
+    src = build_source("folder", tmp_path / "with", image_glob="*.tif", mask_glob="*.tif", classes=CLASSES)
+    _, mask = src.read(0)
+    assert (mask[:, :16] == IGNORE_INDEX).all() and np.array_equal(mask[:, 16:], labels[:, 16:])
+    plain = build_source("folder", tmp_path / "without", image_glob="*.tif", mask_glob="*.tif", classes=CLASSES)
+    assert np.array_equal(plain.read(0)[1], labels) and valid_pixels(tmp_path / "without" / "images" / "a.tif") is None
+    patches = build_source("folder", tmp_path / "with", image_glob="*.tif", mask_glob="*.tif", classes=CLASSES, patch_size=16)
+    assert [s.window[1] for s in patches.samples] == [0, 16, 32] * 2
+    assert [patches.samples[i].window[1] for i in patches.check()] == [16, 32] * 2 and len(patches.unlabelled) == 2
+    half = build_source("folder", tmp_path / "with", image_glob="*.tif", mask_glob="*.tif", classes=CLASSES, scale=0.5)
+    assert (half.read(0)[1][:, :8] == IGNORE_INDEX).all()

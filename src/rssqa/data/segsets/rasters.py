@@ -165,6 +165,19 @@ def auto_range(paths: Sequence[Path], bands: Sequence[int] | None = None, files:
     return lo, hi
 
 
+def valid_pixels(path: Path) -> np.ndarray | None:
+    """Where an image read through rasterio has data, ``H×W`` bool, for a raster with a nodata value, a mask or
+    an alpha band (a mosaic's empty border); ``None`` for every other file (all pixels valid)."""
+    if not is_gdal(path):
+        return None
+    from rasterio.enums import MaskFlags
+
+    with _open_raster(path, "image") as src:
+        if all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums):
+            return None
+        return src.dataset_mask() > 0
+
+
 def read_bands(path: Path, bands: Sequence[int] | None = None) -> np.ndarray:
     """The three bands of an image ``H×W×3`` as stored (any pixel type): ``bands`` (0-based) of a multi-band file,
     else the file's three bands."""

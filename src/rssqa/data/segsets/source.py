@@ -32,7 +32,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from rssqa.data.segsets.masks import IGNORE_INDEX, MaskCodec
-from rssqa.data.segsets.rasters import auto_range, check_rescale, header, read_image, read_mask_pixels
+from rssqa.data.segsets.rasters import (
+    auto_range,
+    check_rescale,
+    header,
+    read_image,
+    read_mask_pixels,
+    valid_pixels,
+)
 from rssqa.errors import BadSample, RSSQAError
 
 log = logging.getLogger(__name__)
@@ -384,11 +391,15 @@ class SegSource(Dataset):
 
     def read_file(self, pair: FilePair) -> tuple[np.ndarray, np.ndarray]:
         """The whole image ``H×W×3`` uint8 and mask ``H×W`` uint8 of one file pair, as the source reads
-        them (bands chosen, classes decoded, resampled), before patches are cut."""
+        them (bands chosen, classes decoded, no label where the image has no data, resampled), before patches
+        are cut."""
         image = read_image(pair.image, self.bands, self.rescale)
         mask = read_mask(pair.mask, self.codec)
         if image.shape[:2] != mask.shape:
             raise RSSQAError(f"{pair.image}: image is {image.shape[:2]} but its mask is {mask.shape}")
+        valid = valid_pixels(pair.image)  # no imagery there (a mosaic's border): nothing to score a method on
+        if valid is not None:
+            mask = np.where(valid, mask, IGNORE_INDEX).astype(np.uint8)
         if self.factor != 1:
             h, w = resampled_size(mask.shape[0], self.factor), resampled_size(mask.shape[1], self.factor)
             image, mask = resample_image(image, h, w), resample_mask(mask, h, w)
