@@ -54,6 +54,16 @@ def check_rescale(rescale: Sequence[float] | str | None, where: str) -> tuple[fl
     return lo, hi
 
 
+def check_bands(path: Path | str, bands: Sequence[int] | None, count: int) -> None:
+    """A one-line error naming ``path`` unless ``bands`` (0-based; ``None``: the file's own) picks three of its
+    ``count`` bands."""
+    if bands is None:
+        if count != 3:
+            raise RSSQAError(f"{path}: {count} bands; expected 3 (choose three: a source's bands option, --bands R,G,B)")
+    elif len(bands) != 3 or not all(0 <= b < count for b in bands):
+        raise RSSQAError(f"{path}: bands {list(bands)} (counted from 0) do not pick three of its {count} bands")
+
+
 def _open_raster(path: Path, what: str):
     import rasterio
 
@@ -73,8 +83,8 @@ def _read_raster(path: Path, what: str, bands: Sequence[int] | None = None) -> t
     import rasterio
 
     with _open_raster(path, what) as src:
-        if bands is not None and (len(bands) != 3 or not all(0 <= b < src.count for b in bands)):
-            raise RSSQAError(f"{path}: bands {list(bands)} (counted from 0) do not pick three of its {src.count} bands")
+        if bands is not None:
+            check_bands(path, bands, src.count)
         try:
             arr = src.read(None if bands is None else [int(b) + 1 for b in bands])
         except rasterio.errors.RasterioIOError as e:
@@ -197,13 +207,8 @@ def read_bands(path: Path, bands: Sequence[int] | None = None) -> np.ndarray:
             raise RSSQAError(f"{path}: unreadable image ({e})") from None
     if arr.ndim == 2:
         arr = arr[..., None]
-    if bands is not None:
-        if len(bands) != 3 or max(bands) >= arr.shape[2] or min(bands) < 0:
-            raise RSSQAError(f"{path}: bands {list(bands)} (counted from 0) do not pick three of its {arr.shape[2]} bands")
-        arr = arr[..., list(bands)]
-    elif arr.shape[2] != 3:
-        raise RSSQAError(f"{path}: {arr.shape[2]} bands; expected 3 (choose three: a source's bands option, --bands R,G,B)")
-    return arr
+    check_bands(path, bands, arr.shape[2])
+    return arr if bands is None else arr[..., list(bands)]
 
 
 def read_mask_pixels(path: Path, palette: bool) -> np.ndarray:
