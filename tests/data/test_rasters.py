@@ -200,7 +200,7 @@ def test_pixels_without_imagery_are_not_scored(tmp_path):
     ignore index, before resampling; a patch that is border only is left out as unlabelled; an image without
     nodata, or a PNG, keeps every label."""
     from rssqa.data.segsets import IGNORE_INDEX
-    from rssqa.data.segsets.rasters import valid_pixels
+    from rssqa.data.segsets.rasters import read_bands_valid
 
     rgb, labels = _scene(11, 32, 48)
     rgb = np.maximum(rgb, 1)
@@ -216,7 +216,7 @@ def test_pixels_without_imagery_are_not_scored(tmp_path):
     _, mask = src.read(0)
     assert (mask[:, :16] == IGNORE_INDEX).all() and np.array_equal(mask[:, 16:], labels[:, 16:])
     plain = build_source("folder", tmp_path / "without", image_glob="*.tif", mask_glob="*.tif", classes=CLASSES)
-    assert np.array_equal(plain.read(0)[1], labels) and valid_pixels(tmp_path / "without" / "images" / "a.tif") is None
+    assert np.array_equal(plain.read(0)[1], labels) and read_bands_valid(tmp_path / "without" / "images" / "a.tif")[1] is None
     patches = build_source("folder", tmp_path / "with", image_glob="*.tif", mask_glob="*.tif", classes=CLASSES, patch_size=16)
     assert [s.window[1] for s in patches.samples] == [0, 16, 32] * 2
     assert [patches.samples[i].window[1] for i in patches.check()] == [16, 32] * 2 and len(patches.unlabelled) == 2

@@ -21,12 +21,12 @@ from rssqa.data.segsets.layouts import (
     register_layout,
 )
 from rssqa.data.segsets.masks import IGNORE_INDEX, MaskCodec
+from rssqa.data.segsets.rasters import read_image
 from rssqa.data.segsets.source import (
     FilePair,
     SegSample,
     SegSource,
     patch_windows,
-    read_image,
     read_mask,
     resample_by,
 )

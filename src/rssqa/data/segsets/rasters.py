@@ -77,10 +77,14 @@ def _open_raster(path: Path, what: str):
         raise RSSQAError(f"{path}: unreadable {what} ({str(e).splitlines()[0][:160]})") from None
 
 
-def _read_raster(path: Path, what: str, bands: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_raster(
+    path: Path, what: str, bands: Sequence[int] | None = None, valid: bool = False
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The bands of a raster as ``H×W×B`` (``bands``, 0-based: only those are decoded, a 13-band stack costs three;
-    default all), and its colour table as a ``256×3`` array where it has one band and a table."""
+    default all), its colour table as a ``256×3`` array where it has one band and a table, and with ``valid``, where
+    it has data (``H×W`` bool) if it has a nodata value, a mask or an alpha band (else ``None``: all valid)."""
     import rasterio
+    from rasterio.enums import MaskFlags
 
     with _open_raster(path, what) as src:
         if bands is not None:
@@ -100,7 +104,10 @@ def _read_raster(path: Path, what: str, bands: Sequence[int] | None = None) -> t
                 for k, rgba in table.items():
                     if 0 <= k < 256:
                         colours[k] = rgba[:3]
-    return arr.transpose(1, 2, 0), colours
+        has_data = None
+        if valid and not all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums):
+            has_data = src.dataset_mask() > 0
+    return arr.transpose(1, 2, 0), colours, has_data
 
 
 def ground_sample_distance(path: Path) -> float | None:
@@ -175,24 +182,19 @@ def auto_range(paths: Sequence[Path], bands: Sequence[int] | None = None, files:
     return lo, hi
 
 
-def valid_pixels(path: Path) -> np.ndarray | None:
-    """Where an image read through rasterio has data, ``H×W`` bool, for a raster with a nodata value, a mask or
-    an alpha band (a mosaic's empty border); ``None`` for every other file (all pixels valid)."""
-    if not is_gdal(path):
-        return None
-    from rasterio.enums import MaskFlags
-
-    with _open_raster(path, "image") as src:
-        if all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums):
-            return None
-        return src.dataset_mask() > 0
-
-
 def read_bands(path: Path, bands: Sequence[int] | None = None) -> np.ndarray:
     """The three bands of an image ``H×W×3`` as stored (any pixel type): ``bands`` (0-based) of a multi-band file,
     else the file's three bands."""
+    return read_bands_valid(path, bands, valid=False)[0]
+
+
+def read_bands_valid(path: Path, bands: Sequence[int] | None = None, valid: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`read_bands`, and where the image has data, ``H×W`` bool, for a raster read through rasterio with a
+    nodata value, a mask or an alpha band (a mosaic's empty border), from the same reading; ``None`` for every
+    other file (all pixels valid) or without ``valid``."""
+    has_data = None
     if is_gdal(path):
-        arr, _ = _read_raster(path, "image", bands)
+        arr, _, has_data = _read_raster(path, "image", bands, valid)
         bands = None  # chosen as read
     else:
         try:
@@ -208,14 +210,14 @@ def read_bands(path: Path, bands: Sequence[int] | None = None) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[..., None]
     check_bands(path, bands, arr.shape[2])
-    return arr if bands is None else arr[..., list(bands)]
+    return (arr if bands is None else arr[..., list(bands)]), has_data
 
 
 def read_mask_pixels(path: Path, palette: bool) -> np.ndarray:
     """A mask file's stored values: ``H×W`` indices or ``H×W×3`` colours (``palette``: a colour table of a
     single-band file is applied, so a palette-mode file reads as its colours)."""
     if is_gdal(path):
-        arr, colours = _read_raster(path, "mask")
+        arr, colours, _ = _read_raster(path, "mask")
         if arr.shape[2] == 1:
             arr = arr[..., 0]
             if palette and colours is not None and arr.dtype == np.uint8:

@@ -33,12 +33,12 @@ from torch.utils.data import Dataset
 
 from rssqa.data.segsets.masks import IGNORE_INDEX, MaskCodec
 from rssqa.data.segsets.rasters import (
+    as_8bit,
     auto_range,
     check_rescale,
     header,
-    read_image,
+    read_bands_valid,
     read_mask_pixels,
-    valid_pixels,
 )
 from rssqa.errors import BadSample, RSSQAError
 
@@ -393,12 +393,12 @@ class SegSource(Dataset):
         """The whole image ``H×W×3`` uint8 and mask ``H×W`` uint8 of one file pair, as the source reads
         them (bands chosen, classes decoded, no label where the image has no data, resampled), before patches
         are cut."""
-        image = read_image(pair.image, self.bands, self.rescale)
+        image, valid = read_bands_valid(pair.image, self.bands)
+        image = as_8bit(image, self.rescale, pair.image)
         mask = read_mask(pair.mask, self.codec)
         if image.shape[:2] != mask.shape:
             raise RSSQAError(f"{pair.image}: image is {image.shape[:2]} but its mask is {mask.shape}")
-        valid = valid_pixels(pair.image)  # no imagery there (a mosaic's border): nothing to score a method on
-        if valid is not None:
+        if valid is not None:  # no imagery there (a mosaic's border): nothing to score a method on
             mask = np.where(valid, mask, IGNORE_INDEX).astype(np.uint8)
         if self.factor != 1:
             h, w = resampled_size(mask.shape[0], self.factor), resampled_size(mask.shape[1], self.factor)
