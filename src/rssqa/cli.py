@@ -84,7 +84,8 @@ class Inputs:
         self.bands, self.rescale, self.plain_8bit, self.trained_gsd = bands, rescale, plain_8bit, trained_gsd
         self.seen = 0
         self.skipped: list[str] = []
-        self._said: set[float | str] = set()
+        self._said: set[float] = set()  # the pixel sizes said
+        self._said_plain = False
 
     def factor(self, path: Path) -> float:
         """The resampling factor of one file: its ground sample distance over the trained one for a GeoTIFF in
@@ -113,8 +114,8 @@ class Inputs:
                 rescale = self.rescale
                 if self.plain_8bit and image.dtype == "uint8":
                     rescale = None
-                    if "8bit" not in self._said:
-                        self._said.add("8bit")
+                    if not self._said_plain:
+                        self._said_plain = True
                         _say(f"rssqa: 8-bit images read as they are, the scorer's value range is for its other pixel types (first: {f})")
                 image = as_8bit(image, rescale, f)
                 images.append(self.scorer.check_image(resample_by(image, self.factor(f)), str(f)))
