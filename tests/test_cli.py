@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rssqa import intervals
 from rssqa.cli import main
 from rssqa.errors import RSSQAError
 from tests.conftest import patch_scorer_load
@@ -182,6 +183,15 @@ def test_cli_score_json_on_a_folder(run_root, folder, capsys):
     rows = json.loads(out.out)
     assert len(rows) == 4 * 2 and {r["method"] for r in rows} == {"fpn", "pspnet"}
     assert "img" in out.err  # the progress bar goes to stderr on folders
+    # each predicted OA with the interval the paper head's val rows gave it (rssqa.intervals), in [0, 1]
+    fitted = json.loads((run_root / "sqa" / "scorer" / "scorer.json").read_text())["intervals"]["model"]
+    low, high = intervals.bounds(np.array([r["score"] for r in rows]), fitted)
+    assert [r["low"] for r in rows] == pytest.approx(low) and [r["high"] for r in rows] == pytest.approx(high)
+    assert all(0 <= r["low"] <= r["high"] <= 1 for r in rows)
+    assert main(["score", str(folder / "tile_0.png"), "--scorer", str(run_root / "sqa" / "scorer"), "--source", "alpha", "--method", "fpn"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["image", "method", "score", "90%", "interval"]
+    assert table[1].split()[-3:] == [f"{low[0]:.3f}", "-", f"{high[0]:.3f}"]
 
 
 def test_cli_recommend_table(run_root, folder, capsys):
@@ -196,6 +206,12 @@ def test_cli_recommend_table(run_root, folder, capsys):
     policy = json.loads((run_root / "sqa" / "scorer" / "scorer.json").read_text())["recommend_policy"]
     fixed = policy["policy"] == "fixed"
     assert out.err.count("\n") == fixed and (not fixed or f"always running {policy['method']}" in out.err)
+    # --json: each method's predicted OA with the interval of the head that ranked them (the ranking head here)
+    assert main(["recommend", img, "--scorer", str(run_root / "sqa" / "scorer"), "--source", "beta", "--json"]) == 0
+    ranking = json.loads(capsys.readouterr().out)[0]["ranking"]
+    fitted = json.loads((run_root / "sqa" / "scorer" / "scorer.json").read_text())["intervals"]["ranking_model"]
+    low, high = intervals.bounds(np.array([x["score"] for x in ranking]), fitted)
+    assert [x["low"] for x in ranking] == pytest.approx(low) and [x["high"] for x in ranking] == pytest.approx(high)
 
 
 def test_cli_reads_images_as_the_scorers_source_was_read(run_root, tmp_path, capsys, monkeypatch):
@@ -328,6 +344,8 @@ def test_cli_score_with_other_methods_uses_agreement(run_root, folder, capsys):
     assert main([*args, "--with", "pspnet,upernet"]) == 0
     with_agreement = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in with_agreement] == ["fpn"] and with_agreement[0]["score"] != paper
+    fitted = json.loads((Path(scorer) / "scorer.json").read_text())["intervals"]["agreement_model"]  # the agreement head's
+    assert [with_agreement[0]["low"], with_agreement[0]["high"]] == pytest.approx(intervals.bounds(with_agreement[0]["score"], fitted))
     assert main([*args, "--with", "pspnet"]) == 2
     assert "agreement needs at least 3 methods in all, got 2" in capsys.readouterr().err
     assert main([*args, "--with", "fpn,pspnet"]) == 2  # the scored method named again counts once
@@ -344,6 +362,7 @@ def test_cli_score_by_the_error_map(run_root, folder, capsys):
     got = json.loads(capsys.readouterr().out)
     maps = Scorer.load(scorer).pixel_error([np.asarray(Image.open(img).convert("RGB"))], ["fpn"], "beta", ["pspnet", "upernet"])[0]
     assert [r["method"] for r in got] == ["fpn"] and got[0]["score"] == pytest.approx(1.0 - float(maps.mean()), abs=1e-6)
+    assert "low" not in got[0]  # no interval: the pixel head's val rows trained it
     assert main([*args, "--with", "pspnet"]) == 2  # the head reads agreement: three methods at least
     assert "at least 3 methods" in capsys.readouterr().err
 

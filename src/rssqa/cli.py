@@ -246,7 +246,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     names = scorer.method_names(methods, args.source, args.segmenter)
     if args.error_map and (args.segmenter or scorer.pixel_model is None):
         raise RSSQAError("score --error-map: needs registered --method names and a scorer with a pixel error head")
-    scorer.use_agreement(names, others)  # a one-line error before any image is read
+    agreement = scorer.use_agreement(names, others)  # a one-line error before any image is read
+    # the OA the head predicts comes with the interval its val rows gave (none for the error map's)
+    fitted = None if args.error_map else _interval(scorer, "agreement_model" if agreement else "model")
     inputs, results = _inputs(scorer, args, len(files)), []
     for block in _blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
@@ -259,13 +261,32 @@ def cmd_score(args: argparse.Namespace) -> int:
                 images, methods, args.source, args.segmenter, names=[str(f) for f in block], with_methods=others, tiles=not args.whole
             )  # fmt: skip
         for f, row in zip(block, scores, strict=True):
-            results += [{"image": str(f), "method": m, "score": float(s)} for m, s in zip(names, row, strict=True)]
+            results += [{"image": str(f), "method": m, **_with_interval(float(s), fitted)} for m, s in zip(names, row, strict=True)]
     status = inputs.finish()
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        _table(["image", "method", "score"], [[r["image"], r["method"], f"{r['score']:.4f}"] for r in results])
+        extra = [f"{fitted['level']:.0%} interval"] if fitted else []
+        _table(["image", "method", "score", *extra], [
+            [r["image"], r["method"], f"{r['score']:.4f}", *([f"{r['low']:.3f} - {r['high']:.3f}"] if fitted else [])] for r in results
+        ])  # fmt: skip
     return status
+
+
+def _interval(scorer: Any, head: str) -> dict[str, Any] | None:
+    """The interval offsets ``scorer.json`` holds for a head's predicted OA (``model``, ``agreement_model``,
+    ``ranking_model``; :mod:`rssqa.intervals`), or ``None`` (a scorer from before they were recorded)."""
+    return (scorer.config.get("intervals") or {}).get(head)
+
+
+def _with_interval(score: float, fitted: dict[str, Any] | None) -> dict[str, float]:
+    """``{"score"}``, and with ``fitted`` the interval of the OA it predicts (``low``, ``high``)."""
+    if not fitted:
+        return {"score": score}
+    from rssqa.intervals import bounds
+
+    low, high = bounds(score, fitted)
+    return {"score": score, "low": float(low), "high": float(high)}
 
 
 def _fixed_note(scorer: Any) -> None:
@@ -282,7 +303,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     files, folder = collect_images(args.inputs)
     scorer = _load_scorer(args)
     methods = args.methods or None
-    fixed = None if args.by_score else scorer.fixed_first(scorer.method_names(methods, args.source))
+    labels = scorer.method_names(methods, args.source)
+    fixed = None if args.by_score else scorer.fixed_first(labels)
+    head = scorer.recommend_head(len(labels))
+    fitted = _interval(scorer, "ranking_model" if head is scorer.ranking_model else "agreement_model" if head is scorer.agreement_model else "model")
     if fixed is not None:
         _fixed_note(scorer)
     inputs, results = _inputs(scorer, args, len(files)), []
@@ -294,7 +318,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         for f, ranking in zip(block, ranked, strict=True):
             results.append({
                 "image": str(f), "recommended": ranking[0][0], "by": "fixed" if fixed is not None else "score",
-                "ranking": [{"method": m, "score": s} for m, s in ranking],
+                "ranking": [{"method": m, **_with_interval(s, fitted)} for m, s in ranking],
             })  # fmt: skip
     status = inputs.finish()
     if args.json:

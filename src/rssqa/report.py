@@ -212,6 +212,21 @@ def _folds_section(cv: dict[str, Any], table: Any) -> str:
     return "".join(out)
 
 
+def _intervals_section(iv: dict[str, Any], folds: dict[str, Any], table: Any) -> str:
+    """How far each exported head's predicted OA may be from the truth (the sqa summary's ``intervals``)."""
+    level = next(iter(iv.values()))["level"]
+    rows = [[m, sum(v["n"]) or "-", v["test"]["coverage"], v["test"]["below"], v["test"]["above"], v["test"]["mean_width"],
+             *([folds[m]["coverage"], folds[m]["mean_width"]] if m in folds else ["-", "-"] if folds else [])]
+            for m, v in iv.items()]  # fmt: skip
+    return (f"## How far the predicted OA may be: {level:.0%} intervals\n"
+            "`rssqa score` and `rssqa recommend` give each predicted OA an interval: the residuals of the head on the val "
+            "rows, in three bins of the predicted value, set offsets that cover new rows of the same kind at the level "
+            "(split conformal prediction, `rssqa.intervals`). How they did on the test rows (below / above: OA outside "
+            "on that side)" + (", and with each fold's intervals from its own val rows on its held-out groups" if folds else "")
+            + ":\n\n" + table("sqa_intervals", ["head", "val rows", "test coverage", "below", "above", "mean width",
+                                               *(["out-of-fold coverage", "out-of-fold width"] if folds else [])], rows))  # fmt: skip
+
+
 _SEED_ORDER = ("rs_sqa", "with_agreement", "with_agreement_ranking", "error_map")  # the summary's keys are sorted
 
 
@@ -436,6 +451,9 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
                                       for m, n in above.items()) + ".\n")  # fmt: skip
             data["sqa_leave_one_source_out"] = loso
         cv = a.get("group_folds")
+        if a.get("intervals"):
+            md.append(_intervals_section(a["intervals"], (cv or {}).get("pooled", {}).get("intervals") or {}, table))
+            data["sqa_intervals"] = a["intervals"]
         if cv:
             md.append(_folds_section(cv, table))
             data["sqa_group_folds"] = cv

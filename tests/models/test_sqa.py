@@ -32,6 +32,20 @@ def test_scores_are_in_unit_interval(variant):
     assert torch.all((out > 0) & (out < 1))
 
 
+def test_output_prior_starts_the_score_at_the_typical_oa():
+    """The last layer's bias at the logit of the training split's mean OA: with its weights zeroed every row
+    scores exactly that; with them as initialised, the scores centre on it rather than on 0.5."""
+    model = _model()
+    before = model(_batch(64)).mean().item()
+    model.set_output_prior(0.8)
+    assert model(_batch(64)).mean().item() == pytest.approx(0.8, abs=0.05) and abs(before - 0.5) < 0.1
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+    assert torch.allclose(model(_batch()), torch.full((6,), 0.8))
+    model.set_output_prior(1.0)  # clipped: a finite logit
+    assert torch.allclose(model(_batch()), torch.full((6,), 0.99))
+
+
 def test_ablations_ignore_the_branch_they_drop():
     a, b = _batch(seed=0), _batch(seed=1)
     img, seg, full = _model("image_only"), _model("seg_only"), _model("full")

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rssqa import intervals
 from rssqa.data.sqed import TABLE, write_label_shard, write_table
 from rssqa.errors import RSSQAError
 from rssqa.runs import is_done, read_summary
@@ -195,6 +196,16 @@ def test_stage_writes_the_whole_comparison(run_root):
     assert config["agreement_model"]["agreement_skip"] is True and config["ranking_model"]["agreement_skip"] is True
     # the agreement model reads no CLIP-RS branch, the ranking model does (their variants in the profile)
     assert config["agreement_model"]["variant"] == "seg_only" and config["ranking_model"]["variant"] == "full"
+    # each exported head's predicted OA with its interval: offsets from the val rows, in the scorer under the
+    # head's key, and how they did on the test rows (recomputed here from the test predictions)
+    iv, preds = s["intervals"], json.loads((out / "predictions.json").read_text())
+    oa = np.array([row["oa"] for row in preds["rows"]])
+    assert set(iv) == {"rs_sqa", "with_agreement", "with_agreement_ranking"}
+    for name, key in (("rs_sqa", "model"), ("with_agreement", "agreement_model"), ("with_agreement_ranking", "ranking_model")):
+        assert config["intervals"][key] == {k: v for k, v in iv[name].items() if k != "test"}, name
+        assert iv[name]["level"] == 0.9 and sum(iv[name]["n"]) == s["n_rows"]["val"], name
+        got = intervals.coverage(np.array(preds["scores"][name]), oa, config["intervals"][key])
+        assert got == pytest.approx(iv[name]["test"], abs=1e-5) and got["n"] == s["n_rows"]["test"], name
     loso = s["leave_one_source_out"]
     assert set(loso) == set(SOURCES)
     for held, fold in loso.items():
@@ -216,6 +227,12 @@ def test_stage_writes_the_whole_comparison(run_root):
     v = cv["pooled"]["recommend"]["error_map"]["vs_best_fixed"]
     assert v["diff"] == pytest.approx(cv["pooled"]["recommend"]["error_map"]["chosen_oa"] - cv["pooled"]["recommend"]["error_map"]["best_fixed_oa"])
     assert cv["pooled"]["recommender"] == "with_agreement_ranking"
+    # the models' intervals, each fold's from its own val rows, tried on its test rows and pooled
+    assert set(cv["pooled"]["intervals"]) == {"rs_sqa", "with_agreement", "with_agreement_ranking"}
+    for name, got in cv["pooled"]["intervals"].items():
+        folds = [f["scores"][name]["interval"] for f in cv["folds"]]
+        assert got["n"] == cv["pooled"]["n_rows"] == sum(f["n"] for f in folds), name
+        assert got["coverage"] == pytest.approx(sum(f["coverage"] * f["n"] for f in folds) / got["n"]), name
     assert (out / "checkpoints" / "fold2_with_agreement_ranking" / "best.ckpt").is_file()
     rec = s["recommend_baselines"]["with_agreement"]
     gap = r["oracle_oa"] - r["best_fixed_oa"]

@@ -78,8 +78,8 @@ def test_out_of_fold_figures_of_a_perfect_and_a_useless_score():
     oa = data.oa.double().numpy()
     noise = np.random.default_rng(1).uniform(size=len(oa))
 
-    def predictions(run: str) -> np.ndarray:
-        rows = data.rows("test")  # the fold's split is in place while its predictions are read
+    def predictions(run: str, split: str = "test") -> np.ndarray:
+        rows = data.rows(split)  # the fold's split is in place while its predictions are read
         return oa[rows] if run.endswith("_perfect") else noise[rows]
 
     def baselines(d):
@@ -91,11 +91,12 @@ def test_out_of_fold_figures_of_a_perfect_and_a_useless_score():
         return max(METHODS, key=lambda m: oa[[r for r in train if d.method_of[r] == m]].mean())
 
     out = cross_validate_groups({"perfect": {}, "useless": {}}, data, 3, predictions, baselines, best_fixed,
-                                ("consensus",), "perfect", n_boot=200)  # fmt: skip
+                                ("consensus",), "perfect", n_boot=200, val_predictions=lambda run: predictions(run, "val"))  # fmt: skip
     assert (data.split_of == original).all()
     p = out["pooled"]
     assert p["n_images"] == 12 and p["n_rows"] == 36
     assert p["srcc"]["perfect"] == pytest.approx(1.0)
+    assert p["error"]["perfect"] == {"bias": 0.0, "rmse": 0.0} and p["error"]["useless"]["rmse"] > 0.1
     assert p["srcc"]["consensus"] == pytest.approx(p["srcc"]["useless"])  # the same order
     assert p["recommend"]["perfect"]["regret"] == pytest.approx(0.0)
     assert p["recommend"]["perfect"]["chosen_oa"] == pytest.approx(p["recommend"]["perfect"]["oracle_oa"])
@@ -104,6 +105,11 @@ def test_out_of_fold_figures_of_a_perfect_and_a_useless_score():
     assert gain["diff"] >= 0 and gain["low"] <= gain["diff"] <= gain["high"]
     assert [len(f["groups"]) for f in out["folds"]] and sum(f["n_images"] for f in out["folds"]) == 12
     assert all(f["scores"]["perfect"]["regret"] == pytest.approx(0.0) for f in out["folds"])
+    # intervals from each fold's val rows: 12 rows, three bins of four, too few for a 90% interval (it needs the
+    # 5th of 4 residuals), so every interval is all of [0, 1], which says so rather than guess
+    for name in ("perfect", "useless"):
+        assert p["intervals"][name] == {"coverage": 1.0, "below": 0.0, "above": 0.0, "mean_width": 1.0, "n": 36}
+        assert all(f["scores"][name]["interval"]["n"] == 12 for f in out["folds"])
     # the report's section: a row per fold and the pooled row, the verdicts in words
     md = _folds_section(out, lambda key, header, rows: _table(header, rows))
     assert md.count("\n| ") == 1 + 3 + 1  # header, three folds, pooled

@@ -211,6 +211,12 @@ def test_report_has_the_pixel_error_section(run_root):
     loso = md[md.index("## Leave one source out") : md.index("## Cross-validation over areas")]
     assert "with_agreement minus consensus [95%]" in loso and "with the interval excluding zero" in loso
     assert "minus consensus in SRCC, all folds:" in md[md.index("## Cross-validation over areas") :]
+    # the predicted OA's intervals: on the test rows, and out of fold
+    s = read_summary(run_root / "sqa")
+    iv, oof = s["intervals"]["with_agreement"], s["group_folds"]["pooled"]["intervals"]["with_agreement"]
+    section = md[md.index("## How far the predicted OA may be: 90% intervals") : md.index("## Cross-validation over areas")]
+    assert f"| with_agreement | {sum(iv['n'])} | {iv['test']['coverage']:.3f} | {iv['test']['below']:.3f} |" in section
+    assert f"| {oof['coverage']:.3f} | {oof['mean_width']:.3f} |" in section
 
 
 def test_recommended_methods_are_each_images_first():

@@ -60,6 +60,7 @@ def export_scorer(
     ranking: SQATask | None = None,
     pixel: PixelErrorHead | None = None,
     policy: dict[str, Any] | None = None,
+    intervals: dict[str, Any] | None = None,
 ) -> Path:
     """Write the trained head and everything needed to run it as a scorer folder, atomically.
 
@@ -76,6 +77,8 @@ def export_scorer(
             standardisation included, in ``scorer_pixel.safetensors``).
         policy: what ``rssqa recommend`` does (``recommend_policy``: ``policy`` ``model`` or ``fixed``, the
             recommending ``model``, the fixed ``method``, ``val_vs_best_fixed``; :mod:`rssqa.recommend`).
+        intervals: per head (``model``, ``agreement_model``, ``ranking_model``), the interval offsets of its
+            predicted OA measured on the val split (:func:`rssqa.intervals.fit`).
 
     Returns:
         ``out_dir``.
@@ -111,6 +114,7 @@ def export_scorer(
         "checkpoints": checkpoints,
         "best_fixed_method": best_fixed,
         **({"recommend_policy": policy} if policy else {}),
+        **({"intervals": intervals} if intervals else {}),
         **_image_sizes(data),
         **_pool_records(data),
     }

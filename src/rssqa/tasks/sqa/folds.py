@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rssqa import metrics, recommend
+from rssqa import intervals, metrics, recommend
 from rssqa.errors import RSSQAError
 from rssqa.tasks.sqa.choice import val_policy
 from rssqa.tasks.sqa.data import SQADataModule
@@ -143,14 +143,18 @@ def cross_validate_groups(
         extra_names: the names ``extra`` returns; they are compared like ``models``.
         val_predictions: fit name -> its predictions on that fold's val rows: each fold then decides, as the
             stage does for its scorer (:func:`rssqa.tasks.sqa.choice.val_policy`), between the recommender's choices
-            and the best fixed method on its val split, and ``pooled.policy`` holds what that decision gives.
+            and the best fixed method on its val split, and ``pooled.policy`` holds what that decision gives; and
+            each model's predicted-OA intervals come from its fold's val rows.
 
     Returns:
         ``{"k", "folds": [{groups, n_images, best_fixed_method, best_fixed_oa, oracle_oa, scores: {name: {srcc,
-        regret, chosen_oa}}}],
+        regret, chosen_oa, interval}}}],
         "pooled": {n_images, n_rows, srcc: {name: value}, mean_fold_srcc: {name: value}, best_label_free, models,
         vs_consensus: {model: paired bootstrap}, vs_best_label_free: {model: ...}, recommend: {name:
-        {chosen_oa, best_fixed_oa, oracle_oa, regret, gap_closed, vs_best_fixed}}, recommended_minus_best_fixed: {...}}}``.
+        {chosen_oa, best_fixed_oa, oracle_oa, regret, gap_closed, vs_best_fixed}}, recommended_minus_best_fixed: {...},
+        policy, intervals: {model: coverage}, error: {model: {bias, rmse}}}}``. A model's ``interval`` (with ``val_predictions``) is how the
+        intervals of its predicted OA measured on the fold's val rows (:func:`rssqa.intervals.fit`) did on its test
+        rows (:func:`rssqa.intervals.coverage`); ``pooled.intervals`` the same over every out-of-fold row.
     """
     original = data.split_of.copy()
     fold_of = fold_of_groups(data, k)
@@ -159,6 +163,7 @@ def cross_validate_groups(
     pooled = {name: np.full(n, np.nan) for name in (*learned, *label_free)}
     tested = np.zeros(n, bool)
     per_image: dict[str, list[np.ndarray]] = {}  # per score: images x (chosen, best fixed, best) OA, fold by fold
+    covered: dict[str, list[np.ndarray]] = {}  # per model: rows x (below, above, width) of its intervals, fold by fold
     folds = []
     try:
         for f, split in enumerate(fold_splits(data, k)):
@@ -183,6 +188,13 @@ def cross_validate_groups(
                 fold["scores"][name] = {"srcc": metrics.srcc(pred, oa), "chosen_oa": float(picks[:, 0].mean()),
                                         "regret": float((picks[:, 2] - picks[:, 0]).mean())}  # fmt: skip
             fold["best_fixed_oa"], fold["oracle_oa"] = float(picks[:, 1].mean()), float(picks[:, 2].mean())  # any score's
+            if val_predictions is not None:  # each model's predicted-OA interval from the fold's val rows, tried on its test rows
+                oa_val = data.oa[data.rows("val")].double().numpy()
+                for name in models:
+                    fitted = intervals.fit(np.asarray(val_predictions(run_name(f, name)), np.float64), oa_val)
+                    low, high = intervals.bounds(scores[name], fitted)
+                    covered.setdefault(name, []).append(np.stack([oa < low, oa > high, high - low], 1))
+                    fold["scores"][name]["interval"] = intervals.coverage(scores[name], oa, fitted)
             if val_predictions is not None and recommender in models:
                 fold["policy"], _ = val_policy(data, np.asarray(val_predictions(run_name(f, recommender)), np.float64), fixed, n_boot, seed)
                 mine = per_image[recommender][-1]
@@ -230,9 +242,19 @@ def cross_validate_groups(
             "best_label_free": best_lf, "vs_consensus": versus("consensus"), "vs_best_label_free": versus(best_lf),
             "models": [*models, *(m for m in extra_names if m in srcc)], "recommend": choice, "recommender": recommender,
             "recommended_minus_best_fixed": metrics.mean_bootstrap(gain, n_boot, seed) if len(gain) else None,
-            "policy": policy,
+            "policy": policy, "intervals": {m: _pooled_coverage(np.concatenate(c)) for m, c in covered.items()},
+            # how far the models' predicted OA is from the truth on areas they never saw (scores and OA alike)
+            "error": {m: {"bias": float(np.mean(pooled[m][rows] - oa)), "rmse": metrics.rmse(pooled[m][rows], oa)}
+                      for m in learned if m in srcc},
         },  # fmt: skip
     }
 
 
 POLICY = "_policy"  # per_image's entry for what each fold's policy chose
+
+
+def _pooled_coverage(rows: np.ndarray) -> dict[str, float]:
+    """:func:`rssqa.intervals.coverage`'s figures over the out-of-fold rows (``below``, ``above``, width per row)."""
+    below, above = rows[:, 0].mean(), rows[:, 1].mean()
+    return {"coverage": float(1 - below - above), "below": float(below), "above": float(above),
+            "mean_width": float(rows[:, 2].mean()), "n": len(rows)}  # fmt: skip

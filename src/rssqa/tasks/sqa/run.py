@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from rssqa import baselines, metrics, recommend
+from rssqa import baselines, intervals, metrics, recommend
 from rssqa.agreement import AGREEMENT_NAMES
 from rssqa.agreement import BASELINES as AGREEMENT_BASELINES
 from rssqa.errors import RSSQAError
@@ -45,6 +45,8 @@ CROSSFIT = "pxfold"  # the recommender's fits per fold of the train split (the p
 PIXEL_FOLD = "pixel_fold"  # the pixel error heads of the group folds (run by the fit workers)
 RECOMMENDERS = (RANKING_MODEL, AGREEMENT_MODEL, "rs_sqa")  # the first one trained recommends methods
 ERROR_MAP = "error_map"  # the OA the pixel error head's map predicts (1 - its mean error probability)
+# the exported heads, under the keys scorer.json gives them: their predicted OA gets an interval (rssqa.intervals)
+SCORER_HEADS = {"rs_sqa": "model", AGREEMENT_MODEL: "agreement_model", RANKING_MODEL: "ranking_model"}
 BASELINE_KEYS = (*LABEL_FREE, *ABLATIONS, AGREEMENT_MODEL, RANKING_MODEL, ERROR_MAP)
 SUMMARY_METRICS = ("srcc", "plcc", "krcc", "rmse")
 
@@ -346,6 +348,11 @@ def _evaluate_runs(
     rec_model = next(k for k in RECOMMENDERS if k in runs)
     policy = recommend_policy(data, rec_model, runs[rec_model]["preds"])
 
+    # how far each exported head's predicted OA may be from the truth: offsets from the val rows, tried on test
+    oa_val = data.oa[data.rows("val")].double().numpy()
+    fitted = {name: intervals.fit(runs[name]["preds"]["val"], oa_val) for name in SCORER_HEADS if name in runs}
+    tried = {name: {**f, "test": intervals.coverage(runs[name]["preds"]["test"], oa_test, f)} for name, f in fitted.items()}
+
     figures = out / "figures"
     plot_scatter(preds["test"], oa_test, data.method_of[test_rows], figures / "scatter_test.png", title="RS-SQA on test")
     sem = data.sem["clip_rs"]
@@ -359,6 +366,7 @@ def _evaluate_runs(
     scorer_dir = export_scorer(
         main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task,
         pixel=pixel_head, policy={k: policy[k] for k in ("policy", "model", "method")} | {"val_vs_best_fixed": policy["val"]["vs_best_fixed"]},
+        intervals={SCORER_HEADS[name]: f for name, f in fitted.items()},
     )  # fmt: skip
     ranking = sorted(
         ((k, v["srcc"]) for k, v in {"rs_sqa": test, **{k: v for k, v in table.items() if v}}.items() if v["srcc"] is not None),
@@ -377,6 +385,7 @@ def _evaluate_runs(
         "recommend_headroom": headroom,
         "recommend_policy": policy,
         "pixel_error": pixel_error,
+        "intervals": tried,
         "srcc_ranking": [k for k, _ in ranking],
         "vs_rs_sqa": {k: v for k, v in versus(preds["test"], "rs_sqa").items() if k != "rs_sqa"},
         "srcc_margin_over_label_free": None if label_free is None or test["srcc"] is None else test["srcc"] - label_free,

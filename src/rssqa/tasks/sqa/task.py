@@ -45,6 +45,8 @@ class SQATask(L.LightningModule):
             (needs RS-SQED built with at least three methods; a variant, not the paper's model).
         agreement_skip: with ``agreement``, a direct linear term from the per-image agreement to the
             output logit (:class:`~rssqa.models.sqa.RSSQA`).
+        output_prior: start the output at the training split's mean OA (the last layer's bias at its
+            logit; :meth:`~rssqa.models.sqa.RSSQA.set_output_prior`) instead of at 0.5 (false).
         dims: input widths (filled from the data in ``setup``; stored so checkpoints rebuild alone).
         methods: method names with adapters (filled from the data).
         feat_dim: raw feature width of the adapters (filled from the data).
@@ -70,6 +72,7 @@ class SQATask(L.LightningModule):
         ema_decay: float = 0.0,
         agreement: bool = False,
         agreement_skip: bool = False,
+        output_prior: bool = True,
         dims: dict[str, int] | None = None,
         methods: list[str] | None = None,
         feat_dim: int = 0,
@@ -131,6 +134,8 @@ class SQATask(L.LightningModule):
         self.hparams.feat_dim = data.feat_dim
         self.model = self._build()
         set_input_stats(self.model, data.input_stats())
+        if self.hparams.get("output_prior"):
+            self.model.set_output_prior(float(data.oa[data.rows("train")].double().mean()))
 
     def configure_callbacks(self) -> list[L.Callback]:
         if not self.hparams.ema_decay:
