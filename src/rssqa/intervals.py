@@ -90,4 +90,3 @@ def coverage(pred: Any, oa: Any, fitted: Mapping[str, Any]) -> dict[str, float]:
         "coverage": float(np.mean((t >= low) & (t <= high))), "below": float(np.mean(t < low)),
         "above": float(np.mean(t > high)), "mean_width": float(np.mean(high - low)), "n": len(t),
     }  # fmt: skip
-

@@ -212,19 +212,19 @@ def _folds_section(cv: dict[str, Any], table: Any) -> str:
     return "".join(out)
 
 
-def _intervals_section(iv: dict[str, Any], folds: dict[str, Any], table: Any) -> str:
-    """How far each exported head's predicted OA may be from the truth (the sqa summary's ``intervals``)."""
-    level = next(iter(iv.values()))["level"]
-    rows = [[m, sum(v["n"]) or "-", v["test"]["coverage"], v["test"]["below"], v["test"]["above"], v["test"]["mean_width"],
-             *([folds[m]["coverage"], folds[m]["mean_width"]] if m in folds else ["-", "-"] if folds else [])]
+def _intervals_section(iv: dict[str, Any], pooled: dict[str, Any], table: Any) -> str:
+    """How far each head's predicted OA may be (``intervals``; with group folds ``pooled.intervals*``)."""
+    folds, across = pooled.get("intervals") or {}, pooled.get("intervals_across_groups") or {}
+    rows = [[m, sum(v["n"]), *[v["test"][k] for k in ("coverage", "below", "above", "mean_width")],
+             *[f"{d[m]['coverage']:.3f} ({d[m]['mean_width']:.2f} wide)" if m in d else "-" for d in (folds, across) if d]]
             for m, v in iv.items()]  # fmt: skip
-    return (f"## How far the predicted OA may be: {level:.0%} intervals\n"
-            "`rssqa score` and `rssqa recommend` give each predicted OA an interval: the residuals of the head on the val "
-            "rows, in three bins of the predicted value, set offsets that cover new rows of the same kind at the level "
-            "(split conformal prediction, `rssqa.intervals`). How they did on the test rows (below / above: OA outside "
-            "on that side)" + (", and with each fold's intervals from its own val rows on its held-out groups" if folds else "")
-            + ":\n\n" + table("sqa_intervals", ["head", "val rows", "test coverage", "below", "above", "mean width",
-                                               *(["out-of-fold coverage", "out-of-fold width"] if folds else [])], rows))  # fmt: skip
+    return (f"## How far the predicted OA may be: {next(iter(iv.values()))['level']:.0%} intervals\n"
+            "`rssqa score` and `rssqa recommend` give each predicted OA an interval: a head's signed errors on held-out rows, in "
+            "three bins of the predicted value, set offsets that cover new rows of the same kind at the level (split conformal "
+            "prediction, `rssqa.intervals`). From the val rows, on the test rows (below / above: OA outside on that side)" + ("; on each held-out group, from its fold's val rows; and from the other folds' "
+            "out-of-fold rows, which is what the scorer records here (`from: group_folds`)" if folds else "") + ":\n\n"
+            + table("sqa_intervals", ["head", "val rows", "test coverage", "below", "above", "mean width", *(["held-out groups, "
+                                      "from val", "held-out groups, from other groups"] if folds else [])], rows))  # fmt: skip
 
 
 _SEED_ORDER = ("rs_sqa", "with_agreement", "with_agreement_ranking", "error_map")  # the summary's keys are sorted
@@ -452,7 +452,7 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
             data["sqa_leave_one_source_out"] = loso
         cv = a.get("group_folds")
         if a.get("intervals"):
-            md.append(_intervals_section(a["intervals"], (cv or {}).get("pooled", {}).get("intervals") or {}, table))
+            md.append(_intervals_section(a["intervals"], (cv or {}).get("pooled", {}), table))
             data["sqa_intervals"] = a["intervals"]
         if cv:
             md.append(_folds_section(cv, table))
