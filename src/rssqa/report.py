@@ -213,18 +213,18 @@ def _folds_section(cv: dict[str, Any], table: Any) -> str:
 
 
 def _intervals_section(iv: dict[str, Any], pooled: dict[str, Any], table: Any) -> str:
-    """How far each head's predicted OA may be (``intervals``; with group folds ``pooled.intervals*``)."""
-    folds, across = pooled.get("intervals") or {}, pooled.get("intervals_across_groups") or {}
+    """How far each head's predicted OA may be (``intervals``; with group folds ``pooled.intervals``)."""
+    folds = pooled.get("intervals") or {}
     rows = [[m, sum(v["n"]), *[v["test"][k] for k in ("coverage", "below", "above", "mean_width")],
-             *[f"{d[m]['coverage']:.3f} ({d[m]['mean_width']:.2f} wide)" if m in d else "-" for d in (folds, across) if d]]
+             *([f"{folds[m]['coverage']:.3f} ({folds[m]['mean_width']:.2f} wide)" if m in folds else "-"] if folds else [])]
             for m, v in iv.items()]  # fmt: skip
     return (f"## How far the predicted OA may be: {next(iter(iv.values()))['level']:.0%} intervals\n"
             "`rssqa score` and `rssqa recommend` give each predicted OA an interval: a head's signed errors on held-out rows, in "
             "three bins of the predicted value, set offsets that cover new rows of the same kind at the level (split conformal "
-            "prediction, `rssqa.intervals`). From the val rows, on the test rows (below / above: OA outside on that side)" + ("; on each held-out group, from its fold's val rows; and from the other folds' "
-            "out-of-fold rows, which is what the scorer records here (`from: group_folds`)" if folds else "") + ":\n\n"
-            + table("sqa_intervals", ["head", "val rows", "test coverage", "below", "above", "mean width", *(["held-out groups, "
-                                      "from val", "held-out groups, from other groups"] if folds else [])], rows))  # fmt: skip
+            "prediction, `rssqa.intervals`). From the val rows, on the test rows (below / above: OA outside on that side)"
+            + ("; and on each held-out group, from its fold's val rows" if folds else "") + ":\n\n"
+            + table("sqa_intervals", ["head", "val rows", "test coverage", "below", "above", "mean width",
+                                      *(["held-out groups"] if folds else [])], rows))  # fmt: skip
 
 
 _SEED_ORDER = ("rs_sqa", "with_agreement", "with_agreement_ranking", "error_map")  # the summary's keys are sorted

@@ -201,15 +201,11 @@ def test_stage_writes_the_whole_comparison(run_root):
     iv, preds = s["intervals"], json.loads((out / "predictions.json").read_text())
     oa = np.array([row["oa"] for row in preds["rows"]])
     assert set(iv) == {"rs_sqa", "with_agreement", "with_agreement_ranking"}
-    across = s["group_folds"]["pooled"]["intervals_across_groups"]
     for name, key in (("rs_sqa", "model"), ("with_agreement", "agreement_model"), ("with_agreement_ranking", "ranking_model")):
-        from_val = {k: v for k, v in iv[name].items() if k != "test"}
+        assert config["intervals"][key] == {k: v for k, v in iv[name].items() if k != "test"}, name
         assert iv[name]["level"] == 0.9 and sum(iv[name]["n"]) == s["n_rows"]["val"], name
-        got = intervals.coverage(np.array(preds["scores"][name]), oa, from_val)
+        got = intervals.coverage(np.array(preds["scores"][name]), oa, config["intervals"][key])
         assert got == pytest.approx(iv[name]["test"], abs=1e-5) and got["n"] == s["n_rows"]["test"], name
-        # this run cross-validated over groups: the scorer's intervals come from the out-of-fold rows instead
-        assert config["intervals"][key] == {**across[name]["fitted"], "from": "group_folds"}, name
-        assert sum(across[name]["fitted"]["n"]) == across[name]["n"] == s["group_folds"]["pooled"]["n_rows"], name
     loso = s["leave_one_source_out"]
     assert set(loso) == set(SOURCES)
     for held, fold in loso.items():

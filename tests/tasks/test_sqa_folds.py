@@ -11,7 +11,6 @@ import torch
 from rssqa.errors import RSSQAError
 from rssqa.report import _folds_section, _table
 from rssqa.tasks.sqa.folds import (
-    across_groups,
     cross_validate_groups,
     fold_jobs,
     fold_of_groups,
@@ -123,19 +122,3 @@ def test_out_of_fold_figures_of_a_perfect_and_a_useless_score():
     assert "perfect minus consensus in SRCC, all folds: " in md and "ahead" in md
     assert "Recommending by perfect: chosen OA" in md
 
-
-def test_intervals_across_groups_are_tried_on_a_group_left_out_of_their_fitting():
-    """Each fold's rows covered by intervals from the other folds' rows: a head that is right everywhere gets
-    zero-width intervals that cover; where one group sits 0.3 above its predictions, the other groups' rows
-    did not warn of it and that group is not covered, which is what the figure is for."""
-    rng = np.random.default_rng(0)
-    fold = np.repeat([0, 1, 2], 300)
-    pred = rng.uniform(0.3, 0.9, 900)
-    exact = across_groups(pred, pred.copy(), fold)
-    assert exact["coverage"] == 1.0 and exact["mean_width"] == 0.0 and sum(exact["fitted"]["n"]) == 900
-    oa = np.clip(pred + rng.normal(0, 0.05, 900), 0, 1)
-    same = across_groups(pred, oa, fold)
-    assert 0.85 <= same["coverage"] <= 0.95
-    oa[fold == 2] = np.clip(oa[fold == 2] + 0.3, 0, 1)
-    shifted = across_groups(pred, oa, fold)
-    assert shifted["coverage"] < 0.75 and shifted["above"] > 0.25

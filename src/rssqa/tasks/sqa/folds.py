@@ -152,8 +152,7 @@ def cross_validate_groups(
         "pooled": {n_images, n_rows, srcc: {name: value}, mean_fold_srcc: {name: value}, best_label_free, models,
         vs_consensus: {model: paired bootstrap}, vs_best_label_free: {model: ...}, recommend: {name:
         {chosen_oa, best_fixed_oa, oracle_oa, regret, gap_closed, vs_best_fixed}}, recommended_minus_best_fixed: {...},
-        policy, intervals: {model: coverage}, intervals_across_groups: {model: {coverage, ..., fitted}} (:func:`across_groups`),
-        error: {model: {bias, rmse}}}}``. A model's ``interval`` (with ``val_predictions``) is how the
+        policy, intervals: {model: coverage}, error: {model: {bias, rmse}}}}``. A model's ``interval`` (with ``val_predictions``) is how the
         intervals of its predicted OA measured on the fold's val rows (:func:`rssqa.intervals.fit`) did on its test
         rows (:func:`rssqa.intervals.coverage`); ``pooled.intervals`` the same over every out-of-fold row.
     """
@@ -206,7 +205,6 @@ def cross_validate_groups(
         data.split_of = original
     rows = np.flatnonzero(tested)
     oa, images = data.oa[rows].double().numpy(), data.image_idx[rows].numpy()
-    fold_ids = np.array([fold_of[str(g)] for g in _group_keys(data)[rows]])
     names = [m for m in pooled if np.isfinite(pooled[m][rows]).all()]
     srcc = {m: metrics.srcc(pooled[m][rows], oa) for m in names}
     others = [m for m in label_free if m in srcc and m != "consensus"]
@@ -245,7 +243,6 @@ def cross_validate_groups(
             "models": [*models, *(m for m in extra_names if m in srcc)], "recommend": choice, "recommender": recommender,
             "recommended_minus_best_fixed": metrics.mean_bootstrap(gain, n_boot, seed) if len(gain) else None,
             "policy": policy, "intervals": {m: _pooled_coverage(np.concatenate(c)) for m, c in covered.items()},
-            "intervals_across_groups": {m: across_groups(pooled[m][rows], oa, fold_ids) for m in models if m in srcc},
             # how far the models' predicted OA is from the truth on areas they never saw (scores and OA alike)
             "error": {m: {"bias": float(np.mean(pooled[m][rows] - oa)), "rmse": metrics.rmse(pooled[m][rows], oa)}
                       for m in learned if m in srcc},
@@ -254,19 +251,6 @@ def cross_validate_groups(
 
 
 POLICY = "_policy"  # per_image's entry for what each fold's policy chose
-
-
-def across_groups(pred: np.ndarray, oa: np.ndarray, fold: np.ndarray) -> dict[str, Any]:
-    """Intervals for images of groups a head never saw, from out-of-fold rows (each scored by a head that did
-    not see its group): ``fitted`` on all of them (:func:`rssqa.intervals.fit`: what the scorer records), and how
-    that recipe does on a group left out of the fitting too: each fold's rows covered by intervals fitted on the
-    other folds' rows (``coverage``, ``below``, ``above``, ``mean_width``, ``n`` pooled over the folds)."""
-    parts = []
-    for f in np.unique(fold):
-        fitted = intervals.fit(pred[fold != f], oa[fold != f])
-        low, high = intervals.bounds(pred[fold == f], fitted)
-        parts.append(np.stack([oa[fold == f] < low, oa[fold == f] > high, high - low], 1))
-    return {**_pooled_coverage(np.concatenate(parts)), "fitted": intervals.fit(pred, oa)}
 
 
 def _pooled_coverage(rows: np.ndarray) -> dict[str, float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,6 @@ from rssqa.agreement import BASELINES as AGREEMENT_BASELINES
 from rssqa.errors import RSSQAError
 from rssqa.progress import line
 from rssqa.runs import atomic_write_json, write_summary
-from rssqa.scorer import CONFIG
 from rssqa.tasks.sqa.choice import best_fixed, recommend_policy, recommendation
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.export import export_scorer
@@ -286,7 +284,6 @@ def run_sqa(
                 LABEL_FREE, recommender, seed, extra=(lambda f, _: fits.call_result(f"{PIXEL_FOLD}{f}")) if with_map else None,
                 extra_names=(ERROR_MAP,) if with_map else (), val_predictions=lambda run: fits.result(run)[1]["val"],
             )  # fmt: skip
-            record_group_intervals(out / "scorer", summary["group_folds"]["pooled"]["intervals_across_groups"])
         if seam:
             drop_seam_caches(data)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
@@ -369,7 +366,7 @@ def _evaluate_runs(
     scorer_dir = export_scorer(
         main, data, out / "scorer", best_fixed=rec["best_fixed_method"], agreement=agree_task, ranking=rank_task,
         pixel=pixel_head, policy={k: policy[k] for k in ("policy", "model", "method")} | {"val_vs_best_fixed": policy["val"]["vs_best_fixed"]},
-        intervals={SCORER_HEADS[name]: {**f, "from": "val"} for name, f in fitted.items()},
+        intervals={SCORER_HEADS[name]: f for name, f in fitted.items()},
     )  # fmt: skip
     ranking = sorted(
         ((k, v["srcc"]) for k, v in {"rs_sqa": test, **{k: v for k, v in table.items() if v}}.items() if v["srcc"] is not None),
@@ -415,19 +412,6 @@ def _evaluate_runs(
     extra = {ERROR_MAP: {"test": test_scores[ERROR_MAP]}} if ERROR_MAP in test_scores else {}
     atomic_write_json(out / "predictions.json", _predictions(data, runs, {**base, **extra}))
     return summary
-
-
-def record_group_intervals(scorer: Path, across: Mapping[str, Any]) -> None:
-    """The scorer's intervals from the group folds' out-of-fold rows instead of the val split's, where the stage
-    cross-validated over groups: a user's new images are often of an area the heads never saw, and those rows
-    are each scored by a head that never saw its area, over every area rather than the one val area
-    (:func:`~rssqa.tasks.sqa.folds.across_groups`; ``from`` in each entry says which rows)."""
-    path = scorer / CONFIG
-    config = json.loads(path.read_text())
-    for name, key in SCORER_HEADS.items():
-        if name in across and key in config.get("intervals", {}):
-            config["intervals"][key] = {**across[name]["fitted"], "from": "group_folds"}
-    atomic_write_json(path, config)
 
 
 def pixel_head_for(
