@@ -152,9 +152,10 @@ def cross_validate_groups(
         "pooled": {n_images, n_rows, srcc: {name: value}, mean_fold_srcc: {name: value}, best_label_free, models,
         vs_consensus: {model: paired bootstrap}, vs_best_label_free: {model: ...}, recommend: {name:
         {chosen_oa, best_fixed_oa, oracle_oa, regret, gap_closed, vs_best_fixed}}, recommended_minus_best_fixed: {...},
-        policy, intervals: {model: coverage}, error: {model: {bias, rmse}}}}``. A model's ``interval`` (with ``val_predictions``) is how the
-        intervals of its predicted OA measured on the fold's val rows (:func:`rssqa.intervals.fit`) did on its test
-        rows (:func:`rssqa.intervals.coverage`); ``pooled.intervals`` the same over every out-of-fold row.
+        policy, intervals: {model: coverage}, error: {model: {bias, rmse}}}}``. A model's ``interval`` (with
+        ``val_predictions``) is how the intervals of its predicted OA measured on the fold's val rows
+        (:func:`rssqa.intervals.fit`) did on its test rows (the figures of :func:`rssqa.intervals.coverage`);
+        ``pooled.intervals`` the same over every out-of-fold row.
     """
     original = data.split_of.copy()
     fold_of = fold_of_groups(data, k)
@@ -194,7 +195,7 @@ def cross_validate_groups(
                     fitted = intervals.fit(np.asarray(val_predictions(run_name(f, name)), np.float64), oa_val)
                     low, high = intervals.bounds(scores[name], fitted)
                     covered.setdefault(name, []).append(np.stack([oa < low, oa > high, high - low], 1))
-                    fold["scores"][name]["interval"] = intervals.coverage(scores[name], oa, fitted)
+                    fold["scores"][name]["interval"] = _pooled_coverage(covered[name][-1])
             if val_predictions is not None and recommender in models:
                 fold["policy"], _ = val_policy(data, np.asarray(val_predictions(run_name(f, recommender)), np.float64), fixed, n_boot, seed)
                 mine = per_image[recommender][-1]
@@ -254,7 +255,7 @@ POLICY = "_policy"  # per_image's entry for what each fold's policy chose
 
 
 def _pooled_coverage(rows: np.ndarray) -> dict[str, float]:
-    """:func:`rssqa.intervals.coverage`'s figures over the out-of-fold rows (``below``, ``above``, width per row)."""
+    """:func:`rssqa.intervals.coverage`'s figures from rows of (OA below the interval, above it, its width)."""
     below, above = rows[:, 0].mean(), rows[:, 1].mean()
     return {"coverage": float(1 - below - above), "below": float(below), "above": float(above),
             "mean_width": float(rows[:, 2].mean()), "n": len(rows)}  # fmt: skip
