@@ -79,14 +79,23 @@ def bounds(pred: Any, fitted: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray
     return low, high
 
 
-def coverage(pred: Any, oa: Any, fitted: Mapping[str, Any]) -> dict[str, float]:
-    """How the intervals of ``pred`` did on rows whose true OA is known: ``coverage`` (share of rows whose
-    OA lies inside), ``below`` / ``above`` (shares outside on each side), ``mean_width`` and ``n``."""
+def outside(pred: Any, oa: Any, fitted: Mapping[str, Any]) -> np.ndarray:
+    """Per row whose true OA is known, ``N×3``: whether the OA lies below its interval, above it, and the
+    interval's width (what :func:`summarise` pools; rows of several fits can be stacked first)."""
     t = np.asarray(oa, np.float64).reshape(-1)
     low, high = bounds(np.asarray(pred, np.float64).reshape(-1), fitted)
-    if not len(t):
+    return np.stack([t < low, t > high, high - low], 1).astype(np.float64)
+
+
+def summarise(rows: np.ndarray) -> dict[str, float]:
+    """``coverage`` (share of rows whose OA lies inside), ``below`` / ``above`` (shares outside on each side),
+    ``mean_width`` and ``n`` of :func:`outside`'s rows."""
+    if not len(rows):
         return {"coverage": math.nan, "below": math.nan, "above": math.nan, "mean_width": math.nan, "n": 0}
-    return {
-        "coverage": float(np.mean((t >= low) & (t <= high))), "below": float(np.mean(t < low)),
-        "above": float(np.mean(t > high)), "mean_width": float(np.mean(high - low)), "n": len(t),
-    }  # fmt: skip
+    below, above = float(rows[:, 0].mean()), float(rows[:, 1].mean())
+    return {"coverage": 1.0 - below - above, "below": below, "above": above, "mean_width": float(rows[:, 2].mean()), "n": len(rows)}
+
+
+def coverage(pred: Any, oa: Any, fitted: Mapping[str, Any]) -> dict[str, float]:
+    """How the intervals of ``pred`` did on rows whose true OA is known (:func:`summarise` of :func:`outside`)."""
+    return summarise(outside(pred, oa, fitted))

@@ -164,7 +164,7 @@ def cross_validate_groups(
     pooled = {name: np.full(n, np.nan) for name in (*learned, *label_free)}
     tested = np.zeros(n, bool)
     per_image: dict[str, list[np.ndarray]] = {}  # per score: images x (chosen, best fixed, best) OA, fold by fold
-    covered: dict[str, list[np.ndarray]] = {}  # per model: rows x (below, above, width) of its intervals, fold by fold
+    covered: dict[str, list[np.ndarray]] = {}  # per model: intervals.outside's rows, fold by fold
     folds = []
     try:
         for f, split in enumerate(fold_splits(data, k)):
@@ -193,9 +193,8 @@ def cross_validate_groups(
                 oa_val = data.oa[data.rows("val")].double().numpy()
                 for name in models:
                     fitted = intervals.fit(np.asarray(val_predictions(run_name(f, name)), np.float64), oa_val)
-                    low, high = intervals.bounds(scores[name], fitted)
-                    covered.setdefault(name, []).append(np.stack([oa < low, oa > high, high - low], 1))
-                    fold["scores"][name]["interval"] = _pooled_coverage(covered[name][-1])
+                    covered.setdefault(name, []).append(intervals.outside(scores[name], oa, fitted))
+                    fold["scores"][name]["interval"] = intervals.summarise(covered[name][-1])
             if val_predictions is not None and recommender in models:
                 fold["policy"], _ = val_policy(data, np.asarray(val_predictions(run_name(f, recommender)), np.float64), fixed, n_boot, seed)
                 mine = per_image[recommender][-1]
@@ -243,7 +242,7 @@ def cross_validate_groups(
             "best_label_free": best_lf, "vs_consensus": versus("consensus"), "vs_best_label_free": versus(best_lf),
             "models": [*models, *(m for m in extra_names if m in srcc)], "recommend": choice, "recommender": recommender,
             "recommended_minus_best_fixed": metrics.mean_bootstrap(gain, n_boot, seed) if len(gain) else None,
-            "policy": policy, "intervals": {m: _pooled_coverage(np.concatenate(c)) for m, c in covered.items()},
+            "policy": policy, "intervals": {m: intervals.summarise(np.concatenate(c)) for m, c in covered.items()},
             # how far the models' predicted OA is from the truth on areas they never saw (scores and OA alike)
             "error": {m: {"bias": float(np.mean(pooled[m][rows] - oa)), "rmse": metrics.rmse(pooled[m][rows], oa)}
                       for m in learned if m in srcc},
@@ -253,9 +252,3 @@ def cross_validate_groups(
 
 POLICY = "_policy"  # per_image's entry for what each fold's policy chose
 
-
-def _pooled_coverage(rows: np.ndarray) -> dict[str, float]:
-    """:func:`rssqa.intervals.coverage`'s figures from rows of (OA below the interval, above it, its width)."""
-    below, above = rows[:, 0].mean(), rows[:, 1].mean()
-    return {"coverage": float(1 - below - above), "below": float(below), "above": float(above),
-            "mean_width": float(rows[:, 2].mean()), "n": len(rows)}  # fmt: skip
