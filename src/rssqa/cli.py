@@ -22,206 +22,22 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rssqa.cli_inputs import (
+    PLAIN_8BIT,
+    blocks,
+    collect_images,
+    inputs_for,
+    range_for,
+    read_pixels,
+    read_scale,
+)
 from rssqa.errors import RSSQAError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".jp2", ".bmp", ".webp")
 DEFAULT_SCORER = os.environ.get("RSSQA_SCORER", "runs/demo/sqa/scorer")
-# images read per step: a multiple of any sensible chunk, so folders run in full chunks
-BLOCK = 64
-
-
-# ------------------------------------------------------------------------------------------ inputs
-def collect_images(paths: Sequence[str]) -> tuple[list[Path], bool]:
-    """Expand files and folders (recursively, sorted) into image files.
-
-    Returns:
-        ``(files, any_folder)``.
-    """
-    files: list[Path] = []
-    folder = False
-    for p in map(Path, paths):
-        if p.is_dir():
-            folder = True
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise RSSQAError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise RSSQAError(f"{p}: no such file or folder")
-    if not files:
-        raise RSSQAError("no images given")
-    return files, folder
-
-
-class Inputs:
-    """The images of a command, read block by block; with ``on_bad="skip"`` a bad one is skipped and said.
-
-    Args:
-        scorer: checks each image (:meth:`~rssqa.scorer.Scorer.check_image`: three 8-bit bands, large enough).
-        on_bad: ``skip`` (one ``skipped:`` line on stderr each, counted) or ``error`` (the first one stops the command).
-        total: how many images there are (a single image that is bad is an error either way).
-        scale: resample each image by this factor when read (:func:`rssqa.data.segsets.resample_by`; 1: as it is).
-        bands: the three bands to read, 0-based (``None``: a three-band file as it is).
-        rescale: ``(low, high)`` mapped linearly to 0-255 (``None``: 8-bit pixels as they are).
-        trained_gsd: the ground sample distance (metres) the scorer's methods were trained at: a GeoTIFF in a
-            CRS in metres is resampled by its own pixel size over it instead of by ``scale`` (``None``: never).
-        plain_8bit: ``rescale`` is meant for pixels of more than 8 bits (the scorer's record): an 8-bit image is
-            read as it is (said once).
-    """
-
-    def __init__(
-        self, scorer: Any, on_bad: str = "skip", total: int = 0, scale: float = 1.0,
-        bands: list[int] | None = None, rescale: tuple[float, float] | None = None, plain_8bit: bool = False,
-        trained_gsd: float | None = None,
-    ):  # fmt: skip
-        self.scorer, self.on_bad, self.scale = scorer, "error" if total == 1 else on_bad, scale
-        self.bands, self.rescale, self.plain_8bit, self.trained_gsd = bands, rescale, plain_8bit, trained_gsd
-        self.seen = 0
-        self.skipped: list[str] = []
-        self._said: set[float] = set()  # the pixel sizes said
-        self._said_plain = False
-
-    def factor(self, path: Path) -> float:
-        """The resampling factor of one file: its ground sample distance over the trained one for a GeoTIFF in
-        metres (said once per distance), else ``scale``."""
-        from rssqa.data.segsets.rasters import ground_sample_distance, is_gdal
-
-        gsd = ground_sample_distance(path) if self.trained_gsd and is_gdal(path) else None
-        if gsd is None:
-            return self.scale
-        if gsd not in self._said:
-            self._said.add(gsd)
-            _say(f"rssqa: georeferenced images of {gsd:g} m pixels resampled by {gsd / self.trained_gsd:g} when read, to the "
-                 f"{self.trained_gsd:g} m the scorer's methods were trained at (first: {path}; --scale to choose)")  # fmt: skip
-        return gsd / self.trained_gsd
-
-    def read(self, block: Sequence[Path]) -> tuple[list[Path], list[Any]]:
-        """``(files, images)`` of the usable images of ``block``."""
-        from rssqa.data.segsets import resample_by
-        from rssqa.data.segsets.rasters import as_8bit, read_bands
-
-        files, images = [], []
-        for f in block:
-            self.seen += 1
-            try:
-                image = read_bands(f, self.bands)
-                rescale = self.rescale
-                if self.plain_8bit and image.dtype == "uint8":
-                    rescale = None
-                    if not self._said_plain:
-                        self._said_plain = True
-                        _say(f"rssqa: 8-bit images read as they are, the scorer's value range is for its other pixel types (first: {f})")
-                image = as_8bit(image, rescale, f)
-                images.append(self.scorer.check_image(resample_by(image, self.factor(f)), str(f)))
-                files.append(f)
-            except RSSQAError as e:
-                if self.on_bad == "error":
-                    raise
-                self.skipped.append(str(e))
-                _say(f"skipped: {e}")
-        return files, images
-
-    def finish(self) -> int:
-        """The exit status: 0, or 1 where images were skipped (said on stderr); no usable image is an error."""
-        if self.skipped and len(self.skipped) == self.seen:
-            raise RSSQAError(f"none of the {self.seen} images is usable (each is listed above)")
-        if self.skipped:
-            print(f"{len(self.skipped)} of {self.seen} images skipped (listed above); the others are scored", file=sys.stderr)
-            return 1
-        return 0
-
-
-def _inputs(scorer: Any, args: argparse.Namespace, total: int) -> Inputs:
-    """The images of ``rssqa score`` / ``recommend``, read as the options and the scorer's record say."""
-    trained = None if args.scale is not None else scorer.reading(args.source).get("gsd")
-    return Inputs(scorer, args.on_bad, total, _read_scale(scorer, args), *_read_pixels(scorer, args), trained_gsd=trained)
-
-
-def _read_scale(scorer: Any, args: argparse.Namespace, what: str = "images", gsd: float | None = None) -> float:
-    """``--scale``; else, for a scene of ground sample distance ``gsd`` (metres per pixel) and a scorer that
-    records the one its methods were trained at, their ratio; else the factor the scorer's source was
-    resampled by on read. Said on stderr when not 1."""
-    if args.scale is not None:
-        if not args.scale > 0:
-            raise RSSQAError(f"--scale: must be a positive factor, got {args.scale:g}")
-        return args.scale
-    reading = scorer.reading(args.source)
-    trained = reading.get("gsd") if gsd else None
-    if trained:
-        scale, why = gsd / trained, f"its {gsd:g} m pixels to the {trained:g} m the scorer's methods were trained at"
-    else:
-        scale, why = float(reading.get("scale", 1.0)), "as the scorer's source was read for training"
-    if scale != 1:
-        print(f"rssqa: {what} resampled by {scale:g} when read, {why} (--scale 1: as they are)", file=sys.stderr)
-    return scale
-
-
-def _numbers(text: str | None, flag: str, n: int) -> list[float] | None:
-    """``n`` comma-separated numbers of ``flag`` (``None`` when not given), or a one-line error."""
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != n:
-        raise RSSQAError(f"{flag} {text!r}: {n} comma-separated numbers expected")
-    return values
-
-
-def _read_pixels(scorer: Any, args: argparse.Namespace) -> tuple[list[int] | None, tuple[float, float] | None, bool]:
-    """``--bands`` (1-based, returned 0-based) and ``--rescale``; where not given, the bands and the value range
-    the scorer's source was read with for training (said on stderr); and whether that range is for pixels of more
-    than 8 bits only (the source's files were such: an 8-bit file is then read as it is)."""
-    bands = _numbers(args.bands, "--bands", 3)
-    rescale = _numbers(args.rescale, "--rescale", 2)
-    if bands is not None and (min(bands) < 1 or any(b != int(b) for b in bands)):
-        raise RSSQAError(f"--bands {args.bands!r}: whole band numbers, the first band 1")
-    if rescale is not None and not rescale[1] > rescale[0]:
-        raise RSSQAError(f"--rescale {args.rescale!r}: HIGH must be above LOW")
-    reading, said = scorer.reading(args.source), []
-    if bands is None and reading.get("bands"):
-        bands = [int(b) + 1 for b in reading["bands"]]
-        said.append(f"bands {','.join(map(str, bands))}")
-    plain_8bit = False
-    if rescale is None and reading.get("rescale"):
-        rescale = [float(v) for v in reading["rescale"]]
-        plain_8bit = "uint8" not in reading.get("pixels", ["uint8"])
-        said.append(f"values {rescale[0]:g}..{rescale[1]:g} mapped to 0-255")
-    if said:
-        print(f"rssqa: {' and '.join(said)}, as the scorer's source was read for training (--bands / --rescale to change)",
-              file=sys.stderr)  # fmt: skip
-    return ([int(b) - 1 for b in bands] if bands else None), (tuple(rescale) if rescale else None), plain_8bit
-
-
-def _say(message: str) -> None:
-    """A line on stderr that does not break a progress bar."""
-    from tqdm import tqdm
-
-    tqdm.write(message, file=sys.stderr)
-
-
-def _blocks(files: list[Path], progress: bool) -> Iterator[list[Path]]:
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True)
-    try:
-        for start in range(0, len(files), BLOCK):
-            block = files[start : start + BLOCK]
-            yield block
-            if bar is not None:
-                bar.update(len(block))
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def _load_scorer(args: argparse.Namespace):
@@ -249,8 +65,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     agreement = scorer.use_agreement(names, others)  # a one-line error before any image is read
     # the OA the head predicts comes with the interval its val rows gave (none for the error map's)
     fitted = None if args.error_map else _interval(scorer, "agreement_model" if agreement else "model")
-    inputs, results = _inputs(scorer, args, len(files)), []
-    for block in _blocks(files, folder and not args.quiet):
+    inputs, results = inputs_for(scorer, args, len(files)), []
+    for block in blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
         if not images:
             continue
@@ -309,8 +125,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     fitted = _interval(scorer, "ranking_model" if head is scorer.ranking_model else "agreement_model" if head is scorer.agreement_model else "model")
     if fixed is not None:
         _fixed_note(scorer)
-    inputs, results = _inputs(scorer, args, len(files)), []
-    for block in _blocks(files, folder and not args.quiet):
+    inputs, results = inputs_for(scorer, args, len(files)), []
+    for block in blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
         if not images:
             continue
@@ -369,14 +185,13 @@ def cmd_scene(args: argparse.Namespace) -> int:
     from rssqa.scene import SceneOptions, score_scene_file
 
     scorer = _load_scorer(args)
-    bands, rescale, plain_8bit = _read_pixels(scorer, args)
+    bands, rescale, plain_8bit = read_pixels(scorer, args)
     bands = [b + 1 for b in bands] if bands else None  # the scene reads GDAL's 1-based band numbers
-    if plain_8bit and header(Path(args.scene), "scene")[3] == "uint8":
-        rescale = None
-        print("rssqa: an 8-bit scene read as it is, the scorer's value range is for its other pixel types", file=sys.stderr)
+    if plain_8bit:  # the header read only then: a file that is no raster gets the scene job's own error
+        rescale = range_for(header(Path(args.scene), "scene")[3], rescale, plain_8bit, f"an 8-bit scene read as it is, {PLAIN_8BIT}")
     options = SceneOptions(
         source=args.source, methods=args.methods, tile=args.tile, overlap=args.overlap, bands=bands, rescale=rescale, truth=args.truth,
-        progress=not args.quiet, resume=not args.restart, by_score=args.by_score, scale=_read_scale(scorer, args, "the scene and its maps", ground_sample_distance(Path(args.scene))),
+        progress=not args.quiet, resume=not args.restart, by_score=args.by_score, scale=read_scale(scorer, args, "the scene and its maps", ground_sample_distance(Path(args.scene))),
     )
     summary = score_scene_file(scorer, args.scene, args.out, options)
     if summary.get("recommended_by", "score") != "score":
