@@ -151,3 +151,22 @@ def test_agreement_skip_scores_alike_in_training_and_scoring(built, tmp_path):
         assert live == pytest.approx(trained, abs=1e-5)
         scorer.agreement_model.agree_logit.weight.zero_()
         assert scorer.score([image], METHODS, SOURCE, agreement=True)[0, METHODS.index("fpn")] != pytest.approx(live, abs=1e-4)
+
+
+def test_agreement_prior_fits_the_direct_term_on_the_training_rows(built):
+    """``agreement_prior``: the direct agreement term starts fitted to the train split (not at zero), so the
+    untrained head's scores of the train rows sit closer to their OA than the train mean alone does."""
+    from rssqa.tasks.sqa import SQATask
+
+    data, _ = built
+    with pytest.raises(RSSQAError, match="agreement_prior: needs the direct agreement term"):
+        SQATask(agreement=True, agreement_prior=True)
+    task = SQATask(agreement=True, agreement_skip=True, agreement_prior=True)
+    task.build_for(data)
+    assert task.model.agree_logit.weight.abs().sum() > 0
+    train = torch.tensor(data.rows("train"))
+    with torch.no_grad():
+        task.model.head[-1].weight.zero_()  # the fit alone
+        scores = task.model.eval()(data.batch(train))
+    oa = data.oa[train]
+    assert (scores - oa).pow(2).mean() < (oa - oa.mean()).pow(2).mean()

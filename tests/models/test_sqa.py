@@ -46,6 +46,27 @@ def test_output_prior_starts_the_score_at_the_typical_oa():
     assert torch.allclose(model(_batch()), torch.full((6,), 0.99))
 
 
+def test_agreement_prior_starts_the_score_at_the_calibrated_vote():
+    """Fitted on training rows whose OA the agreement predicts, the head scores new rows by that fit before
+    any training (with the last layer's weights zeroed, exactly the fit); without it the term is zero."""
+    g = torch.Generator().manual_seed(3)
+    agree = torch.rand(400, 3, generator=g)
+    oa = torch.sigmoid(4.0 * agree[:, 1] - 1.0) + 0.02 * torch.randn(400, generator=g)
+    model = _model("seg_only", agreement=True, agreement_skip=True)
+    model.norm_agree_global.set_stats(agree.mean(0), agree.std(0))
+    batch = {**_batch(400), "agree_maps": agree[:, :, None, None].expand(-1, -1, GRID, GRID), "agree_global": agree}
+    assert torch.equal(model.agreement_offset(agree), torch.zeros(400))
+    model.set_agreement_prior(agree, oa)
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        fit = model(batch)
+    assert (fit - oa).abs().mean() < 0.03 < (oa - oa.mean()).abs().mean()
+    with pytest.raises(RSSQAError, match="agreement_skip"):
+        _model("seg_only", agreement=True).set_agreement_prior(agree, oa)
+    with pytest.raises(RSSQAError, match="at least 2 rows"):
+        model.set_agreement_prior(agree[:1], oa[:1])
+
+
 def test_ablations_ignore_the_branch_they_drop():
     a, b = _batch(seed=0), _batch(seed=1)
     img, seg, full = _model("image_only"), _model("seg_only"), _model("full")

@@ -210,6 +210,35 @@ class RSSQA(nn.Module):
         with torch.no_grad():
             self.head[-1].bias.fill_(math.log(p / (1.0 - p)))
 
+    def set_agreement_prior(self, agree_global: torch.Tensor, oa: torch.Tensor, steps: int = 100) -> None:
+        """Start the score at the training rows' OA as the per-image agreement alone predicts it: the direct
+        agreement term (``agreement_skip``) and the last layer's bias are fitted, by least squares on OA
+        through the sigmoid, to ``agree_global`` ``B×A`` and ``oa`` ``B`` (the training split), so that the
+        head begins as a calibrated vote of the other methods and learns what sets a row apart from it.
+        Call after the input statistics are set (the fit reads the standardised agreement)."""
+        if self.agree_logit is None:
+            raise RSSQAError("sqa.agreement_prior: needs the direct agreement term (agreement_skip: true)")
+        if len(oa) != len(agree_global) or len(oa) < 2:
+            raise RSSQAError(f"sqa.agreement_prior: needs at least 2 rows of agreement and OA, got {len(agree_global)} and {len(oa)}")
+        with torch.no_grad():
+            z = self.norm_agree_global(agree_global.double())
+            p = oa.double().clamp(0.01, 0.99).mean()
+        w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.log(p / (1 - p)).clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = (torch.sigmoid(z @ w + b) - oa.double()).pow(2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            self.agree_logit.weight.copy_(w.detach().view_as(self.agree_logit.weight))
+            self.agree_logit.bias.zero_()
+            self.head[-1].bias.fill_(float(b.detach()))
+
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-method standardisation of the raw features: ``M×F`` mean and std (measured on train)."""
         self.feat_mean.copy_(mean.to(self.feat_mean))

@@ -47,6 +47,8 @@ class SQATask(L.LightningModule):
             output logit (:class:`~rssqa.models.sqa.RSSQA`).
         output_prior: start the output at the training split's mean OA (the last layer's bias at its
             logit; :meth:`~rssqa.models.sqa.RSSQA.set_output_prior`) instead of at 0.5 (false).
+        agreement_prior: with ``agreement_skip``, start the output at the training split's OA as the
+            per-image agreement alone predicts it (:meth:`~rssqa.models.sqa.RSSQA.set_agreement_prior`).
         dims: input widths (filled from the data in ``setup``; stored so checkpoints rebuild alone).
         methods: method names with adapters (filled from the data).
         feat_dim: raw feature width of the adapters (filled from the data).
@@ -73,6 +75,7 @@ class SQATask(L.LightningModule):
         agreement: bool = False,
         agreement_skip: bool = False,
         output_prior: bool = True,
+        agreement_prior: bool = False,
         dims: dict[str, int] | None = None,
         methods: list[str] | None = None,
         feat_dim: int = 0,
@@ -82,6 +85,8 @@ class SQATask(L.LightningModule):
             raise RSSQAError(f"model.variant: {variant!r} is not one of {', '.join(VARIANTS)}")
         if agreement_skip and not agreement:
             raise RSSQAError("model.agreement_skip: needs the agreement inputs (model.agreement: true)")
+        if agreement_prior and not agreement_skip:
+            raise RSSQAError("model.agreement_prior: needs the direct agreement term (model.agreement_skip: true)")
         if not 0.0 <= ema_decay < 1.0:
             raise RSSQAError(f"model.ema_decay: must be in [0, 1), got {ema_decay}")
         self.save_hyperparameters()
@@ -136,6 +141,9 @@ class SQATask(L.LightningModule):
         set_input_stats(self.model, data.input_stats())
         if self.hparams.get("output_prior"):
             self.model.set_output_prior(float(data.oa[data.rows("train")].double().mean()))
+        if self.hparams.get("agreement_prior"):
+            train = data.rows("train")
+            self.model.set_agreement_prior(data.agree["agree_global"][train], data.oa[train])
 
     def configure_callbacks(self) -> list[L.Callback]:
         if not self.hparams.ema_decay:
