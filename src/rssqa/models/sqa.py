@@ -220,16 +220,17 @@ class RSSQA(nn.Module):
             raise RSSQAError("sqa.agreement_prior: needs the direct agreement term (agreement_skip: true)")
         if len(oa) != len(agree_global) or len(oa) < 2:
             raise RSSQAError(f"sqa.agreement_prior: needs at least 2 rows of agreement and OA, got {len(agree_global)} and {len(oa)}")
+        y = oa.double()
         with torch.no_grad():
             z = self.norm_agree_global(agree_global.double())
-            p = oa.double().clamp(0.01, 0.99).mean()
+            p = y.clamp(0.01, 0.99).mean()
         w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
         b = torch.log(p / (1 - p)).clone().requires_grad_(True)
         opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            loss = (torch.sigmoid(z @ w + b) - oa.double()).pow(2).mean()
+            loss = (torch.sigmoid(z @ w + b) - y).pow(2).mean()
             loss.backward()
             return loss
 

@@ -48,7 +48,8 @@ class SQATask(L.LightningModule):
         output_prior: start the output at the training split's mean OA (the last layer's bias at its
             logit; :meth:`~rssqa.models.sqa.RSSQA.set_output_prior`) instead of at 0.5 (false).
         agreement_prior: with ``agreement_skip``, start the output at the training split's OA as the
-            per-image agreement alone predicts it (:meth:`~rssqa.models.sqa.RSSQA.set_agreement_prior`).
+            per-image agreement alone predicts it (:meth:`~rssqa.models.sqa.RSSQA.set_agreement_prior`;
+            in place of ``output_prior``'s start, whose bias it fits again).
         dims: input widths (filled from the data in ``setup``; stored so checkpoints rebuild alone).
         methods: method names with adapters (filled from the data).
         feat_dim: raw feature width of the adapters (filled from the data).
@@ -139,11 +140,11 @@ class SQATask(L.LightningModule):
         self.hparams.feat_dim = data.feat_dim
         self.model = self._build()
         set_input_stats(self.model, data.input_stats())
-        if self.hparams.get("output_prior"):
-            self.model.set_output_prior(float(data.oa[data.rows("train")].double().mean()))
-        if self.hparams.get("agreement_prior"):
-            train = data.rows("train")
+        train = data.rows("train")
+        if self.hparams.get("agreement_prior"):  # sets the output bias too: it replaces the output prior's start
             self.model.set_agreement_prior(data.agree["agree_global"][train], data.oa[train])
+        elif self.hparams.get("output_prior"):
+            self.model.set_output_prior(float(data.oa[train].double().mean()))
 
     def configure_callbacks(self) -> list[L.Callback]:
         if not self.hparams.ema_decay:
