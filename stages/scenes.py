@@ -18,7 +18,8 @@ from rssqa.errors import RSSQAError
 from rssqa.runs import is_done, write_summary
 from rssqa.scene import export_split_scenes, score_scene_index
 from rssqa.scene.common import trained_tile
-from rssqa.scorer import Scorer, read_config
+from rssqa.scorer import Scorer
+from rssqa.scorer_folder import read_config
 
 
 def _largest_tile(scorer: str) -> int:

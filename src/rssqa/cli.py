@@ -64,7 +64,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise RSSQAError("score --error-map: needs registered --method names and a scorer with a pixel error head")
     agreement = scorer.use_agreement(names, others)  # a one-line error before any image is read
     # the OA the head predicts comes with the interval its val rows gave (none for the error map's)
-    fitted = None if args.error_map else _interval(scorer, "agreement_model" if agreement else "model")
+    fitted = None if args.error_map else scorer.interval(scorer.agreement_model if agreement else scorer.model)
     inputs, results = inputs_for(scorer, args, len(files)), []
     for block in blocks(files, folder and not args.quiet):
         block, images = inputs.read(block)
@@ -87,12 +87,6 @@ def cmd_score(args: argparse.Namespace) -> int:
             [r["image"], r["method"], f"{r['score']:.4f}", *([f"{r['low']:.3f} - {r['high']:.3f}"] if fitted else [])] for r in results
         ])  # fmt: skip
     return status
-
-
-def _interval(scorer: Any, head: str) -> dict[str, Any] | None:
-    """The interval offsets ``scorer.json`` holds for a head's predicted OA (``model``, ``agreement_model``,
-    ``ranking_model``; :mod:`rssqa.intervals`), or ``None`` (a scorer from before they were recorded)."""
-    return (scorer.config.get("intervals") or {}).get(head)
 
 
 def _with_interval(score: float, fitted: dict[str, Any] | None) -> dict[str, float]:
@@ -121,8 +115,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     methods = args.methods or None
     labels = scorer.method_names(methods, args.source)
     fixed = None if args.by_score else scorer.fixed_first(labels)
-    head = scorer.recommend_head(len(labels))
-    fitted = _interval(scorer, "ranking_model" if head is scorer.ranking_model else "agreement_model" if head is scorer.agreement_model else "model")
+    fitted = scorer.interval(scorer.recommend_head(len(labels)))
     if fixed is not None:
         _fixed_note(scorer)
     inputs, results = inputs_for(scorer, args, len(files)), []
@@ -153,7 +146,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """``rssqa methods``: sources and methods a scorer knows."""
-    from rssqa.scorer import CONFIG
+    from rssqa.scorer_folder import CONFIG
 
     path = Path(args.scorer) / CONFIG
     if not path.is_file():
@@ -202,10 +195,12 @@ def cmd_scene(args: argparse.Namespace) -> int:
     win = summary["windows"]
     print(f"{args.scene}: {win['scored']} windows scored ({win['skipped_nodata']} all nodata), "
           f"{summary['timings']['total_s']:.1f} s; outputs in {args.out}")  # fmt: skip
+    band = summary.get("mean_predicted_oa_interval")
     _table(
-        ["method", "mean predicted OA", "recommended share"],
-        [[m, f"{summary['mean_predicted_oa'][m]:.3f}", f"{summary['chosen_share'][m]:.1%}"] for m in summary["methods"]],
-    )
+        ["method", "mean predicted OA", *([f"{band['level']:.0%} band of the windows' intervals"] if band else []), "recommended share"],
+        [[m, f"{summary['mean_predicted_oa'][m]:.3f}", *([f"{band['low'][m]:.3f} - {band['high'][m]:.3f}"] if band else []),
+          f"{summary['chosen_share'][m]:.1%}"] for m in summary["methods"]],
+    )  # fmt: skip
     ev = summary.get("evaluation")
     if ev:
         print(f"fused OA {ev['fused_oa']:.4f}, best single method {ev['best_single_method']} {ev['best_single_oa']:.4f}, "

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,46 +28,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from rssqa.agreement import MIN_METHODS, quality_agreement_maps
 from rssqa.errors import RSSQAError
 from rssqa.models.clip import clip_fingerprint, image_size, load_clip
-from rssqa.models.pixel_error import PixelErrorHead, image_quality, load_pixel_head, pixel_inputs
+from rssqa.models.pixel_error import PixelErrorHead, image_quality, pixel_inputs
 from rssqa.models.quality_inputs import QualityInputs, forward_rows
 from rssqa.models.segmenters import Segmenter, load_segmenter
 from rssqa.models.sqa import RSSQA
 from rssqa.recommend import POLICY_FIXED, apply_policy, rank_methods
-
-CONFIG = "scorer.json"
-WEIGHTS = "scorer.safetensors"
-AGREEMENT_WEIGHTS = "scorer_agreement.safetensors"  # RS-SQA with agreement between methods, when trained
-RANKING_WEIGHTS = "scorer_ranking.safetensors"  # the same trained for ranking methods (recommendation)
-PIXEL_WEIGHTS = "scorer_pixel.safetensors"  # the pixel error head, when trained
-FORMAT = 1
-
-
-def _load_head(kwargs: dict[str, Any], weights: Path, config: Path) -> RSSQA:
-    """A quality head from its arguments and weights file, or a one-line error naming the file."""
-    model = RSSQA(**kwargs)
-    try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
-    except FileNotFoundError:
-        raise RSSQAError(f"{weights}: scorer weights not found") from None
-    except (RuntimeError, OSError) as e:
-        raise RSSQAError(f"{weights}: does not fit {config} ({str(e).splitlines()[0][:160]})") from None
-    return model
-
-
-def _load_pixel_head(kwargs: dict[str, Any], weights: Path) -> PixelErrorHead:
-    """The pixel error head from its arguments and weights file, or a one-line error naming the file."""
-    try:
-        state = load_file(str(weights))
-    except FileNotFoundError:
-        raise RSSQAError(f"{weights}: pixel error head weights not found") from None
-    except (RuntimeError, OSError) as e:
-        raise RSSQAError(f"{weights}: not readable ({str(e).splitlines()[0][:160]})") from None
-    return load_pixel_head(kwargs, state, str(weights))
+from rssqa.scorer_folder import (
+    AGREEMENT_WEIGHTS,
+    CONFIG,
+    FORMAT,
+    PIXEL_WEIGHTS,
+    RANKING_WEIGHTS,
+    WEIGHTS,
+    load_head,
+    load_pixel_head,
+    read_config,
+)
 
 
 @dataclass
@@ -77,17 +56,6 @@ class _Method:
     segmenter: Segmenter
     adapter: int  # per-method adapter index, -1 for the shared adapter only
     feat_dim: int
-
-
-def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The ``scorer.json`` of a scorer folder, or a one-line error naming the file."""
-    path = Path(folder) / CONFIG
-    if not path.is_file():
-        raise RSSQAError(f"{path}: scorer config not found (a scorer folder is written by the sqa stage)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RSSQAError(f"{path}: not a scorer config ({type(e).__name__}: {e})") from None
 
 
 class Scorer:
@@ -146,12 +114,12 @@ class Scorer:
             raise RSSQAError(f"{path}: not a scorer config ({type(e).__name__}: {e})") from None
         if config.get("format") != FORMAT:
             raise RSSQAError(f"{path}: scorer format {config.get('format')!r}, this version reads {FORMAT}")
-        model = _load_head(model_kwargs, folder / WEIGHTS, path)
+        model = load_head(model_kwargs, folder / WEIGHTS, path)
         agree, rank = config.get("agreement_model"), config.get("ranking_model")
-        agreement_model = _load_head(agree, folder / AGREEMENT_WEIGHTS, path) if agree else None
-        ranking_model = _load_head(rank, folder / RANKING_WEIGHTS, path) if rank else None
+        agreement_model = load_head(agree, folder / AGREEMENT_WEIGHTS, path) if agree else None
+        ranking_model = load_head(rank, folder / RANKING_WEIGHTS, path) if rank else None
         pixel = config.get("pixel_model")
-        pixel_model = _load_pixel_head(pixel, folder / PIXEL_WEIGHTS) if pixel else None
+        pixel_model = load_pixel_head(pixel, folder / PIXEL_WEIGHTS) if pixel else None
         clip_path = Path(clip) if clip is not None else folder / clip_cfg["path"]
         clip_model, *_ = load_clip(clip_path)
         found = clip_fingerprint(clip_model)
@@ -483,6 +451,18 @@ class Scorer:
                 if head is not None:
                     return head
         return self.model
+
+    def head_key(self, head: RSSQA) -> str:
+        """Where ``head`` (one of this scorer's) is described in ``scorer.json``: ``ranking_model``,
+        ``agreement_model`` or ``model`` (its arguments, and its interval offsets under ``intervals``)."""
+        if head is not None and head is self.ranking_model:
+            return "ranking_model"
+        return "agreement_model" if head is not None and head is self.agreement_model else "model"
+
+    def interval(self, head: RSSQA) -> dict[str, Any] | None:
+        """The interval offsets of ``head``'s predicted OA, measured on the sqa stage's val split
+        (:func:`rssqa.intervals.fit`), or ``None`` (a scorer from before they were recorded)."""
+        return (self.config.get("intervals") or {}).get(self.head_key(head))
 
     def use_agreement(self, scored: Sequence[str], with_methods: Sequence[str] = (), agreement: bool | None = None) -> bool:
         """Whether scoring the methods named ``scored`` uses the agreement head (see :meth:`score`); a

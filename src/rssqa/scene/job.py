@@ -41,6 +41,7 @@ from rssqa.scene.evaluate import _evaluate_windows, _finish_eval, _new_eval, fus
 from rssqa.scene.quicklook import quicklook
 from rssqa.scene.windows import owned_bounds, taper, window_offsets
 
+HEAD_NAMES = {"ranking_model": "ranking", "agreement_model": "agreement", "model": "paper"}  # scene.json's "head"
 CHECKPOINT_S = 20.0  # seconds between two saved states (a rerun continues from the last one)
 
 
@@ -108,7 +109,7 @@ class SceneJob:
             raise RSSQAError(f"--methods: at most {len(METHOD_COLOURS)} methods per scene, got {len(self.names)}")
         self.agreement = len(self.methods) >= MIN_METHODS
         self.head = scorer.recommend_head(len(self.methods))  # ranking, else agreement (>= 3 methods), else the paper's
-        self.head_name = "ranking" if self.head is scorer.ranking_model else "agreement" if self.head is scorer.agreement_model else "paper"
+        self.head_name = HEAD_NAMES[scorer.head_key(self.head)]
         self.pixel_head = getattr(scorer, "pixel_model", None)
         if self.pixel_head is not None and self.pixel_head.agreement and not self.agreement:
             self.pixel_head = None

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from rssqa.errors import RSSQAError
 from rssqa.models.pixel_error import PixelErrorHead
-from rssqa.scorer import AGREEMENT_WEIGHTS, CONFIG, FORMAT, PIXEL_WEIGHTS, RANKING_WEIGHTS, WEIGHTS
+from rssqa.scorer_folder import AGREEMENT_WEIGHTS, CONFIG, FORMAT, PIXEL_WEIGHTS, RANKING_WEIGHTS, WEIGHTS
 from rssqa.tasks.sqa.data import SQADataModule
 from rssqa.tasks.sqa.task import SQATask
 
