@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                     ("error map AUROC minus the best per-pixel baseline, all pixels", pooled.get("error_auroc_margin"))):  # fmt: skip
         if d:
             print(f"  {what}: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['verdict']}")
+    cov = ov.get("mean_interval_coverage")
+    if cov:
+        print(f"  a scene's true OA inside the band of its mean predicted OA: {cov['inside']} of {cov['of']} (scene, method) pairs")
     return 0
 
 

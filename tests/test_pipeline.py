@@ -46,6 +46,10 @@ def test_make_demo_smoke_end_to_end(tmp_path):
     pooled = scenes["overall"]["pooled"]["fused_minus_best_single"]
     margins = [r["evaluation"]["fused_oa"] - r["evaluation"]["best_single_oa"] for r in scenes["scenes"]]
     assert pooled["diff"] == pytest.approx(np.mean(margins)) and pooled["low"] <= pooled["diff"] <= pooled["high"]
+    # the band of each scene's mean predicted OA against its true OA, every (scene, method) pair counted
+    held = [v for r in scenes["scenes"] for v in r["evaluation"]["in_mean_interval"].values()]
+    assert len(held) == 8 * len(scenes["scenes"])
+    assert scenes["overall"]["mean_interval_coverage"] == {"inside": sum(held), "of": len(held), "share": pytest.approx(np.mean(held))}
     report = (root / "report.md").read_text()
     for section in ("Purification", "CLIP-RS", "RS-SQED", "RS-SQA against", "Method recommendation", "Whole scenes"):
         assert section in report

@@ -15,6 +15,7 @@ from rasterio.transform import from_origin  # noqa: E402
 
 from rssqa.cli import main  # noqa: E402
 from rssqa.errors import RSSQAError  # noqa: E402
+from rssqa.intervals import bounds  # noqa: E402
 from rssqa.scene import LAYERS, NODATA, owned_bounds, taper, window_offsets  # noqa: E402
 from tests.conftest import patch_scorer_load  # noqa: E402
 
@@ -113,11 +114,14 @@ def test_scene_outputs_are_georeferenced_and_fused_is_the_chosen_methods(scorer,
     pixels = img.transpose(1, 2, 0)
     names = summary["methods"]
     hits, chosen_hits, oracle_hits, labelled = np.zeros(len(names)), 0, 0, 0
+    fitted = scorer.interval(scorer.recommend_head(len(names)))
+    band = np.zeros((2, len(names)))  # the windows' interval ends, summed per method
     for r in range(0, h, tile):
         for c in range(0, w, tile):
             win = np.ascontiguousarray(pixels[r : r + tile, c : c + tile])
             ranked = scorer.recommend([win], names, summary["source"], policy=by == "fixed")[0]
             chosen = ranked[0][0]
+            band += np.stack(bounds(np.array([dict(ranked)[m] for m in names]), fitted))
             owned = best[r : r + tile, c : c + tile][valid[r : r + tile, c : c + tile]]
             assert set(owned.tolist()) == {names.index(chosen)}
             seg = scorer.method(chosen, summary["source"]).segmenter
@@ -145,6 +149,13 @@ def test_scene_outputs_are_georeferenced_and_fused_is_the_chosen_methods(scorer,
     assert ev["fused_vs_best_single"]["low"] <= ev["fused_vs_best_single"]["diff"] <= ev["fused_vs_best_single"]["high"]
     assert set(ev["error_auroc"]) == {"error_head", "max_prob", "entropy", "disagreement"}
     assert (out / "quicklook.png").is_file()
+    # the scene mean's band: the mean of the windows' intervals, and whether each method's true OA lies in it
+    mean_band = summary["mean_predicted_oa_interval"]
+    assert mean_band["level"] == fitted["level"]
+    assert [mean_band["low"][m] for m in names] == pytest.approx(band[0] / 6)
+    assert [mean_band["high"][m] for m in names] == pytest.approx(band[1] / 6)
+    assert all(mean_band["low"][m] <= summary["mean_predicted_oa"][m] <= mean_band["high"][m] for m in names)
+    assert ev["in_mean_interval"] == {m: mean_band["low"][m] <= ev["per_method_oa"][m] <= mean_band["high"][m] for m in names}
 
 
 def test_scene_resumes_after_an_interruption(scorer, run_root, tmp_path, monkeypatch):

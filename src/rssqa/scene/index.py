@@ -60,7 +60,8 @@ def score_scene_index(
         the fused map is ahead of / tied with / behind the best single method (95% interval over
         windows), the mean of fused minus best single OA, of the oracle's margin, and of the error
         head's AUROC margin over the best per-pixel baseline; ``pooled``: every scene together
-        (:func:`rssqa.scene.evaluate.pooled_figures`), with intervals.
+        (:func:`rssqa.scene.evaluate.pooled_figures`), with intervals; ``mean_interval_coverage``: of the (scene,
+        method) pairs, how many have their true OA inside the band of their mean predicted OA.
     """
     index = Path(index)
     if not index.is_file():
@@ -107,4 +108,7 @@ def score_scene_index(
             overall["mean_error_auroc_margin"] = float(np.mean([m["diff"] for m in margins]))
             overall["error_auroc_ahead"] = sum(m["verdict"] == "ahead" for m in margins)
         overall["pooled"] = pooled_figures(pools)
+        held = [v for e in evals for v in (e.get("in_mean_interval") or {}).values()]
+        if held:  # (scene, method) pairs whose true OA lies in the band of their mean predicted OA
+            overall["mean_interval_coverage"] = {"inside": int(sum(held)), "of": len(held), "share": float(np.mean(held))}
     return {"scenes": rows, "overall": overall}

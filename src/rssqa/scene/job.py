@@ -20,6 +20,7 @@ import torch
 from rssqa.agreement import MIN_METHODS, quality_agreement_maps
 from rssqa.data.segsets.rasters import to_8bit
 from rssqa.errors import RSSQAError
+from rssqa.intervals import bounds
 from rssqa.models.pixel_error import BASELINES as PIXEL_BASELINES
 from rssqa.models.pixel_error import pixel_inputs
 from rssqa.scene.common import (
@@ -110,6 +111,9 @@ class SceneJob:
         self.agreement = len(self.methods) >= MIN_METHODS
         self.head = scorer.recommend_head(len(self.methods))  # ranking, else agreement (>= 3 methods), else the paper's
         self.head_name = HEAD_NAMES[scorer.head_key(self.head)]
+        # the interval offsets of the head's predicted OA (its val split's): each window's band, whose means over the
+        # windows band the scene's mean predicted OA
+        self.fitted = scorer.interval(self.head)
         self.pixel_head = getattr(scorer, "pixel_model", None)
         if self.pixel_head is not None and self.pixel_head.agreement and not self.agreement:
             self.pixel_head = None
@@ -247,7 +251,7 @@ class SceneJob:
         self.out.mkdir(parents=True, exist_ok=True)
         work = self.out / WORK
         settings = {"methods": self.names, "source": self.source, "tile": tile, "overlap": self.overlap, "bands": bands,
-                    "head": self.head_name, "fixed": self.fixed, "truth": str(self.opt.truth or ""),
+                    "head": self.head_name, "fixed": self.fixed, "truth": str(self.opt.truth or ""), "interval": self.fitted is not None,
                     **({"scale": self.opt.scale} if self.opt.scale != 1 else {})}  # fmt: skip
         key = _fingerprint(self.path, self.scorer.config, settings)
         state = self._load_state(work, key)
@@ -258,6 +262,7 @@ class SceneJob:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             state = {"key": key, "strips_done": 0, "n_windows": 0, "n_skipped": 0, "score_sum": [0.0] * len(self.names),
+                     "low_sum": [0.0] * len(self.names), "high_sum": [0.0] * len(self.names),
                      "chosen_count": [0] * len(self.names), "seconds": 0.0, "n_classes": None}  # fmt: skip
             self._create_parts(work, profile)
         else:
@@ -320,6 +325,9 @@ class SceneJob:
             fused = fused_per_window(self.out / "fused.tif", truth, src, row_own, col_own)
             # the per-window arrays stay on the job, for figures pooled over several scenes (rssqa.scene.index)
             summary["evaluation"], self.pool = _finish_eval(ev, self.names, self.agreement, fused)
+            band, true = summary["mean_predicted_oa_interval"], summary["evaluation"].get("per_method_oa")
+            if band and true:  # whether each method's true OA on the scene lies in its mean's band
+                summary["evaluation"]["in_mean_interval"] = {m: band["low"][m] <= true[m] <= band["high"][m] for m in self.names}
         if self.opt.quicklook:
             try:
                 summary["outputs"]["quicklook"] = quicklook(self.out, self.path, self.names, bands, self.opt.rescale)
@@ -361,6 +369,10 @@ class SceneJob:
             strip.quality[a:b, c0:c1] = s[choice]
             strip.best[a:b, c0:c1] = choice
             state["score_sum"] = [x + float(v) for x, v in zip(state["score_sum"], s, strict=True)]
+            if self.fitted is not None:
+                low, high = bounds(s, self.fitted)
+                state["low_sum"] = [x + float(v) for x, v in zip(state["low_sum"], low, strict=True)]
+                state["high_sum"] = [x + float(v) for x, v in zip(state["high_sum"], high, strict=True)]
             state["chosen_count"][choice] += 1
             state["n_windows"] += 1
 
@@ -442,6 +454,9 @@ class SceneJob:
             "windows": {"total": len(rows_off) * len(cols_off), "scored": state["n_windows"], "skipped_nodata": state["n_skipped"],
                         "rows": len(rows_off), "cols": len(cols_off)},
             "mean_predicted_oa": {m: s / n for m, s in zip(self.names, state["score_sum"], strict=True)},
+            "mean_predicted_oa_interval": None if self.fitted is None else {
+                "level": self.fitted["level"], "low": {m: s / n for m, s in zip(self.names, state["low_sum"], strict=True)},
+                "high": {m: s / n for m, s in zip(self.names, state["high_sum"], strict=True)}},
             "chosen_share": {m: c / n for m, c in zip(self.names, state["chosen_count"], strict=True)},
             "outputs": {name: f"{name}.tif" for name in LAYERS},
             "timings": {"scoring_s": round(state["seconds"], 3), "cog_s": round(finish_s, 3),
