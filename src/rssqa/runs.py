@@ -79,13 +79,18 @@ def write_summary(folder: str | os.PathLike, summary: dict[str, Any]) -> Path:
 
 def read_summary(folder: str | os.PathLike) -> dict[str, Any]:
     """Read ``folder/summary.json``, with a one-line error when the stage has not finished."""
-    path = Path(folder) / SUMMARY
+    return read_json(Path(folder) / SUMMARY, f"not found; run the stage that writes {Path(folder).name} first")
+
+
+def read_json(path: Path, missing: str, invalid: str = "not valid JSON") -> Any:
+    """The JSON in ``path``, or a one-line error naming it: ``missing`` where it is no file, ``invalid`` with the
+    parser's reason where it does not parse."""
     if not path.is_file():
-        raise RSSQAError(f"{path}: not found; run the stage that writes {Path(folder).name} first")
+        raise RSSQAError(f"{path}: {missing}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise RSSQAError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise RSSQAError(f"{path}: {invalid} ({e.msg} at line {e.lineno})") from None
 
 
 def is_done(folder: str | os.PathLike) -> bool:

@@ -8,7 +8,6 @@ naming the file and what was wrong.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from rssqa.errors import RSSQAError
 from rssqa.models.pixel_error import PixelErrorHead
 from rssqa.models.pixel_error import load_pixel_head as _pixel_head
 from rssqa.models.sqa import RSSQA
+from rssqa.runs import read_json
 
 CONFIG = "scorer.json"
 WEIGHTS = "scorer.safetensors"
@@ -53,10 +53,4 @@ def load_pixel_head(kwargs: dict[str, Any], weights: Path) -> PixelErrorHead:
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The ``scorer.json`` of a scorer folder, or a one-line error naming the file."""
-    path = Path(folder) / CONFIG
-    if not path.is_file():
-        raise RSSQAError(f"{path}: scorer config not found (a scorer folder is written by the sqa stage)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RSSQAError(f"{path}: not a scorer config ({type(e).__name__}: {e})") from None
+    return read_json(Path(folder) / CONFIG, "scorer config not found (a scorer folder is written by the sqa stage)", "not a scorer config")
