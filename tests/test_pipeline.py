@@ -55,6 +55,7 @@ def test_make_demo_smoke_end_to_end(tmp_path):
         assert section in report
     # numbers come from the summaries, not typed by hand
     assert f"{summaries['sqa']['test']['srcc']:.3f}" in report
+    assert f"inside it for {sum(held)} of {len(held)} (scene, method) pairs" in report
     report_json = json.loads((root / "report.json").read_text())
     assert report_json["stages"] == list(summaries)
     # where the time went: the pipeline's wall time, and each stage's wall and CPU time

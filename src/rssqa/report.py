@@ -13,23 +13,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rssqa.report_format import diff_text, fmt, md_table
+from rssqa.report_scenes import scenes_section
 from rssqa.runs import atomic_write_bytes, atomic_write_json, is_done, read_summary
 from rssqa.tracking import publish_run, wandb_run
 
 STAGES = ("world", "purify", "pretrain", "pretrain_raw", "sqed", "sqa", "scenes")
 METRICS = ("srcc", "plcc", "krcc", "rmse")
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return "" if x is None else str(x)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def load_summaries(profile_dir: Path) -> dict[str, dict[str, Any]]:
@@ -94,7 +84,7 @@ def _benchmarks(bench_dir: Path) -> list[list[Any]]:
     for path in sorted(bench_dir.glob("*.json")):
         data = json.loads(path.read_text())
         headline = {k: v for k, v in data.items() if isinstance(v, int | float | bool) and k != "target"}
-        rows.append([path.stem, data.get("benchmark", ""), ", ".join(f"{k}={_fmt(v)}" for k, v in headline.items())])
+        rows.append([path.stem, data.get("benchmark", ""), ", ".join(f"{k}={fmt(v)}" for k, v in headline.items())])
     return rows
 
 
@@ -185,10 +175,10 @@ def _folds_section(cv: dict[str, Any], table: Any) -> str:
     shown = [*p["models"], "consensus", *([p["best_label_free"]] if p.get("best_label_free") else [])]
     shown = [m for i, m in enumerate(shown) if m in p["srcc"] and m not in shown[:i]]
     rows = [[", ".join(f["groups"]), f["n_images"], *[f["scores"][m]["srcc"] for m in shown],
-             f"{f['best_fixed_method']} {_fmt(f.get('best_fixed_oa'))}", *[f["scores"][m]["chosen_oa"] for m in shown],
+             f"{f['best_fixed_method']} {fmt(f.get('best_fixed_oa'))}", *[f["scores"][m]["chosen_oa"] for m in shown],
              f.get("oracle_oa")] for f in cv["folds"]]  # fmt: skip
     rec = p["recommend"][shown[0]]
-    rows.append(["all, pooled", p["n_images"], *[p["srcc"][m] for m in shown], f"(each fold's) {_fmt(rec['best_fixed_oa'])}",
+    rows.append(["all, pooled", p["n_images"], *[p["srcc"][m] for m in shown], f"(each fold's) {fmt(rec['best_fixed_oa'])}",
                  *[p["recommend"][m]["chosen_oa"] for m in shown], rec["oracle_oa"]])  # fmt: skip
     out = ["## Cross-validation over areas\n",
            f"The split groups of the train, val and test splits in {cv['k']} folds; each fold is the test split once (the "
@@ -198,17 +188,17 @@ def _folds_section(cv: dict[str, Any], table: Any) -> str:
                                      *[f"{m} chosen OA" for m in shown], "oracle OA"], rows)]  # fmt: skip
     for key, against in (("vs_consensus", "consensus"), ("vs_best_label_free", p.get("best_label_free"))):
         for m, d in (p.get(key) or {}).items():
-            out.append(f"\n{m} minus {against} in SRCC, all folds: {_interval(d)} (paired bootstrap over images).\n")
+            out.append(f"\n{m} minus {against} in SRCC, all folds: {diff_text(d)} (paired bootstrap over images).\n")
     gain = p.get("recommended_minus_best_fixed")
     if gain:
         r = p["recommend"][p["recommender"]]
         out.append(f"\nRecommending by {p['recommender']}: chosen OA {r['chosen_oa']:.3f}, best fixed method {r['best_fixed_oa']:.3f}, "
-                   f"oracle {r['oracle_oa']:.3f}; chosen minus best fixed per image {_interval(gain)} (bootstrap over images).\n")  # fmt: skip
+                   f"oracle {r['oracle_oa']:.3f}; chosen minus best fixed per image {diff_text(gain)} (bootstrap over images).\n")  # fmt: skip
     pol = p.get("policy")
     if pol:
         out.append(f"\nAs `rssqa recommend` decides (each fold on its val split: ranking by {p['recommender']} only where it was "
                    f"ahead of the best fixed method there; folds: {', '.join(pol['per_fold'])}): chosen OA {pol['chosen_oa']:.3f}, "
-                   f"minus best fixed per image {_interval(pol['vs_best_fixed'])}.\n")  # fmt: skip
+                   f"minus best fixed per image {diff_text(pol['vs_best_fixed'])}.\n")  # fmt: skip
     return "".join(out)
 
 
@@ -269,61 +259,6 @@ def _seeds_section(sd: dict[str, Any], table: Any) -> str:
                       for m, v in (sd.get("loso") or {}).items()))  # fmt: skip
 
 
-def _interval(d: dict[str, Any] | None) -> str:
-    if not d:
-        return ""
-    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['verdict']}"
-
-
-def _scenes_section(sc: dict[str, Any], root: Path, plots: Path, table: Any, img: Any) -> str:
-    """Whole scenes: the fused map against each single method and the oracle, the error map's AUROC."""
-    src = sc.get("inputs")
-    what = ("The world's large scenes (GeoTIFF, own seed)" if not src else
-            f"The whole images of RS-SQED's {src['split']} split, as the source reads them ({src['scenes']} images; "
-            f"{len(src['skipped'])} smaller than a window left out)")  # fmt: skip
-    out = ["## Whole scenes (`rssqa scene`)\n",
-           f"{what}, scored window by window; the maps measured against "
-           "their truth on the same pixels. Intervals: 95%, bootstrap over windows.\n\n"]  # fmt: skip
-    rows, err_rows = [], []
-    for r in sc.get("scenes", []):
-        e = r.get("evaluation") or {}
-        if "fused_oa" not in e:
-            continue
-        gap = e.get("gap_closed")
-        rows.append([f"{r['source']}/{r['id']}", r["windows"], e["fused_oa"], f"{e['best_single_method']} {e['best_single_oa']:.3f}",
-                     _interval(e.get("fused_vs_best_single")), e["oracle_oa"], "" if gap is None else f"{gap:.2f}", r["seconds"]])  # fmt: skip
-        au = e.get("error_auroc")
-        if au:
-            err_rows.append([f"{r['source']}/{r['id']}", r["error_model"], *[au.get(k) for k in ("error_head", "max_prob", "entropy", "disagreement")],
-                             _interval(e.get("error_auroc_margin"))])  # fmt: skip
-    out.append(table("scenes_fused", ["scene", "windows", "fused OA", "best single method", "fused minus it [95%]", "oracle OA",
-                                      "gap closed", "seconds"], rows))  # fmt: skip
-    ov = sc.get("overall", {})
-    if "fused_ahead" in ov:
-        out.append(f"Fused map against the best single method of each scene: {ov['fused_ahead']} ahead, {ov['fused_tie']} tie, "
-                   f"{ov['fused_behind']} behind; mean margin {ov['mean_fused_minus_best_single']:+.3f} OA "
-                   f"(the oracle's {ov['mean_oracle_minus_best_single']:+.3f}).\n\n")  # fmt: skip
-    pooled = ov.get("pooled") or {}
-    if pooled.get("fused_minus_best_single"):
-        out.append(f"All {pooled['n_scenes']} scenes together (bootstrap over windows within each scene): fused minus each "
-                   f"scene's best single method, mean {_interval(pooled['fused_minus_best_single'])} (the oracle's "
-                   f"{pooled['oracle_minus_best_single']:+.3f})"
-                   + (f"; error map AUROC {pooled['error_auroc']['error_head']:.3f} minus the best per-pixel baseline "
-                      f"({pooled['error_auroc_best_baseline']}, {pooled['error_auroc'][pooled['error_auroc_best_baseline']]:.3f}): "
-                      f"{_interval(pooled['error_auroc_margin'])}" if pooled.get("error_auroc_margin") else "") + ".\n\n")  # fmt: skip
-    if err_rows:
-        out.append("Per-pixel error map (is the fused class wrong here?), pixel AUROC on a sample of each window's pixels:\n\n")
-        out.append(table("scenes_error_auroc", ["scene", "error map", "error map AUROC", "1 - max prob", "entropy",
-                                                "disagreement", "margin over the best baseline [95%]"], err_rows))  # fmt: skip
-    for r in sc.get("scenes", []):
-        q = root / "scenes" / r["folder"] / "quicklook.png"
-        if q.is_file():
-            dst = plots / f"scene_{r['source']}_{r['id']}.png"
-            dst.write_bytes(q.read_bytes())
-            out.append(img(dst, f"{r['source']}/{r['id']}"))
-    return "\n".join(out) + "\n"
-
-
 def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_seconds: float | None = None) -> Path:
     """Write ``runs/<profile>/report.md``, ``report.json`` and ``report_plots/``; return the markdown path.
 
@@ -345,7 +280,7 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
 
     def table(key: str, header: list[str], rows: list[list[Any]]) -> str:
         tables[key] = (header, rows)
-        return _table(header, rows)
+        return md_table(header, rows)
 
     if "world" in s:
         w = s["world"]
@@ -440,8 +375,8 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
             for held, f in loso.items():
                 best = f.get("best_label_free")
                 rows_loso.append([held, f.get("n_images"), *[f[m]["srcc"] for m in models], f.get("consensus", {}).get("srcc"),
-                                  *[_interval(f[m].get("vs_consensus")) for m in models],
-                                  f"{best} {_fmt(f[best]['srcc'])}" if best else "-",
+                                  *[diff_text(f[m].get("vs_consensus")) for m in models],
+                                  f"{best} {fmt(f[best]['srcc'])}" if best else "-",
                                   *[f[m]["regret"] for m in models], f.get("consensus", {}).get("regret")])  # fmt: skip
             md.append(table("sqa_leave_one_source_out", header, rows_loso))
             above, ahead = a.get("loso_above_consensus"), a.get("loso_ahead_of_consensus") or {}
@@ -502,7 +437,7 @@ def build_report(runs: str | Path, profile: str, wandb: bool = True, pipeline_se
         data["sqa"] = {"test": a["test"], "baselines": a.get("baselines", {}), "recommend": a.get("recommend", {})}
 
     if "scenes" in s:
-        md.append(_scenes_section(s["scenes"], root, plots, table, img))
+        md.append(scenes_section(s["scenes"], root, plots, table, img))
         data["scenes"] = {"overall": s["scenes"].get("overall", {}), "scenes": s["scenes"].get("scenes", [])}
 
     md.append("## Benchmarks\n")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rssqa.errors import RSSQAError
-from rssqa.report import _folds_section, _table
+from rssqa.report import _folds_section
+from rssqa.report_format import md_table
 from rssqa.tasks.sqa.folds import (
     cross_validate_groups,
     fold_jobs,
@@ -117,7 +118,7 @@ def test_out_of_fold_figures_of_a_perfect_and_a_useless_score():
         assert p["intervals"][name] == {"coverage": 1.0, "below": 0.0, "above": 0.0, "mean_width": 1.0, "n": 36}
         assert all(f["scores"][name]["interval"]["n"] == 12 for f in out["folds"])
     # the report's section: a row per fold and the pooled row, the verdicts in words
-    md = _folds_section(out, lambda key, header, rows: _table(header, rows))
+    md = _folds_section(out, lambda key, header, rows: md_table(header, rows))
     assert md.count("\n| ") == 1 + 3 + 1  # header, three folds, pooled
     assert "perfect minus consensus in SRCC, all folds: " in md and "ahead" in md
     assert "Recommending by perfect: chosen OA" in md
