@@ -146,12 +146,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """``rssqa methods``: sources and methods a scorer knows."""
+    from rssqa.runs import read_json
     from rssqa.scorer_folder import CONFIG
 
-    path = Path(args.scorer) / CONFIG
-    if not path.is_file():
-        raise RSSQAError(f"{path}: scorer config not found")
-    config = json.loads(path.read_text())
+    config = read_json(Path(args.scorer) / CONFIG, "scorer config not found", "not a scorer config")
     for source, methods in sorted(config.get("checkpoints", {}).items()):
         print(f"{source}: {' '.join(sorted(methods))}{_reading_words((config.get('read') or {}).get(source) or {})}")
     return 0

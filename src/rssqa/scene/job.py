@@ -251,7 +251,7 @@ class SceneJob:
         self.out.mkdir(parents=True, exist_ok=True)
         work = self.out / WORK
         settings = {"methods": self.names, "source": self.source, "tile": tile, "overlap": self.overlap, "bands": bands,
-                    "head": self.head_name, "fixed": self.fixed, "truth": str(self.opt.truth or ""), "interval": self.fitted is not None,
+                    "head": self.head_name, "fixed": self.fixed, "truth": str(self.opt.truth or ""),
                     **({"scale": self.opt.scale} if self.opt.scale != 1 else {})}  # fmt: skip
         key = _fingerprint(self.path, self.scorer.config, settings)
         state = self._load_state(work, key)
@@ -261,9 +261,7 @@ class SceneJob:
         if state is None:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
-            state = {"key": key, "strips_done": 0, "n_windows": 0, "n_skipped": 0, "score_sum": [0.0] * len(self.names),
-                     "low_sum": [0.0] * len(self.names), "high_sum": [0.0] * len(self.names),
-                     "chosen_count": [0] * len(self.names), "seconds": 0.0, "n_classes": None}  # fmt: skip
+            state = self._fresh_state(key)
             self._create_parts(work, profile)
         else:
             n_classes = state["n_classes"]
@@ -335,6 +333,12 @@ class SceneJob:
                 print(f"warning: quicklook not written ({type(e).__name__}: {e})", file=sys.stderr)
         return summary
 
+    def _fresh_state(self, key: str) -> dict[str, Any]:
+        """The state of a run that has scored nothing yet (what ``state.json`` holds, saved as the run goes)."""
+        m = len(self.names)
+        return {"key": key, "strips_done": 0, "n_windows": 0, "n_skipped": 0, "score_sum": [0.0] * m, "low_sum": [0.0] * m,
+                "high_sum": [0.0] * m, "chosen_count": [0] * m, "seconds": 0.0, "n_classes": None}  # fmt: skip
+
     def _load_state(self, work: Path, key: str) -> dict[str, Any] | None:
         path = work / STATE
         if not self.opt.resume or not path.is_file():
@@ -343,7 +347,10 @@ class SceneJob:
             state = json.loads(path.read_text())
         except json.JSONDecodeError:
             return None
-        if state.get("key") != key or not all((work / f"{n}.tif").is_file() for n in LAYERS):
+        # another scene or settings, a state of an older version (fewer fields: starts over), or parts missing
+        if state.get("key") != key or not self._fresh_state(key).keys() <= state.keys():
+            return None
+        if not all((work / f"{n}.tif").is_file() for n in LAYERS):
             return None
         return state
 
