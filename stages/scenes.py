@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from rssqa.errors import RSSQAError
+from rssqa.report_format import diff_text
 from rssqa.runs import is_done, write_summary
 from rssqa.scene import export_split_scenes, score_scene_index
 from rssqa.scene.common import trained_tile
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for what, d in (("fused minus each scene's best single method, mean", pooled.get("fused_minus_best_single")),
                     ("error map AUROC minus the best per-pixel baseline, all pixels", pooled.get("error_auroc_margin"))):  # fmt: skip
         if d:
-            print(f"  {what}: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['verdict']}")
+            print(f"  {what}: {diff_text(d)}")
     cov = ov.get("mean_interval_coverage")
     if cov:
         print(f"  a scene's true OA inside the band of its mean predicted OA: {cov['inside']} of {cov['of']} (scene, method) pairs")

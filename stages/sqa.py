@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from rssqa.errors import RSSQAError
+from rssqa.report_format import diff_text
 from rssqa.runs import is_done
 from rssqa.tasks.sqa import ABLATIONS, SQADataModule, SQATask, run_sqa
 from rssqa.tasks.sqa.fits import TrainerRecipe
@@ -139,7 +140,7 @@ def print_summary(s: dict) -> None:
         line = f"{name:>14} " + " ".join(f"{m[k]:7.3f}" if m[k] is not None else f"{'-':>7}" for k in ("srcc", "plcc", "krcc", "rmse"))
         v = s.get("vs_rs_sqa", {}).get(name)
         if v:
-            line += f"   {v['srcc']['diff']:+.3f} [{v['srcc']['low']:+.3f}, {v['srcc']['high']:+.3f}] {v['srcc']['verdict']}"
+            line += f"   {diff_text(v['srcc'])}"
         print(line)
     r = s["recommend"]
     print(
@@ -151,7 +152,7 @@ def print_summary(s: dict) -> None:
         if a:  # gap_closed is null where the best fixed method is already the oracle
             gap = "-" if a["gap_closed"] is None else f"{a['gap_closed']:.2f}"
             v = a.get("vs_best_fixed") or {}
-            vs = f", minus best fixed {v['diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}] {v['verdict']}" if v.get("verdict") else ""
+            vs = f", minus best fixed {diff_text(v)}" if v.get("verdict") else ""
             print(f"{name}: top1 {a['top1']:.3f}, chosen OA {a['chosen_oa']:.3f}, regret {a['regret']:.3f}, gap closed {gap}{vs}")
     px = s.get("pixel_error")
     num = lambda x, f=".3f": "-" if x is None else format(x, f)  # noqa: E731 - undefined figures are null

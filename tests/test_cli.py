@@ -94,6 +94,18 @@ def test_an_image_larger_than_the_tiles_is_scored_as_its_windows(scorer):
     ranked = scorer.recommend([big], source="beta", policy=False)[0]
     by_windows = scorer.score([big], list(METHODS), source="beta", ranking=True)[0]
     assert [m for m, _ in ranked] == [METHODS[j] for j in np.argsort(-by_windows, kind="stable")]
+    # its interval: the windows' bounds averaged by the same shares (a tile-size image: its own bounds)
+    fitted = scorer.interval(scorer.model)
+    score, low, high = scorer.score([_image(0), big], source="alpha", interval=fitted)
+    assert np.array_equal(score, got)
+    w_low, w_high = intervals.bounds(scorer.score(windows, source="alpha"), fitted)
+    assert np.allclose(low[1], (own / (h * w)) @ w_low, atol=1e-12) and np.allclose(high[1], (own / (h * w)) @ w_high, atol=1e-12)
+    assert np.allclose(np.stack([low[0], high[0]]), np.stack(intervals.bounds(got[0], fitted)), atol=1e-12)
+    ranking_fit = scorer.interval(scorer.ranking_model)
+    banded = scorer.recommend([big], source="beta", policy=False, interval=ranking_fit)[0]
+    _, r_low, r_high = scorer.score([big], list(METHODS), source="beta", ranking=True, interval=ranking_fit)
+    assert [e[:2] for e in banded] == ranked
+    assert all((lo, hi) == (r_low[0, METHODS.index(m)], r_high[0, METHODS.index(m)]) for m, _, lo, hi in banded)
 
 
 def test_methods_differ_and_recommend_ranks_them(scorer):

@@ -72,12 +72,13 @@ def cmd_score(args: argparse.Namespace) -> int:
             continue
         if args.error_map:  # the OA the pixel error head's map predicts
             scores = scorer.error_map_quality(images, methods, args.source, others, names=[str(f) for f in block])
-        else:
-            scores = scorer.score(
-                images, methods, args.source, args.segmenter, names=[str(f) for f in block], with_methods=others, tiles=not args.whole
-            )  # fmt: skip
-        for f, row in zip(block, scores, strict=True):
-            results += [{"image": str(f), "method": m, **_with_interval(float(s), fitted)} for m, s in zip(names, row, strict=True)]
+        else:  # with the interval: an image scored window by window gets the means of its windows' bounds
+            scores = scorer.score(images, methods, args.source, args.segmenter, names=[str(f) for f in block],
+                                  with_methods=others, tiles=not args.whole, interval=fitted)  # fmt: skip
+        for i, f in enumerate(block):
+            for j, m in enumerate(names):
+                row = {"image": str(f), "method": m, "score": float((scores[0] if fitted else scores)[i, j])}
+                results.append({**row, "low": float(scores[1][i, j]), "high": float(scores[2][i, j])} if fitted else row)
     status = inputs.finish()
     if args.json:
         print(json.dumps(results, indent=2))
@@ -87,16 +88,6 @@ def cmd_score(args: argparse.Namespace) -> int:
             [r["image"], r["method"], f"{r['score']:.4f}", *([f"{r['low']:.3f} - {r['high']:.3f}"] if fitted else [])] for r in results
         ])  # fmt: skip
     return status
-
-
-def _with_interval(score: float, fitted: dict[str, Any] | None) -> dict[str, float]:
-    """``{"score"}``, and with ``fitted`` the interval of the OA it predicts (``low``, ``high``)."""
-    if not fitted:
-        return {"score": score}
-    from rssqa.intervals import bounds
-
-    low, high = bounds(score, fitted)
-    return {"score": score, "low": float(low), "high": float(high)}
 
 
 def _fixed_note(scorer: Any) -> None:
@@ -123,11 +114,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         block, images = inputs.read(block)
         if not images:
             continue
-        ranked = scorer.recommend(images, methods, args.source, names=[str(f) for f in block], tiles=not args.whole, policy=not args.by_score)
+        ranked = scorer.recommend(images, methods, args.source, names=[str(f) for f in block], tiles=not args.whole,
+                                  policy=not args.by_score, interval=fitted)  # fmt: skip
         for f, ranking in zip(block, ranked, strict=True):
             results.append({
                 "image": str(f), "recommended": ranking[0][0], "by": "fixed" if fixed is not None else "score",
-                "ranking": [{"method": m, **_with_interval(s, fitted)} for m, s in ranking],
+                "ranking": [dict(zip(("method", "score", "low", "high"), entry, strict=False)) for entry in ranking],
             })  # fmt: skip
     status = inputs.finish()
     if args.json:

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,14 @@ class _Method:
     segmenter: Segmenter
     adapter: int  # per-method adapter index, -1 for the shared adapter only
     feat_dim: int
+
+
+def _by_shares(window_values: np.ndarray, parts: Sequence[tuple[Any, np.ndarray]]) -> np.ndarray:
+    """Per image, its windows' rows averaged by the shares of its pixels each owns: ``W×M`` -> ``N×M``."""
+    out, start = np.zeros((len(parts), window_values.shape[1])), 0
+    for i, (_, share) in enumerate(parts):
+        out[i], start = share @ window_values[start : start + len(share)], start + len(share)
+    return out
 
 
 class Scorer:
@@ -310,7 +318,8 @@ class Scorer:
         agreement: bool | None = None,
         ranking: bool = False,
         tiles: bool = True,
-    ) -> np.ndarray:
+        interval: Mapping[str, Any] | None = None,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predicted OA of each method's segmentation of each image.
 
         An image larger than the tiles the heads were trained on (:func:`rssqa.scene.common.trained_tile`) is
@@ -334,9 +343,12 @@ class Scorer:
             ranking: score with the ranking head (an agreement head trained to order methods; what
                 :meth:`recommend` uses when the scorer has one). Implies ``agreement``.
             tiles: score an image larger than the training tiles window by window (above).
+            interval: the head's interval offsets (:meth:`interval`): return each score's band too, the
+                means of its windows' bounds by the same shares (what ``rssqa scene`` gives a scene's mean).
 
         Returns:
-            ``N×M`` scores in (0, 1), methods in the order given (then the checkpoints).
+            ``N×M`` scores in (0, 1), methods in the order given (then the checkpoints); with ``interval``,
+            ``(scores, low, high)``.
         """
         chosen = self.resolve_methods(methods, source, checkpoints)
         if ranking and self.ranking_model is None:
@@ -355,10 +367,11 @@ class Scorer:
         scores = np.zeros((len(flat), len(chosen)))
         for part, batch in self._same_size_chunks(flat):
             scores[part] = self._score_chunk(batch, [*chosen, *others], len(chosen), head)
-        out, start = np.zeros((len(imgs), len(chosen))), 0
-        for i, (_, share) in enumerate(parts):  # each image: its windows' scores by their shares
-            out[i], start = share @ scores[start : start + len(share)], start + len(share)
-        return out
+        if interval is None:
+            return _by_shares(scores, parts)
+        from rssqa.intervals import bounds
+
+        return tuple(_by_shares(x, parts) for x in (scores, *bounds(scores, interval)))
 
     def _same_size_chunks(self, imgs: Sequence[np.ndarray]):
         """``(indexes, N×H×W×3 batch)`` of at most :meth:`rows_for` same-size images, in order of first size seen."""
@@ -501,23 +514,28 @@ class Scorer:
 
     def recommend(
         self, images: Sequence[np.ndarray], methods: Sequence[str] | None = None, source: str | None = None,
-        names: Sequence[str] | None = None, tiles: bool = True, policy: bool = True,
-    ) -> list[list[tuple[str, float]]]:
+        names: Sequence[str] | None = None, tiles: bool = True, policy: bool = True, interval: Mapping[str, Any] | None = None,
+    ) -> list[list[tuple]]:
         """Per image, the methods ranked by predicted OA: ``[[(method, score), ...], ...]``.
 
         With at least three methods, ranks with the scorer's ranking head (an agreement head trained to
         order methods) or else its agreement head, where it has them; the paper's head otherwise. An
         image larger than the training tiles is scored window by window (:meth:`score`, ``tiles``). With
         ``policy``, the scorer's best fixed method comes first where validation chose it (:meth:`fixed_first`).
+        With ``interval`` (that head's, :meth:`interval`), each entry is ``(method, score, low, high)``.
         """
         labels = self.method_names(methods, source)
         head = self.recommend_head(len(labels))
-        scores = self.score(
-            images, methods, source, names=names, agreement=head is not self.model, ranking=head is self.ranking_model, tiles=tiles
-        )  # fmt: skip
+        scored = self.score(images, methods, source, names=names, agreement=head is not self.model,
+                            ranking=head is self.ranking_model, tiles=tiles, interval=interval)  # fmt: skip
+        scores = scored[0] if interval is not None else scored
         fixed = self.fixed_first(labels) if policy else None
         fixed_name = None if fixed is None else labels[fixed]
-        return [apply_policy(rank_methods(dict(zip(labels, row.tolist(), strict=True))), fixed_name) for row in scores]
+        ranked = [apply_policy(rank_methods(dict(zip(labels, row.tolist(), strict=True))), fixed_name) for row in scores]
+        if interval is None:
+            return ranked
+        where = {m: j for j, m in enumerate(labels)}
+        return [[(m, s, float(scored[1][i, where[m]]), float(scored[2][i, where[m]])) for m, s in r] for i, r in enumerate(ranked)]
 
     def fixed_first(self, labels: Sequence[str]) -> int | None:
         """Index in ``labels`` of the method :meth:`recommend` puts first whatever the scores, or ``None``
