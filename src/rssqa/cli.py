@@ -75,10 +75,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         else:  # with the interval: an image scored window by window gets the means of its windows' bounds
             scores = scorer.score(images, methods, args.source, args.segmenter, names=[str(f) for f in block],
                                   with_methods=others, tiles=not args.whole, interval=fitted)  # fmt: skip
+        scores, low, high = scores if fitted else (scores, None, None)
         for i, f in enumerate(block):
             for j, m in enumerate(names):
-                row = {"image": str(f), "method": m, "score": float((scores[0] if fitted else scores)[i, j])}
-                results.append({**row, "low": float(scores[1][i, j]), "high": float(scores[2][i, j])} if fitted else row)
+                row = {"image": str(f), "method": m, "score": float(scores[i, j])}
+                results.append({**row, "low": float(low[i, j]), "high": float(high[i, j])} if fitted else row)
     status = inputs.finish()
     if args.json:
         print(json.dumps(results, indent=2))
