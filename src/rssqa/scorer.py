@@ -31,6 +31,7 @@ import torch
 
 from rssqa.agreement import MIN_METHODS, quality_agreement_maps
 from rssqa.errors import RSSQAError
+from rssqa.intervals import bounds
 from rssqa.models.clip import clip_fingerprint, image_size, load_clip
 from rssqa.models.pixel_error import PixelErrorHead, image_quality, pixel_inputs
 from rssqa.models.quality_inputs import QualityInputs, forward_rows
@@ -369,8 +370,6 @@ class Scorer:
             scores[part] = self._score_chunk(batch, [*chosen, *others], len(chosen), head)
         if interval is None:
             return _by_shares(scores, parts)
-        from rssqa.intervals import bounds
-
         return tuple(_by_shares(x, parts) for x in (scores, *bounds(scores, interval)))
 
     def _same_size_chunks(self, imgs: Sequence[np.ndarray]):
@@ -528,14 +527,14 @@ class Scorer:
         head = self.recommend_head(len(labels))
         scored = self.score(images, methods, source, names=names, agreement=head is not self.model,
                             ranking=head is self.ranking_model, tiles=tiles, interval=interval)  # fmt: skip
-        scores = scored[0] if interval is not None else scored
+        scores, low, high = scored if interval is not None else (scored, None, None)
         fixed = self.fixed_first(labels) if policy else None
         fixed_name = None if fixed is None else labels[fixed]
         ranked = [apply_policy(rank_methods(dict(zip(labels, row.tolist(), strict=True))), fixed_name) for row in scores]
         if interval is None:
             return ranked
         where = {m: j for j, m in enumerate(labels)}
-        return [[(m, s, float(scored[1][i, where[m]]), float(scored[2][i, where[m]])) for m, s in r] for i, r in enumerate(ranked)]
+        return [[(m, s, float(low[i, where[m]]), float(high[i, where[m]])) for m, s in r] for i, r in enumerate(ranked)]
 
     def fixed_first(self, labels: Sequence[str]) -> int | None:
         """Index in ``labels`` of the method :meth:`recommend` puts first whatever the scores, or ``None``
